@@ -1,0 +1,56 @@
+"""The small Python API: load, apply a transform, verify, save, reload a grown checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from growcli.edits import replay
+from growcli.errors import FormatError
+from growcli.inputs import Batch, make_batches
+from growcli.io.formats import read_safetensors, require_exists, safetensors_metadata
+from growcli.io.load import load_model, load_state_dict_strict
+from growcli.io.save import save_model
+from growcli.model import GrowModel, eval_mode
+from growcli.pipeline import VerifySettings, run_step
+from growcli.transforms.registry import Context, StepReport
+from growcli.verify import VerifyReport, verify_models
+
+__all__ = ["apply", "load_grown", "load_model", "save_model", "verify"]
+
+
+def apply(gm: GrowModel, transform: str, *, seed: int = 0, allow_mismatch: bool = False, **options: Any) -> StepReport:
+    """Apply one registered transform in place and verify it; see ``growcli.pipeline.run_step``."""
+    return run_step(gm, transform, options, Context(seed=seed), VerifySettings(allow_mismatch=allow_mismatch))
+
+
+def verify(original: GrowModel | nn.Module, grown: GrowModel | nn.Module, batches: list[Batch] | None = None,
+           *, dtype: torch.dtype = torch.float64, atol: float | None = None, rtol: float | None = None) -> VerifyReport:
+    """Compare two models on the same inputs (generated from ``original``'s input spec if not given)."""
+    if batches is None:
+        if not isinstance(original, GrowModel):
+            raise TypeError("pass batches when comparing plain modules")
+        batches = make_batches(original.inputs, 3)
+    a = original.module if isinstance(original, GrowModel) else original
+    b = grown.module if isinstance(grown, GrowModel) else grown
+    return verify_models(a, b, batches, dtype=dtype, atol=atol, rtol=rtol)
+
+
+def load_grown(model: nn.Module, path: str | Path) -> nn.Module:
+    """Rebuild a grown architecture on a freshly built original ``model`` and load its weights.
+
+    Replays the structural edits recorded in the safetensors metadata, then loads the
+    weights strictly, so shapes always fit. Modifies and returns ``model``.
+    """
+    path = Path(path)
+    require_exists(path, "grown safetensors")
+    meta = safetensors_metadata(path)
+    if "growcli.edits" not in meta:
+        raise FormatError(f"{path}: no growcli metadata; it was not written by growcli")
+    replay(model, json.loads(meta["growcli.edits"]))
+    load_state_dict_strict(model, read_safetensors(path), path)
+    return eval_mode(model)

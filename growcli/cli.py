@@ -1,0 +1,144 @@
+"""The growcli command line: thin commands that parse, call the library once, and render.
+
+Results go to stdout (``--json``: exactly one object); progress and hints go to stderr.
+Errors become one line on stderr and the documented exit code (0 ok, 1 error, 2 usage,
+3 verification failed); ``GROWCLI_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+
+from growcli.errors import EXIT_USAGE, format_error
+
+app = typer.Typer(
+    name="growcli",
+    help="Grow saved neural networks and prove the grown model computes the same function.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# Options shared by every command that loads a model.
+Model = Annotated[Path, typer.Argument(help="Checkpoint: .pt2, .safetensors, .pt/.pth, or a Hugging Face directory.", show_default=False)]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="package.module:factory that builds the model for a state_dict.")]
+ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a whole module (runs code from the file).")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Input shape(s), e.g. 1,3,32,32 or '2,8:int64'.")]
+InputsFile = Annotated[Optional[Path], typer.Option("--inputs", help="Tensors to run: .safetensors/.pt, keys 0,1,… or argument names.")]
+Outputs = Annotated[Optional[list[Path]], typer.Option("-o", "--output", help="Output path; repeat for several formats.")]
+Format = Annotated[Optional[str], typer.Option("--format", help="safetensors, pt2, onnx, hf or pt (default: from the suffix).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or hints on stderr.")]
+Atol = Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default 1e-10 in float64, 1e-6 in float32).")]
+Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Tolerance relative to the output's max |value| (default 1e-10 / 1e-5).")]
+Batches = Annotated[int, typer.Option("--batches", min=1, help="Number of input batches to compare.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float64 (falls back to float32 if unsupported) or float32.")]
+AllowMismatch = Annotated[bool, typer.Option("--allow-mismatch", help="Write the output even if verification fails.")]
+
+
+def handle_errors(fn):
+    """Turn library errors into one stderr line and an exit code (traceback with GROWCLI_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:  # the boundary: everything becomes a message and an exit code
+            if os.environ.get("GROWCLI_DEBUG") == "1":
+                traceback.print_exc()
+            code, message = format_error(exc)
+            typer.echo(f"growcli: {message}", err=True)
+            if getattr(exc, "report", None) is not None and kwargs.get("json_out"):
+                typer.echo(json.dumps({"passed": False, **exc.report.to_dict()}))
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+def console(quiet: bool = False, json_out: bool = False):
+    """A rich console on stderr; silent when asked, with --json, or when stdout is not a terminal."""
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet or json_out or not sys.stdout.isatty())
+
+
+def emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, default=str))
+
+
+def verify_settings(batches: int, dtype: str, atol: float | None, rtol: float | None, allow_mismatch: bool = False):
+    import torch
+
+    from growcli.errors import UsageError
+    from growcli.pipeline import VerifySettings
+
+    if dtype not in ("float64", "float32"):
+        raise UsageError(f"--dtype {dtype!r}: expected float64 or float32")
+    return VerifySettings(batches=batches, dtype=getattr(torch, dtype), atol=atol, rtol=rtol, allow_mismatch=allow_mismatch)
+
+
+def render_grow_report(report: dict[str, Any], json_out: bool) -> None:
+    """Print a growth report: the JSON object, or a short human summary on stdout."""
+    if json_out:
+        emit_json(report)
+        return
+    for i, step in enumerate(report["steps"], 1):
+        v = step.get("verification") or {}
+        status = "exact" if step["exact"] else "not function-preserving by design"
+        typer.echo(f"step {i}: {step['transform']} {', '.join(step['matched'])} — {status}; "
+                   f"max abs diff {v.get('max_abs_diff', 0):.3g}; params {step['params_before']:,} → {step['params_after']:,}")
+        for note in step.get("notes", []):
+            typer.echo(f"  note: {note}")
+    v = report["verification"]
+    typer.echo(f"verification ({v['dtype']}, {v['batches']} batches): {'PASSED' if v['passed'] else 'FAILED'}, "
+               f"max abs diff {v['max_abs_diff']:.3g}")
+    for out in report["outputs"]:
+        extra = f" (onnxruntime check: max abs diff {out['check']['max_abs_diff']:.3g})" if out.get("check") else ""
+        typer.echo(f"wrote {out['path']} [{out['format']}]{extra}")
+
+
+def main() -> None:
+    """Console entry point; click usage errors become one line and exit 2."""
+    from growcli import commands
+
+    if os.environ.get("GROWCLI_DEBUG") != "1":
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        import logging
+
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    commands.register_all(app)
+    try:
+        code = app(standalone_mode=False, prog_name="growcli")
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("growcli: aborted", err=True)
+        code = 1
+    except click.ClickException as exc:
+        typer.echo(f"growcli: usage: {' '.join(exc.format_message().split())}", err=True)
+        code = exc.exit_code if exc.exit_code else EXIT_USAGE
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def get_app() -> typer.Typer:
+    """The app with every command registered (what tests drive with ``CliRunner``)."""
+    from growcli import commands
+
+    commands.register_all(app)
+    return app

@@ -1,0 +1,31 @@
+"""growcli convert MODEL -o OUT: load → verify → save, no growth (a format round trip)."""
+
+from __future__ import annotations
+
+import typer
+
+from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+                         Model, Outputs, Rtol, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+from growcli.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    @handle_errors
+    def convert_cmd(model: Model, output: Outputs = None, format: Format = None, arch: Arch = None,
+                    arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
+                    inputs: InputsFile = None, seed: Seed = 0, batches: Batches = 3, dtype: Dtype = "float64",
+                    atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False,
+                    json_out: Json = False) -> None:
+        """Write a checkpoint in other formats and check each one computes the same function.
+
+        Example: growcli convert fixtures/mlp.pt2 -o mlp.safetensors -o mlp.onnx
+        """
+        from growcli.runner import Output, Source, grow
+
+        if not output:
+            raise UsageError("convert needs at least one -o OUTPUT")
+        report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [],
+                      [Output(p, format) for p in output], seed=seed,
+                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch))
+        render_grow_report(report, json_out)

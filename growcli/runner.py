@@ -1,0 +1,100 @@
+"""load → transform steps (each verified) → overall verification → save: the one growth run.
+
+CLI commands and plans both call :func:`grow`; it does the I/O around the transforms and
+returns the report that is printed, embedded in safetensors metadata and written as
+``<output stem>.growth_report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from growcli.errors import VerificationFailed
+from growcli.inputs import load_inputs_file
+from growcli.io.atomic import atomic_output
+from growcli.io.load import load_model
+from growcli.io.save import check_output, save_model
+from growcli.model import GrowModel, eval_mode
+from growcli.pipeline import VerifySettings, run_step, verification_batches
+from growcli.transforms.registry import Context
+from growcli.verify import verify_models
+
+
+@dataclass
+class Source:
+    path: Path
+    arch: str | None = None
+    arch_kwargs: str | dict | None = None
+    trust_pickle: bool = False
+    input_shape: str | None = None
+    inputs_file: Path | None = None
+
+    def load(self, base: GrowModel | None = None) -> GrowModel:
+        return load_model(self.path, arch=self.arch, arch_kwargs=self.arch_kwargs, trust_pickle=self.trust_pickle,
+                          input_shape=self.input_shape, base=base)
+
+
+@dataclass
+class Output:
+    path: Path
+    format: str | None = None
+
+
+@dataclass
+class Step:
+    transform: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int = 0,
+         settings: VerifySettings | None = None, plan_text: str | None = None,
+         on_step: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
+    """Run ``steps`` on the model at ``source`` and write every output; returns the report.
+
+    Outputs are validated before any work; nothing is written unless every exact step and
+    the overall comparison pass (or ``settings.allow_mismatch``).
+    """
+    settings = settings or VerifySettings()
+    gm = source.load()
+    formats = [check_output(gm, o.path, o.format) for o in outputs]
+    if source.inputs_file is not None:
+        settings.inputs = [load_inputs_file(source.inputs_file, gm.inputs)]
+    ctx = Context(seed=seed)
+    original = eval_mode(copy.deepcopy(gm.module))
+    params_before = gm.num_parameters()
+    for i, step in enumerate(steps):
+        if on_step:
+            on_step(i, step)
+        run_step(gm, step.transform, step.options, ctx, settings)
+    batches = verification_batches(gm, settings, seed)
+    overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
+    del original
+    all_exact = all(s["exact"] for s in gm.steps)
+    if all_exact and not overall.passed and not settings.allow_mismatch:
+        raise VerificationFailed(f"the grown model differs from the input: {overall.summary()}", overall)
+    report: dict[str, Any] = {
+        "input": str(source.path),
+        "steps": gm.steps,
+        "function_preserving": all_exact,
+        "verification": overall.to_dict(),
+        "params_before": params_before,
+        "params_after": gm.num_parameters(),
+        "outputs": [],
+    }
+    for out, fmt in zip(outputs, formats):
+        report["outputs"].append(save_model(gm, out.path, fmt=fmt, verification=overall, plan=plan_text, batches=batches))
+    if outputs:
+        write_report(report, outputs[0].path, formats[0])
+    return report
+
+
+def write_report(report: dict[str, Any], out: Path, fmt: str) -> Path:
+    """``growth_report.json`` inside a directory output, else ``<stem>.growth_report.json`` beside the file."""
+    path = out / "growth_report.json" if fmt == "hf" else out.with_name(out.stem + ".growth_report.json")
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
