@@ -25,7 +25,11 @@ __all__ = ["apply", "load_grown", "load_model", "save_model", "verify"]
 
 def apply(gm: GrowModel, transform: str, *, seed: int = 0, allow_mismatch: bool = False, **options: Any) -> StepReport:
     """Apply one registered transform in place and verify it; see ``growcli.pipeline.run_step``."""
-    return run_step(gm, transform, options, Context(seed=seed), VerifySettings(allow_mismatch=allow_mismatch))
+    from growcli.calibration import attach
+
+    ctx = Context(seed=seed)
+    attach(ctx, gm, [options])  # calibration data a gradient-informed step names (``data=FILE``)
+    return run_step(gm, transform, options, ctx, VerifySettings(allow_mismatch=allow_mismatch))
 
 
 def verify(original: GrowModel | nn.Module, grown: GrowModel | nn.Module, batches: list[Batch] | None = None,

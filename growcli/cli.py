@@ -7,18 +7,27 @@ Errors become one line on stderr and the documented exit code (0 ok, 1 error, 2 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
-import click
 import typer
 
 from growcli.errors import EXIT_USAGE, format_error
+
+try:  # typer >= 0.2x ships its own copy of click (and no longer depends on click itself)
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # older typer re-exports the real click
+    from click import exceptions as _click_exceptions
+
+# The exceptions click/typer use for control flow and usage errors; never turned into "internal error".
+ClickException = _click_exceptions.ClickException
+NoArgsIsHelp = getattr(_click_exceptions, "NoArgsIsHelpError", ())
 
 app = typer.Typer(
     name="growcli",
@@ -55,7 +64,7 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.ClickException):
+        except (typer.Exit, typer.Abort, ClickException):
             raise
         except Exception as exc:  # the boundary: everything becomes a message and an exit code
             if os.environ.get("GROWCLI_DEBUG") == "1":
@@ -74,6 +83,17 @@ def console(quiet: bool = False, json_out: bool = False):
     from rich.console import Console
 
     return Console(stderr=True, quiet=quiet or json_out or not sys.stdout.isatty())
+
+
+@contextlib.contextmanager
+def status(message: str, quiet: bool = False, json_out: bool = False) -> Iterator[None]:
+    """A spinner on stderr while a slow call runs; nothing when quiet, with --json or off a terminal."""
+    con = console(quiet, json_out)
+    if con.quiet:
+        yield
+        return
+    with con.status(message):
+        yield
 
 
 def emit_json(obj: Any) -> None:
@@ -125,12 +145,15 @@ def main() -> None:
     commands.register_all(app)
     try:
         code = app(standalone_mode=False, prog_name="growcli")
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("growcli: aborted", err=True)
         code = 1
-    except click.ClickException as exc:
+    except NoArgsIsHelp as exc:  # bare ``growcli``: the help text, as click itself shows it
+        typer.echo(exc.format_message(), err=True)
+        code = EXIT_USAGE
+    except ClickException as exc:
         typer.echo(f"growcli: usage: {' '.join(exc.format_message().split())}", err=True)
         code = exc.exit_code if exc.exit_code else EXIT_USAGE
     sys.exit(code if isinstance(code, int) else 0)

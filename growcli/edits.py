@@ -10,6 +10,8 @@ Edit kinds:
 - ``module``: replace a submodule by one described by a module spec (see :func:`module_spec`).
 - ``insert``: insert a module (spec) into a ``ModuleList``/``Sequential`` at an index.
 - ``config``: set a key of a Hugging Face config (``num_hidden_layers``...).
+- ``graph_arg``: set an argument of a node in a loaded ``.pt2`` program (a view's literal size).
+- ``graph_call``: in a loaded ``.pt2`` program, call a new shape-preserving module (spec) on a node's output.
 """
 
 from __future__ import annotations
@@ -130,6 +132,33 @@ def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise ArchitectureError(f"recorded edit names tensor {name!r}, which the model does not have")
 
 
+def _set_graph_arg(root: nn.Module, node: str, index: int, value: Any) -> None:
+    graph = getattr(root, "graph", None)
+    target = next((n for n in graph.nodes if n.name == node), None) if graph is not None else None
+    if target is None:
+        raise ArchitectureError(f"recorded edit names graph node {node!r}, which the model does not have")
+    args = list(target.args)
+    args[index] = value
+    target.args = tuple(args)
+    root.recompile()
+
+
+def _graph_call(root: nn.Module, after: str, name: str, new: nn.Module) -> None:
+    graph = getattr(root, "graph", None)
+    node = next((n for n in graph.nodes if n.name == after), None) if graph is not None else None
+    if node is None:
+        raise ArchitectureError(f"recorded edit names graph node {after!r}, which the model does not have")
+    users = list(node.users)
+    root.add_submodule(name, new)
+    with graph.inserting_after(node):
+        call = graph.call_module(name, (node,))
+    if "val" in node.meta:  # the module keeps the shape; later graph analyses read it from here
+        call.meta["val"] = node.meta["val"]
+    for user in users:  # everything that read the node now reads the new module's output
+        user.replace_input_with(node, call)
+    root.recompile()
+
+
 def _set_config(root: nn.Module, key: str, value: Any) -> None:
     config = getattr(root, "config", None)
     if config is None:
@@ -147,8 +176,12 @@ class EditLog:
         """Replace parameter or buffer ``name`` with ``tensor`` (its own storage)."""
         tensor = tensor.detach().clone().contiguous()
         _set_tensor(root, name, tensor)
-        self.records.append({"op": "param", "name": name, "shape": list(tensor.shape),
-                             "dtype": str(tensor.dtype).removeprefix("torch.")})
+        record = {"op": "param", "name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        owner, leaf = _parent(root, name)
+        if leaf in owner._non_persistent_buffers_set and tensor.numel() == 1:
+            # Not in the state_dict, so a replay cannot load it: record the value (an embedding scale).
+            record["value"] = tensor.item()
+        self.records.append(record)
 
     def attr(self, root: nn.Module, module: str, attr: str, value: Any) -> None:
         setattr(root.get_submodule(module) if module else root, attr, value)
@@ -168,6 +201,21 @@ class EditLog:
         items.insert(index, new)
         _replace_items(seq, items)
         self.records.append({"op": "insert", "container": container, "index": index, "spec": spec})
+
+    def graph_arg(self, root: nn.Module, node: str, index: int, value: Any) -> None:
+        """Set argument ``index`` of node ``node`` in a GraphModule (a loaded .pt2 program)."""
+        _set_graph_arg(root, node, index, value)
+        self.records.append({"op": "graph_arg", "node": node, "index": index, "value": _jsonable(value)})
+
+    def graph_call(self, root: nn.Module, after: str, name: str, new: nn.Module) -> None:
+        """In a GraphModule (a loaded .pt2 program), run submodule ``name`` = ``new`` on node ``after``'s output.
+
+        Every node that read ``after`` reads the new module's output instead; the module's
+        forward code is the graph, so this is how a layer is inserted into it.
+        """
+        spec = module_spec(new)
+        _graph_call(root, after, name, new)
+        self.records.append({"op": "graph_call", "after": after, "name": name, "spec": spec})
 
     def config(self, root: nn.Module, key: str, value: Any) -> None:
         _set_config(root, key, value)
@@ -194,7 +242,7 @@ def replay(root: nn.Module, records: list[dict]) -> nn.Module:
         op = rec["op"]
         try:
             if op == "param":
-                _set_tensor(root, rec["name"], torch.zeros(rec["shape"], dtype=getattr(torch, rec["dtype"])))
+                _set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=getattr(torch, rec["dtype"])))
             elif op == "attr":
                 setattr(root.get_submodule(rec["module"]) if rec["module"] else root, rec["attr"], _from_json(rec["value"]))
             elif op == "module":
@@ -208,6 +256,10 @@ def replay(root: nn.Module, records: list[dict]) -> nn.Module:
                 _replace_items(seq, items)
             elif op == "config":
                 _set_config(root, rec["key"], _from_json(rec["value"]))
+            elif op == "graph_arg":
+                _set_graph_arg(root, rec["node"], rec["index"], _from_json(rec["value"]))
+            elif op == "graph_call":
+                _graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root))
             else:
                 raise ArchitectureError(f"unknown recorded edit {op!r}; written by a newer growcli?")
         except AttributeError as exc:

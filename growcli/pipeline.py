@@ -63,8 +63,4 @@ def final_report(gm: GrowModel) -> VerifyReport | None:
     """The last step's verification, as a report object (for provenance)."""
     if not gm.steps or not gm.steps[-1].get("verification"):
         return None
-    data = dict(gm.steps[-1]["verification"])
-    from growcli.verify import OutputCheck
-
-    data["outputs"] = [OutputCheck(**o) for o in data.get("outputs", [])]
-    return VerifyReport(**data)
+    return VerifyReport.from_dict(gm.steps[-1]["verification"])

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from growcli.calibration import attach as attach_calibration
 from growcli.errors import VerificationFailed
 from growcli.inputs import load_inputs_file
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
 from growcli.io.save import check_output, save_model
 from growcli.model import GrowModel, eval_mode
-from growcli.pipeline import VerifySettings, run_step, verification_batches
+from growcli.pipeline import VerifySettings, final_report, run_step, verification_batches
 from growcli.transforms.registry import Context
 from growcli.verify import verify_models
 
@@ -42,6 +43,7 @@ class Source:
 class Output:
     path: Path
     format: str | None = None
+    shard_size: int | None = None  # bytes per weights shard, for Hugging Face directory outputs
 
 
 @dataclass
@@ -64,14 +66,19 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     if source.inputs_file is not None:
         settings.inputs = [load_inputs_file(source.inputs_file, gm.inputs)]
     ctx = Context(seed=seed)
-    original = eval_mode(copy.deepcopy(gm.module))
+    attach_calibration(ctx, gm, [step.options for step in steps])  # data for gradient-informed steps
+    # One step is already verified against the input on these batches; only chains need a copy.
+    original = eval_mode(copy.deepcopy(gm.module)) if len(steps) != 1 else None
     params_before = gm.num_parameters()
     for i, step in enumerate(steps):
         if on_step:
             on_step(i, step)
         run_step(gm, step.transform, step.options, ctx, settings)
     batches = verification_batches(gm, settings, seed)
-    overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
+    if original is None:
+        overall = final_report(gm)
+    else:
+        overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
     del original
     all_exact = all(s["exact"] for s in gm.steps)
     if all_exact and not overall.passed and not settings.allow_mismatch:
@@ -85,8 +92,11 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
         "params_after": gm.num_parameters(),
         "outputs": [],
     }
+    if plan_text is not None:  # provenance: the plan travels in the report as in the safetensors metadata
+        report["plan"] = plan_text
     for out, fmt in zip(outputs, formats):
-        report["outputs"].append(save_model(gm, out.path, fmt=fmt, verification=overall, plan=plan_text, batches=batches))
+        report["outputs"].append(save_model(gm, out.path, fmt=fmt, verification=overall, plan=plan_text, batches=batches,
+                                            shard_size=out.shard_size))
     if outputs:
         write_report(report, outputs[0].path, formats[0])
     return report

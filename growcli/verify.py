@@ -20,7 +20,20 @@ from growcli.errors import InputsError
 from growcli.inputs import Batch, cast_batch
 from growcli.model import eval_mode
 
-DEFAULT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 1e-5)}
+# (atol, rtol) by the precision the weights are stored in: a float32 model compared in float64
+# still carries float32 rounding of its (split) weights, so float32 tolerances apply to it.
+DEFAULT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 1e-5),
+               torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-3, 2e-2)}
+
+
+def storage_precision(*modules: Any, compute: torch.dtype = torch.float64) -> torch.dtype:
+    """The least precise of ``compute`` and the floating-point parameter dtypes of ``modules``."""
+    dtypes = {compute}
+    for m in modules:
+        if isinstance(m, nn.Module):
+            dtypes |= {p.dtype for p in m.parameters() if p.is_floating_point()}
+            dtypes |= {b.dtype for b in m.buffers() if b.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 @dataclass
@@ -49,6 +62,15 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return _finite(d)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VerifyReport":
+        """Inverse of :meth:`to_dict` (non-finite numbers come back from their string form)."""
+        num = lambda v: float(v) if isinstance(v, str) else v  # noqa: E731
+        fields = {k: num(v) if k in ("max_abs_diff", "atol", "rtol") else v for k, v in data.items() if k != "outputs"}
+        outputs = [OutputCheck(**{k: num(v) if k in ("max_abs_diff", "max_rel_diff", "scale", "tolerance") else v
+                                  for k, v in o.items()}) for o in data.get("outputs", [])]
+        return cls(outputs=outputs, **fields)
 
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: o.max_abs_diff / max(o.tolerance, 1e-300), default=None)
@@ -81,13 +103,20 @@ def flatten_outputs(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]
     return result
 
 
-def run_model(module: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+def run_model(module: nn.Module, batch: Batch, who: str = "the model") -> dict[str, torch.Tensor]:
+    """Run ``module`` on one batch without gradients and name its output tensors.
+
+    Raises :class:`InputsError` naming ``who`` and the input shapes when the model rejects
+    the batch (wrong shape for a fixed-shape ``.pt2`` program, wrong dtype...).
+    """
     args, kwargs = batch
     try:
         with torch.no_grad():
             return flatten_outputs(module(*args, **kwargs))
     except Exception as exc:
-        raise InputsError(f"the model failed on its inputs ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        shapes = ", ".join([str(list(t.shape)) for t in args] + [f"{k}={list(v.shape)}" for k, v in kwargs.items()])
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputsError(f"{who} failed on inputs of shape {shapes} ({type(exc).__name__}: {detail})") from None
 
 
 def as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -126,13 +155,28 @@ def _check_one(name: str, a: torch.Tensor | None, b: torch.Tensor | None, atol: 
                            f"shape {list(a.shape)} vs {list(b.shape)}")
     a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
     same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
-    diff = torch.nan_to_num(torch.where(same, torch.zeros_like(a64), (a64 - b64).abs()), nan=math.inf)
+    # A NaN or infinity on one side only is an infinite difference (nan_to_num would otherwise
+    # also clamp +inf to the largest finite float and report a number).
+    diff = torch.nan_to_num(torch.where(same, torch.zeros_like(a64), (a64 - b64).abs()), nan=math.inf, posinf=math.inf)
     max_abs = float(diff.max()) if diff.numel() else 0.0
     finite = a64[torch.isfinite(a64)]
     scale = float(finite.abs().max()) if finite.numel() else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     tol = atol + rtol * scale
     return OutputCheck(name, list(a.shape), max_abs, max_rel, scale, tol, max_abs <= tol)
+
+
+def _run_both(ref: nn.Module, cand, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    a = run_model(ref, batch, "the original model")
+    c = run_model(cand, batch, "the grown model") if isinstance(cand, nn.Module) else cand(batch)
+    return a, c
+
+
+def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype):
+    """Both models in ``dtype`` and their outputs on the first batch (raises if either cannot run)."""
+    ref = as_dtype(reference, dtype)
+    cand = as_dtype(candidate, dtype) if isinstance(candidate, nn.Module) else candidate
+    return ref, cand, _run_both(ref, cand, cast_batch(batch, dtype))
 
 
 def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch], dict[str, torch.Tensor]],
@@ -145,31 +189,26 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     """
     note = ""
     try:
-        ref = as_dtype(reference, dtype)
-        cand = as_dtype(candidate, dtype) if isinstance(candidate, nn.Module) else candidate
-        probe = cast_batch(batches[0], dtype)
-        run_model(ref, probe)
-        if isinstance(cand, nn.Module):
-            run_model(cand, probe)
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
     except Exception as exc:
         if dtype == torch.float32:
             raise
         note = f"float64 not supported by this model ({type(exc).__name__}); checked in float32"
         dtype = torch.float32
-        ref = as_dtype(reference, dtype)
-        cand = as_dtype(candidate, dtype) if isinstance(candidate, nn.Module) else candidate
-    d_atol, d_rtol = DEFAULT_TOL.get(dtype, DEFAULT_TOL[torch.float32])
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
+    precision = storage_precision(reference, candidate, compute=dtype)
+    d_atol, d_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     checks: dict[str, OutputCheck] = {}
-    for batch in batches:
-        b = cast_batch(batch, dtype)
-        a = run_model(ref, b)
-        c = run_model(cand, b) if isinstance(cand, nn.Module) else cand(b)
-        compare_outputs(a, c, atol, rtol, checks)
+    compare_outputs(*first, atol, rtol, checks)
+    for batch in batches[1:]:
+        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype)), atol, rtol, checks)
     outputs = list(checks.values())
     passed = bool(outputs) and all(o.passed for o in outputs)
     if not outputs:
         note = (note + "; " if note else "") + "the model returned no tensors"
+    if precision != dtype:
+        note = (note + "; " if note else "") + f"weights stored in {str(precision).removeprefix('torch.')}: its tolerances apply"
     return VerifyReport(passed, str(dtype).removeprefix("torch."), len(batches), atol, rtol,
                         max((o.max_abs_diff for o in outputs), default=0.0), outputs, note)

@@ -40,6 +40,15 @@ def cli(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models: a second thread only adds spin-wait on a 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Rtol, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+                         Model, Outputs, Quiet, Rtol, Seed, TrustPickle, handle_errors, render_grow_report, status,
+                         verify_settings)
 from growcli.errors import UsageError
 
 
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
                     arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
                     inputs: InputsFile = None, seed: Seed = 0, batches: Batches = 3, dtype: Dtype = "float64",
                     atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False,
-                    json_out: Json = False) -> None:
+                    json_out: Json = False, quiet: Quiet = False) -> None:
         """Write a checkpoint in other formats and check each one computes the same function.
 
         Example: growcli convert fixtures/mlp.pt2 -o mlp.safetensors -o mlp.onnx
@@ -25,7 +26,8 @@ def register(app: typer.Typer) -> None:
 
         if not output:
             raise UsageError("convert needs at least one -o OUTPUT")
-        report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [],
-                      [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch))
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch)
+        with status(f"converting {model}", quiet, json_out):
+            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [],
+                          [Output(p, format) for p in output], seed=seed, settings=settings)
         render_grow_report(report, json_out)

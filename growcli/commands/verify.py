@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from growcli.cli import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Rtol, TrustPickle,
-                         emit_json, handle_errors, verify_settings)
+from growcli.cli import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol,
+                         TrustPickle, emit_json, handle_errors, status, verify_settings)
 from growcli.errors import EXIT_MISMATCH
 
 
@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
                    grown: Annotated[Path, typer.Argument(help="The grown checkpoint (any format growcli writes).")],
                    arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
                    input_shape: InputShape = None, inputs: InputsFile = None, batches: Batches = 3,
-                   dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None, json_out: Json = False) -> None:
+                   dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None, json_out: Json = False,
+                   quiet: Quiet = False) -> None:
         """Run both models on the same inputs and compare every output.
 
         Example: growcli verify model.pt2 grown.pt2 --json
@@ -29,7 +30,8 @@ def register(app: typer.Typer) -> None:
 
         settings = verify_settings(batches, dtype, atol, rtol)
         src = Source(original, arch, arch_kwargs, trust_pickle, input_shape, inputs)
-        report = compare_checkpoints(src, grown, settings)
+        with status(f"comparing {original} and {grown}", quiet, json_out):
+            report = compare_checkpoints(src, grown, settings)
         if json_out:
             emit_json(report.to_dict())
         else:

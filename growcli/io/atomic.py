@@ -58,6 +58,9 @@ def atomic_output(out: Path, directory: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            # Some writers (safetensors) create their file private (0600); give the output the
+            # mode any new file gets here, as a plain write would.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, out)
     except BaseException:
         if tmp.is_dir():
@@ -66,6 +69,12 @@ def atomic_output(out: Path, directory: bool = False) -> Iterator[Path]:
             tmp.unlink()
         _remove_dirs(created)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_dirs(created: list[Path]) -> None:

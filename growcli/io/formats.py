@@ -71,6 +71,35 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return dict(safetensors_header(path).get("__metadata__") or {})
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose bytes depend only on ``tensors`` and ``metadata``.
+
+    The safetensors library serialises ``__metadata__`` in hash-map order, which changes
+    from run to run; the header is rewritten here with sorted keys so the same input
+    always gives a byte-identical file.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        meta = header.pop("__metadata__", None)
+        ordered = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
+        ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment with spaces
+        if len(raw) == n:  # same content in another order: rewrite the header in place
+            fh.seek(8)
+            fh.write(raw)
+            return
+        fh.seek(8 + n)
+        data = fh.read()
+        fh.seek(0)
+        fh.write(struct.pack("<Q", len(raw)) + raw + data)
+        fh.truncate()
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

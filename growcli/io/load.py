@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import os
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +67,7 @@ def load_model(
     elif path.suffix == ".safetensors":
         gm = _load_safetensors(path, arch_spec, base)
     elif path.suffix in TORCH_SUFFIXES:
-        gm = _load_torch(path, arch_spec, trust_pickle)
+        gm = _load_torch(path, arch_spec, trust_pickle, base)
     else:
         raise UsageError(f"{path}: unknown checkpoint format {path.suffix or '(no suffix)'}; expected {KNOWN_INPUTS}")
     eval_mode(gm.module)
@@ -126,7 +129,11 @@ def infer_input_spec(module: nn.Module) -> InputSpec:
     """Input spec from the model itself: an ``example_inputs()`` method, or a leading Linear/Embedding."""
     fn = getattr(module, "example_inputs", None)
     if callable(fn):
-        ex = fn()
+        # example_inputs() usually draws random tensors: seed it so every load verifies on the
+        # same batch (and outputs are reproducible), without touching the caller's RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            ex = fn()
         return spec_from_batch((tuple(ex), {}) if not isinstance(ex, tuple) or not isinstance(ex[-1], dict) else (tuple(ex[:-1]), ex[-1]))
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -138,7 +145,38 @@ def infer_input_spec(module: nn.Module) -> InputSpec:
     return InputSpec()
 
 
+# Output classes of Hugging Face models, as torch.export records them in a program's tree specs.
+_HF_OUTPUT_TYPE = re.compile(rb"transformers\.(?:modeling_outputs|models\.[a-z0-9_]+\.modeling_[a-z0-9_]+)\.[A-Z][A-Za-z0-9_]*")
+
+
+def register_hf_output_types(path: Path) -> None:
+    """Import the transformers modules whose output classes a ``.pt2`` program returns.
+
+    torch.export stores a model's output structure by class name, and a ``ModelOutput``
+    subclass is only deserialisable once its module is imported (that registers it as a
+    pytree node). Only modules inside the installed ``transformers`` package are imported;
+    without transformers this does nothing and loading fails with a clear message.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".json") and "/models/" in f"/{n}"]
+            found = {m.decode() for n in names for m in _HF_OUTPUT_TYPE.findall(zf.read(n))}
+    except (OSError, zipfile.BadZipFile):
+        return  # torch.export.load reports the unreadable file itself
+    if not found:
+        return
+    if importlib.util.find_spec("transformers") is None:
+        raise MissingDependencyError(f"{path}: the program returns Hugging Face outputs; reading it needs transformers: "
+                                     "pip install 'growcli[hf]'")
+    for module_name in sorted({name.rpartition(".")[0] for name in found}):
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            pass  # a newer transformers moved it; torch.export.load names the type that is missing
+
+
 def _load_pt2(path: Path) -> GrowModel:
+    register_hf_output_types(path)
     try:
         ep = torch.export.load(str(path))
     except Exception as exc:
@@ -152,13 +190,19 @@ def _load_pt2(path: Path) -> GrowModel:
     return GrowModel(module, "pt2", path, sha256_of(path), inputs)
 
 
-def _load_torch(path: Path, arch_spec: dict | None, trust_pickle: bool) -> GrowModel:
+def _load_torch(path: Path, arch_spec: dict | None, trust_pickle: bool, base: GrowModel | None = None) -> GrowModel:
     obj = load_torch_file(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return GrowModel(obj, "pickle", path, sha256_of(path), infer_input_spec(obj))
     state = _unwrap_state_dict(obj)
     if state is None:
         raise FormatError(f"{path}: holds a {type(obj).__name__}, expected a state_dict (name → tensor) or a whole nn.Module")
+    if arch_spec is None and base is not None:
+        # A state_dict compared against its original (growcli verify ORIGINAL WEIGHTS.pt): the
+        # original's architecture is the only one it can mean.
+        module = copy.deepcopy(base.module)
+        load_state_dict_strict(module, state, path)
+        return GrowModel(module, "state_dict", path, sha256_of(path), base.inputs, arch=base.arch)
     if arch_spec is None:
         raise UsageError(f"{path}: a state_dict holds only weights; pass --arch package.module:factory to build the model")
     module = build_arch(arch_spec)
@@ -212,15 +256,7 @@ def _load_hf(path: Path) -> GrowModel:
         raise FormatError(f"{path}: no model.safetensors (or sharded index) beside config.json")
     for shard in shards:
         safetensors_header(shard)
-    try:
-        import transformers
-    except ImportError:
-        raise MissingDependencyError("reading Hugging Face directories needs transformers: pip install 'growcli[hf]'") from None
-    quiet_transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise FormatError(f"{path}/config.json: not a usable Hugging Face config ({str(exc).splitlines()[0][:200]})") from None
+    transformers, config = load_hf_config(path)
     # Caches are for generation; verification and export run whole sequences without them.
     use_cache = getattr(config, "use_cache", None)
     if use_cache is not None:
@@ -242,6 +278,20 @@ def _load_hf(path: Path) -> GrowModel:
     gm = GrowModel(module, "hf", path, sha256_of(path), hf_input_spec(module), hf_class=archs[0])
     gm.hf_saved_config = {"use_cache": use_cache} if use_cache is not None else {}
     return gm
+
+
+def load_hf_config(path: Path):
+    """``(transformers, config)`` for an HF directory; one-line errors when either is unusable."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("reading Hugging Face directories needs transformers: pip install 'growcli[hf]'") from None
+    quiet_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise FormatError(f"{path}/config.json: not a usable Hugging Face config ({str(exc).splitlines()[0][:200]})") from None
+    return transformers, config
 
 
 def quiet_transformers() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ from growcli import __version__
 from growcli.errors import FormatError, MissingDependencyError, UsageError, VerificationFailed
 from growcli.inputs import Batch, make_batches
 from growcli.io.atomic import atomic_output, check_output_path
+from growcli.io.formats import write_safetensors
 from growcli.model import GrowModel, eval_mode
 from growcli.verify import VerifyReport, compare_outputs, flatten_outputs, run_model
 
@@ -77,8 +79,11 @@ def owned_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(gm: GrowModel, out: str | Path, *, fmt: str | None = None, verification: VerifyReport | None = None,
-               plan: str | None = None, batches: list[Batch] | None = None) -> dict[str, Any]:
+               plan: str | None = None, batches: list[Batch] | None = None,
+               shard_size: int | None = None) -> dict[str, Any]:
     """Write ``gm`` to ``out``; returns ``{"path", "format", "check"?}``.
+
+    ``shard_size`` (bytes) caps each weights file of a Hugging Face directory output.
 
     ONNX outputs are run with onnxruntime against the torch model on ``batches`` and a
     mismatch raises :class:`VerificationFailed` without leaving the file.
@@ -88,38 +93,100 @@ def save_model(gm: GrowModel, out: str | Path, *, fmt: str | None = None, verifi
     result: dict[str, Any] = {"path": str(out), "format": fmt}
     with atomic_output(out, directory=(fmt == "hf")) as tmp:
         if fmt == "safetensors":
-            from safetensors.torch import save_file
-
-            save_file(owned_state_dict(gm.module), str(tmp), metadata=provenance(gm, verification, plan))
+            write_safetensors(owned_state_dict(gm.module), tmp, provenance(gm, verification, plan))
         elif fmt == "pt2":
             _save_pt2(gm, tmp)
         elif fmt == "onnx":
-            result["check"] = _save_onnx(gm, tmp, batches or make_batches(gm.inputs, 2, seed=1)).to_dict()
+            result["check"] = _save_onnx(gm, tmp, out.name, batches or make_batches(gm.inputs, 2, seed=1)).to_dict()
         elif fmt == "hf":
-            _save_hf(gm, tmp)
+            _save_hf(gm, tmp, shard_size)
         elif fmt == "pt":
             torch.save(gm.module, tmp)
     return result
 
 
+def batch_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """torch.export ``dynamic_shapes`` that let dimension 0 (the batch) of every tensor input vary.
+
+    ``Dim.AUTO`` lets the exporter keep the batch static where the model fixes it, so this
+    never makes an export fail. ``None`` when the torch version or the forward signature
+    does not allow it.
+    """
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:
+        return None
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+
+    def one(value: Any) -> Any:
+        return {0: auto} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(one(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {k: one(v) for k, v in value.items()}
+        else:
+            shapes[name] = one(value)
+    return shapes
+
+
 def export_program(gm: GrowModel):
+    """torch.export the model on its first sample batch, with a variable batch size where it allows.
+
+    Raises :class:`FormatError` when the model cannot be exported at all.
+    """
     from growcli.inputs import make_batches as _mb
 
     args, kwargs = _mb(gm.inputs, 1)[0]
     module = eval_mode(gm.module)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic = batch_dynamic_shapes(module, tuple(args), dict(kwargs))
+        if dynamic is not None:
+            try:
+                return torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic, strict=False)
+            except Exception:
+                pass  # a program for the sample's exact shapes is still useful
+        try:
             return torch.export.export(module, tuple(args), dict(kwargs), strict=False)
-    except Exception as exc:
-        raise FormatError(f"torch.export could not export the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        except Exception as exc:
+            raise FormatError(f"torch.export could not export the model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
 def _save_pt2(gm: GrowModel, tmp: Path) -> None:
-    torch.export.save(export_program(gm), str(tmp))
+    # Through a file object: given a path, torch.export names the archive's top folder after
+    # the (temporary, pid-stamped) file, which would make the bytes differ run to run.
+    with open(tmp, "wb") as fh:
+        torch.export.save(export_program(gm), fh)
 
 
-def _save_onnx(gm: GrowModel, tmp: Path, batches: list[Batch]) -> VerifyReport:
+# Protobuf cannot hold a model over 2 GiB; above this the weights go to an external file.
+ONNX_INLINE_LIMIT = 1_800_000_000
+
+
+def _save_onnx(gm: GrowModel, tmp: Path, final_name: str, batches: list[Batch]) -> VerifyReport:
+    """Export to ``tmp``, check it with ``onnx.checker`` and compare onnxruntime with torch on ``batches``.
+
+    Weights are stored inside the ``.onnx`` file, so the output is one self-contained file;
+    only a model too large for protobuf gets ``<final_name>.data`` beside it (removed again
+    if the export or its check fails).
+    """
+    data_file = tmp.parent / f"{final_name}.data"
+    try:
+        return _export_and_check_onnx(gm, tmp, data_file, batches)
+    except BaseException:
+        if data_file.exists():
+            data_file.unlink()
+        raise
+
+
+def _export_and_check_onnx(gm: GrowModel, tmp: Path, data_file: Path, batches: list[Batch]) -> VerifyReport:
     import onnx
 
     try:
@@ -134,24 +201,34 @@ def _save_onnx(gm: GrowModel, tmp: Path, batches: list[Batch]) -> VerifyReport:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:  # the torch.export-based exporter first; the TorchScript one for what it cannot export
-            torch.onnx.export(module, tuple(args), str(tmp), kwargs=dict(kwargs), dynamo=True, verbose=False,
-                              input_names=input_names, output_names=names)
+            program = _onnx_program(module, tuple(args), dict(kwargs), input_names, names)
+            if sum(p.numel() * p.element_size() for p in module.state_dict().values()) <= ONNX_INLINE_LIMIT:
+                program.save(str(tmp), external_data=False)
+            else:
+                # Given a path, the exporter names the data file after it: the temporary name.
+                import onnx_ir
+
+                onnx_ir.save(program.model, str(tmp), external_data=data_file.name)
         except Exception as first:
             try:
                 torch.onnx.export(module, tuple(args) + ((dict(kwargs),) if kwargs else ()), str(tmp), dynamo=False,
                                   input_names=input_names, output_names=names, opset_version=17)
             except Exception:
                 raise FormatError(f"ONNX export failed ({type(first).__name__}: {str(first).splitlines()[0][:200]})") from None
-    onnx.checker.check_model(str(tmp))
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    try:
+        onnx.checker.check_model(str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise FormatError(f"the exported ONNX model is invalid ({type(exc).__name__}: {_first_line(exc)})") from None
     ort_inputs = [i.name for i in session.get_inputs()]
     ort_outputs = [o.name for o in session.get_outputs()]
 
     checks: dict = {}
     for batch in batches:
         a, kw = batch
-        feed_vals = [t.detach().numpy() for t in a] + [v.detach().numpy() for v in kw.values()]
-        feed = dict(zip(ort_inputs, feed_vals))
+        # By name: the exporter may drop an input the graph does not use.
+        values = dict(zip(input_names, [t.detach().numpy() for t in a] + [v.detach().numpy() for v in kw.values()]))
+        feed = {n: values[n] for n in ort_inputs}
         got = session.run(None, feed)
         ref = run_model(module, batch)
         cand = {n: torch.from_numpy(v) for n, v in zip(ort_outputs, got)}
@@ -164,17 +241,45 @@ def _save_onnx(gm: GrowModel, tmp: Path, batches: list[Batch]) -> VerifyReport:
     return report
 
 
-def _save_hf(gm: GrowModel, tmp: Path) -> None:
+def _onnx_program(module: nn.Module, args: tuple, kwargs: dict, input_names: list[str], output_names: list[str]):
+    """The dynamo ONNX export, with a variable batch size where the model allows one."""
+    dynamic = batch_dynamic_shapes(module, args, kwargs)
+    if dynamic is not None:
+        try:
+            return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False, dynamic_shapes=dynamic,
+                                     input_names=input_names, output_names=output_names)
+        except Exception:
+            pass  # a graph for the sample's exact shapes is still useful
+    return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False,
+                             input_names=input_names, output_names=output_names)
+
+
+def _save_hf(gm: GrowModel, tmp: Path, shard_size: int | None = None) -> None:
     module = gm.module
     runtime = {k: getattr(module.config, k) for k in gm.hf_saved_config}
     try:
         for k, v in gm.hf_saved_config.items():
             setattr(module.config, k, v)
-        module.save_pretrained(str(tmp), safe_serialization=True)
+        _validate_hf_config(module.config)
+        module.save_pretrained(str(tmp), safe_serialization=True,
+                               **({"max_shard_size": shard_size} if shard_size else {}))
     finally:
         for k, v in runtime.items():
             setattr(module.config, k, v)
     _check_hf_config(module, tmp)
+
+
+def _validate_hf_config(config) -> None:
+    """Refuse, as a usage error, a config transformers' own validators reject (they run on save)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as exc:  # e.g. Llama: hidden_size must be a multiple of num_attention_heads
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UsageError(f"transformers rejects the grown model's config ({lines[-1][:200] if lines else type(exc).__name__}); "
+                         "write .safetensors and load it with growcli.load_grown") from None
 
 
 def _check_hf_config(module: nn.Module, directory: Path) -> None:
@@ -189,3 +294,14 @@ def _check_hf_config(module: nn.Module, directory: Path) -> None:
     if bad:
         raise UsageError("the grown model cannot be described by a Hugging Face config (its layers differ from each "
                          f"other: {bad[0]}); write .safetensors and load it with growcli.load_grown")
+    # Inserted modules (deepen) add weights the config's architecture has no place for.
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise UsageError("the grown model cannot be described by a Hugging Face config (it has weights the "
+                         f"architecture does not build, e.g. {extra[0]}); write .safetensors and load it with "
+                         "growcli.load_grown")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""

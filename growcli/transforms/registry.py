@@ -23,9 +23,11 @@ from growcli.model import GrowModel
 
 @dataclass
 class Context:
-    """Per-run settings a transform may use: the seed (all randomness derives from it)."""
+    """Per-run settings a transform may use: the seed (all randomness derives from it), and data
+    the runner loaded for the steps (calibration batches by request, see growcli.calibration)."""
 
     seed: int = 0
+    data: dict[Any, Any] = field(default_factory=dict)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
