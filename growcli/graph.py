@@ -1,0 +1,777 @@
+"""Tracing and coupled-channel analysis: which tensor dimensions must grow together.
+
+A model is traced with ``torch.export`` to an ATen graph whose parameters are ``get_attr``
+nodes named by their fully qualified names. Starting at a producer layer's output, the
+analysis walks the graph forwards (and backwards where an operation ties another tensor to
+the same channels, e.g. a residual add) and collects every parameter dimension indexed by
+those channels, with the role it plays:
+
+- ``producer``: rows of a Linear / output channels of a Conv / columns of an Embedding;
+- ``copy``: per-channel parameters and buffers (BatchNorm, PReLU, layer scales, biases);
+- ``consumer``: input columns of the Linear/Conv layers that read the channels.
+
+Positions along a grown dimension are described by a :class:`Layout`, a function from the
+channel list ``g`` (new index → source channel) to position keys; this covers
+concatenation (offsets) and flattening ``C×H×W`` into features (each channel owns ``H·W``
+columns). Every operation has an explicit rule; an operation without one makes the layer
+not growable, with the operation and module named — never assumed element-wise.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from growcli.errors import NotGrowableError
+from growcli.inputs import Batch
+
+aten = torch.ops.aten
+Key = tuple
+
+# Element-wise ops with one tensor input: positions pass through unchanged.
+UNARY = {
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.sigmoid.default, aten.tanh.default, aten.hardtanh.default, aten.hardtanh_.default, aten.relu6.default,
+    aten.leaky_relu.default, aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.mish.default, aten.softplus.default, aten.dropout.default, aten.feature_dropout.default,
+    aten.alpha_dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.detach.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
+    aten.neg.default, aten.abs.default, aten.exp.default, aten.sqrt.default, aten.square.default,
+    aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar,
+    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.erf.default,
+    aten.log_sigmoid.default if hasattr(aten, "log_sigmoid") else aten.sigmoid.default,
+}
+# Element-wise ops over several tensors (broadcasting): other full-size operands are coupled.
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
+          aten.minimum.default, aten.where.self, aten.add_.Tensor, aten.mul_.Tensor}
+# Reductions with explicit dims.
+REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.sum.default,
+          aten.mean.default, aten.max.default, aten.min.default}
+# Pooling over trailing spatial dims: (op, number of spatial dims).
+POOL = {aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2,
+        aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1,
+        aten.max_pool3d.default: 3, aten.avg_pool3d.default: 3, aten.adaptive_avg_pool3d.default: 3,
+        aten.max_pool2d_with_indices.default: 2, aten.adaptive_max_pool2d.default: 2,
+        aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2}
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+PAD = {aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.default, aten.replication_pad2d.default}
+BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+# ``addmm(bias, x, W) = bias + x @ W``: Hugging Face's Conv1D (GPT-2) is a view → addmm → view.
+ADDMM = aten.addmm.default
+# Ops that only move dimensions around; used to follow a tensor back to what produced it.
+REINDEX = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+           aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor}
+# Assertions the exporter adds about a tensor's dtype/device; they read a tensor but compute nothing.
+METADATA_CHECKS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
+
+
+# --------------------------------------------------------------------------- layouts
+class Layout:
+    """Positions along one tensor dimension as a function of the channel list ``g``."""
+
+    def keys(self, g: Sequence[int]) -> list[Key]:
+        raise NotImplementedError
+
+
+class Core(Layout):
+    def keys(self, g):
+        return [(j, ()) for j in range(len(g))]
+
+
+@dataclass
+class Fixed(Layout):
+    size: int
+    uid: str
+
+    def keys(self, g):
+        return [(-1, (self.uid, i)) for i in range(self.size)]
+
+
+@dataclass
+class Cat(Layout):
+    parts: list[Layout]
+
+    def keys(self, g):
+        return [(c, sub + (i,)) for i, p in enumerate(self.parts) for c, sub in p.keys(g)]
+
+
+@dataclass
+class Merge(Layout):
+    """``before`` outer positions × the inner layout × ``after`` inner positions, row-major."""
+
+    inner: Layout
+    before: int
+    after: int
+
+    def keys(self, g):
+        inner = self.inner.keys(g)
+        return [(c, sub + (b, a)) for b in range(self.before) for c, sub in inner for a in range(self.after)]
+
+
+CORE = Core()
+
+
+# --------------------------------------------------------------------------- trace
+@dataclass
+class Trace:
+    """An ATen-level graph of the model with parameters as ``get_attr`` nodes."""
+
+    gm: fx.GraphModule
+    is_model: bool  # True when ``gm`` is the user's model itself (a loaded .pt2 program)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def weight_users(self) -> dict[str, list[fx.Node]]:
+        """FQN of every parameter/buffer → the op nodes using it."""
+        out: dict[str, list[fx.Node]] = {}
+        for n in self.graph.nodes:
+            if n.op == "get_attr":
+                out[str(n.target)] = [u for u in n.users]
+        return out
+
+
+def trace_model(module: nn.Module, batch: Batch) -> Trace:
+    """Trace ``module`` on ``batch``; a loaded ``.pt2`` program is its own trace.
+
+    Raises :class:`NotGrowableError` when ``torch.export`` cannot trace the model.
+    """
+    if isinstance(module, fx.GraphModule) and any(
+            n.op == "get_attr" and "val" in n.meta for n in module.graph.nodes):
+        return Trace(module, True)
+    args, kwargs = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        except Exception as exc:
+            # Fallback: draft_export specialises data-dependent control flow on these inputs; the
+            # values that steer it (e.g. a sum over channels) stay in the graph, so the analysis
+            # refuses any growth that could flip a branch.
+            try:
+                ep = torch.export.draft_export(module, tuple(args), dict(kwargs))
+            except Exception:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise NotGrowableError(f"torch.export cannot trace the model, so its channels cannot be analysed ({first})") from None
+    return Trace(ep.module(), False)
+
+
+def where(node: fx.Node) -> str:
+    """The module a node was called in (for messages)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return f" in '{path}'" if path else ""
+    return ""
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", str(t)) if node.op == "call_function" else f"{node.op} {t}"
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------- analysis result
+@dataclass
+class TensorUse:
+    """One parameter dimension indexed by the group's channels."""
+
+    fqn: str
+    dim: int
+    role: str  # producer | copy | consumer | grouped_consumer
+    layout: Layout = CORE
+    groups: int = 1
+
+
+@dataclass
+class ViewPatch:
+    """A view/reshape whose literal target size must follow the group (only in .pt2 programs)."""
+
+    node: str
+    out_dim: int
+    layout: Layout
+
+
+@dataclass
+class Group:
+    """Everything that grows together with a layer's output channels."""
+
+    layer: str
+    size: int
+    producers: list[str] = field(default_factory=list)
+    uses: list[TensorUse] = field(default_factory=list)
+    groups: int = 1  # channels must grow group by group (grouped convolutions)
+    depthwise: list[str] = field(default_factory=list)  # conv modules whose ``groups`` follows the size
+    patches: list[ViewPatch] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        return [f"{u.fqn} (dim {u.dim}, {u.role})" for u in self.uses]
+
+
+class _Refuse(Exception):
+    pass
+
+
+class Analysis:
+    """Coupled-channel analysis of one producer layer's output (see module docstring)."""
+
+    def __init__(self, trace: Trace, layer: str):
+        self.trace = trace
+        self.layer = layer
+        self.users = trace.weight_users()
+        self.core: dict[fx.Node, int] = {}
+        self.derived: dict[fx.Node, tuple[int, Layout]] = {}
+        self.work: list[tuple[str, fx.Node]] = []
+        self.group: Group | None = None
+        self._uses: dict[str, TensorUse] = {}
+
+    # -- entry
+    def run(self) -> Group:
+        weight = f"{self.layer}.weight" if self.layer else "weight"
+        users = self.users.get(weight)
+        if users is None:
+            raise NotGrowableError(f"'{self.layer}' has no weight parameter used by the traced model")
+        ops = [u for u in users if u.op == "call_function"]
+        if len(ops) != 1:
+            raise NotGrowableError(f"'{self.layer}' is used {len(ops)} times in the forward pass (shared weights); "
+                                   "growing it would change every use")
+        node = ops[0]
+        self.group = Group(self.layer, 0)
+        try:
+            dim = self._producer(node, weight)
+            self.group.size = shape(node)[dim]
+            self.group.producers.append(self.layer)
+            self._mark(node, dim, backward=False)
+            self._drain()
+        except _Refuse as exc:
+            raise NotGrowableError(f"'{self.layer}': {exc}") from None
+        self.group.uses = list(self._uses.values())
+        return self.group
+
+    # -- bookkeeping
+    def _use(self, fqn: str, dim: int, role: str, layout: Layout = CORE, groups: int = 1) -> None:
+        prev = self._uses.get(fqn)
+        if prev is not None:
+            if (prev.dim, prev.role) != (dim, role):
+                raise _Refuse(f"parameter {fqn} is tied to the channels in two ways ({prev.role} dim {prev.dim}, {role} dim {dim})")
+            return
+        owners = [u for u in self.users.get(fqn, []) if u.op == "call_function"]
+        if len(owners) > 1 and role != "copy":
+            raise _Refuse(f"parameter {fqn} is shared by {len(owners)} operations (tied weights)")
+        self._uses[fqn] = TensorUse(fqn, dim, role, layout, groups)
+
+    def _attr(self, arg: Any) -> str | None:
+        return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+    def _mark(self, node: fx.Node, dim: int, backward: bool) -> None:
+        if node in self.core:
+            if self.core[node] != dim:
+                raise _Refuse(f"{op_name(node)}{where(node)} carries the channels in two different dimensions")
+            return
+        if node in self.derived:
+            raise _Refuse(f"{op_name(node)}{where(node)} mixes concatenated or flattened channels with the group")
+        size = shape(node)
+        if size is None or dim >= len(size) or size[dim] != self.group.size:
+            raise _Refuse(f"{op_name(node)}{where(node)} does not carry the {self.group.size} channels in dimension {dim}")
+        self.core[node] = dim
+        self.work.append(("fwd", node))
+        if backward:
+            self.work.append(("bwd", node))
+
+    def _mark_derived(self, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node in self.core or node in self.derived:
+            raise _Refuse(f"{op_name(node)}{where(node)} is reached by the channels twice")
+        self.derived[node] = (dim, layout)
+        self.work.append(("fwd", node))
+
+    def _drain(self) -> None:
+        while self.work:
+            kind, node = self.work.pop(0)
+            if kind == "fwd":
+                for user in list(node.users):
+                    self._forward(node, user)
+            else:
+                self._backward(node)
+
+    def _state(self, node: fx.Node) -> tuple[int, Layout] | None:
+        if node in self.core:
+            return self.core[node], CORE
+        return self.derived.get(node)
+
+    def _propagate(self, src: fx.Node, dst: fx.Node, dim: int) -> None:
+        """``dst`` carries ``src``'s positions (core or derived) at ``dim``."""
+        if src in self.core:
+            self._mark(dst, dim, backward=False)
+        else:
+            self._mark_derived(dst, dim, self.derived[src][1])
+
+    # -- producers
+    def _producer(self, node: fx.Node, weight_fqn: str) -> int:
+        """Register ``node`` (linear/conv/embedding using ``weight_fqn``) as a producer; returns its channel dim."""
+        out = shape(node)
+        t = node.target
+        if t == aten.linear.default:
+            self._use(weight_fqn, 0, "producer")
+            if len(node.args) > 2 and self._attr(node.args[2]):
+                self._use(self._attr(node.args[2]), 0, "producer")
+            return len(out) - 1
+        if t in CONV:
+            groups = _conv_groups(node)
+            if t == aten.convolution.default and node.args[6]:
+                raise _Refuse("transposed convolutions are not supported yet")
+            w = shape(node.args[1])
+            if groups > 1:
+                if groups == w[0] and w[1] == 1:
+                    raise _Refuse("a depthwise convolution's channels follow its input; widen the layer that feeds it")
+                self.group_groups(groups)
+            self._use(weight_fqn, 0, "producer")
+            if len(node.args) > 2 and self._attr(node.args[2]):
+                self._use(self._attr(node.args[2]), 0, "producer")
+            return len(out) - (len(w) - 2) - 1
+        if t == aten.embedding.default:
+            self._use(weight_fqn, 1, "producer")
+            return len(out) - 1
+        if t == ADDMM and self._attr(node.args[2]) == weight_fqn:
+            self._use(weight_fqn, 1, "producer")  # x @ W: W is [in, out]
+            if self._attr(node.args[0]):
+                self._use(self._attr(node.args[0]), 0, "producer")
+            return len(out) - 1
+        raise _Refuse(f"its weight is used by {op_name(node)}, which growcli cannot widen (Linear, Conv and Embedding can be)")
+
+    def group_groups(self, groups: int) -> None:
+        if self.group.groups not in (1, groups):
+            raise _Refuse(f"grouped convolutions with {self.group.groups} and {groups} groups share the channels")
+        else:
+            self.group.groups = groups
+
+    # -- backward: a tensor must carry the channels; its producer joins the group
+    def _backward(self, node: fx.Node) -> None:
+        dim = self.core[node]
+        if node.op == "placeholder":
+            raise _Refuse(f"the channels are tied to the model input '{node.target}'")
+        if node.op == "get_attr":
+            self._use(str(node.target), dim, "copy")
+            return
+        t = node.target
+        if t in (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                 aten.convolution.default, aten.embedding.default, ADDMM):
+            w = self._attr(node.args[0] if t == aten.embedding.default else node.args[2] if t == ADDMM else node.args[1])
+            if w is None:
+                raise _Refuse(f"{op_name(node)}{where(node)} has a computed weight")
+            own = self._producer(node, w)
+            if own != dim:
+                raise _Refuse(f"{op_name(node)}{where(node)} produces the channels in another dimension")
+            self.group.producers.append(w.rsplit(".", 1)[0])
+            return
+        if t in UNARY or t == operator.getitem and node.args[1] == 0:
+            src = node.args[0]
+            if t == operator.getitem:
+                self._backward_multi(src, dim)
+                return
+            self._mark(src, dim, backward=True)
+            return
+        if t in BINARY:
+            self._binary(node, dim, backward=True)
+            return
+        if (t in POOL and t != aten.max_pool2d_with_indices.default or t in PAD) and dim < len(shape(node)) - POOL.get(t, 0):
+            self._mark(node.args[0], dim, backward=True)  # per-channel: its input carries the same channels
+            return
+        if t in BATCH_NORM:
+            self._batch_norm_params(node, CORE)
+            self._mark(node.args[0], dim, backward=True)
+            return
+        if t in REINDEX or t in VIEW:
+            src_dim = _source_dim(node, dim)
+            if src_dim is None:
+                raise _Refuse(f"{op_name(node)}{where(node)} produces a tensor that must share the channels "
+                              "from a reshaped or selected one, which growcli cannot follow back")
+            if shape(node.args[0])[src_dim] == 1 and t == aten.expand.default:
+                return  # broadcast: the same value for every channel, whatever their number
+            src = node.args[0]
+            if src.op == "get_attr":
+                self._use(str(src.target), src_dim, "copy")
+            else:
+                self._mark(src, src_dim, backward=True)
+            return
+        raise _Refuse(f"{op_name(node)}{where(node)} produces a tensor that must share the channels, "
+                      "and growcli has no rule to grow it")
+
+    def _backward_multi(self, src: fx.Node, dim: int) -> None:
+        if src.target in BATCH_NORM:
+            self._batch_norm_params(src, CORE)
+            self._mark(src.args[0], dim, backward=True)
+        else:
+            raise _Refuse(f"{op_name(src)}{where(src)} produces a tensor that must share the channels")
+
+    # -- forward rules
+    def _forward(self, src: fx.Node, node: fx.Node) -> None:
+        dim, layout = self._state(src)
+        if node.op == "output":
+            raise _Refuse("the channels reach the model's output (widening would change the output shape)")
+        if node.op != "call_function":
+            raise _Refuse(f"{node.op} {node.target} uses the channels")
+        t = node.target
+        out = shape(node)
+        if t in METADATA_CHECKS:
+            return
+        if t == aten.type_as.default and node.args[0] is not src:
+            return  # ``y.type_as(x)`` takes only x's dtype
+        if t in UNARY:
+            if node.args[0] is not src:
+                raise _Refuse(f"{op_name(node)}{where(node)} uses the channels as a parameter")
+            self._propagate(src, node, dim)
+        elif t in BINARY:
+            self._binary(node, None, backward=False)
+        elif t in BATCH_NORM:
+            if node.args[0] is not src or dim != 1:
+                raise _Refuse(f"batch norm{where(node)} normalises another dimension than the channels")
+            self._batch_norm_params(node, layout)
+            if t == aten.batch_norm.default:
+                self._propagate(src, node, dim)
+            else:
+                for u in node.users:
+                    if u.target == operator.getitem and u.args[1] == 0:
+                        self._propagate(src, u, dim)
+        elif t == operator.getitem:
+            raise _Refuse(f"item {node.args[1]} of {op_name(src)}{where(src)} is not understood")
+        elif t == aten.prelu.default:
+            n = shape(node.args[1])
+            if n and n[0] > 1:
+                if dim != 1:
+                    raise _Refuse(f"PReLU{where(node)} has per-channel slopes along another dimension")
+                self._use(self._attr(node.args[1]), 0, "copy", layout)
+            self._propagate(src, node, dim)
+        elif t == aten.linear.default:
+            self._linear(src, node, dim, layout)
+        elif t == ADDMM:
+            self._addmm(src, node, dim, layout)
+        elif t in CONV:
+            self._conv(src, node, dim, layout)
+        elif t in REDUCE:
+            dims = node.args[1] if len(node.args) > 1 else None
+            rank = len(shape(src))
+            dims = list(range(rank)) if dims is None or dims == [] else [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+            if dim in dims:
+                raise _Refuse(f"{op_name(node)}{where(node)} reduces over the grown dimension "
+                              "(a normalisation or mean over the channels)")
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            self._propagate(src, node, dim if keep else dim - sum(1 for d in dims if d < dim))
+        elif t in POOL:
+            if dim >= len(shape(src)) - POOL[t]:
+                raise _Refuse(f"{op_name(node)}{where(node)} pools over the grown dimension")
+            if t == aten.max_pool2d_with_indices.default:
+                for u in node.users:
+                    if u.target != operator.getitem or u.args[1] != 0:
+                        raise _Refuse(f"the pooling indices{where(node)} are used")
+                    self._propagate(src, u, dim)
+            else:
+                self._propagate(src, node, dim)
+        elif t in VIEW:
+            self._view(src, node, dim, layout)
+        elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+                   aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor):
+            self._reindex(src, node, dim)
+        elif t == aten.cat.default:
+            self._cat(src, node, dim)
+        elif t in PAD:
+            pads = list(node.args[1])
+            rank = len(shape(src))
+            k = rank - 1 - dim  # the grown dim's position counted from the last dim
+            if node.args[0] is not src or (2 * k + 1 < len(pads) and (pads[2 * k] or pads[2 * k + 1])):
+                raise _Refuse(f"{op_name(node)}{where(node)} pads the grown dimension")
+            self._propagate(src, node, dim)
+        elif t == aten.layer_norm.default:
+            rank = len(shape(src))
+            if dim >= rank - len(node.args[1]):
+                raise _Refuse(f"LayerNorm{where(node)} normalises over the grown dimension "
+                              "(its statistics would change; grow the hidden size with the transformer recipes)")
+            self._propagate(src, node, dim)
+        elif t == aten.group_norm.default:
+            raise _Refuse(f"GroupNorm{where(node)} normalises over the grown channels")
+        elif t == aten.embedding.default:
+            raise _Refuse(f"embedding{where(node)} uses the channels as indices")
+        else:
+            raise _Refuse(f"{op_name(node)}{where(node)} uses the channels and growcli has no rule for it "
+                          "(it is never assumed to be element-wise)")
+
+    def _binary(self, node: fx.Node, dim_hint: int | None, backward: bool) -> None:
+        """All full-size operands of an element-wise op share the channels (a residual add, a gate)."""
+        out = shape(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+        if node.target == aten.where.self:
+            tensors = tensors[1:] if tensors and tensors[0] is node.args[0] else tensors
+        # The dimension of the output that carries the channels.
+        if dim_hint is None:
+            for a in tensors:
+                st = self._state(a)
+                if st is not None:
+                    dim_hint = st[0] + len(out) - len(shape(a))
+                    break
+        layouts = [self._state(a) for a in tensors if self._state(a) is not None]
+        derived = any(a in self.derived for a in tensors)
+        for a in tensors:
+            s = shape(a)
+            d = dim_hint - (len(out) - len(s))
+            if d < 0 or s[d] == 1:
+                continue  # broadcast along the channels: the same for every channel
+            if a in self.core or a in self.derived:
+                continue
+            if derived:
+                raise _Refuse(f"{op_name(node)}{where(node)} combines concatenated or flattened channels with another tensor")
+            fqn = self._attr(a)
+            if fqn is not None:
+                self._use(fqn, d, "copy")
+            else:
+                self._mark(a, d, backward=True)
+        if derived:
+            if len(layouts) > 1:
+                raise _Refuse(f"{op_name(node)}{where(node)} combines two concatenated or flattened tensors")
+            self._mark_derived(node, dim_hint, next(self._state(a)[1] for a in tensors if a in self.derived))
+        elif not backward:
+            self._mark(node, dim_hint, backward=False)
+        elif node not in self.core:
+            self._mark(node, dim_hint, backward=False)
+
+    def _batch_norm_params(self, node: fx.Node, layout: Layout) -> None:
+        for arg in node.args[1:5]:
+            fqn = self._attr(arg)
+            if fqn is not None:
+                self._use(fqn, 0, "copy", layout)
+
+    def _linear(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node.args[0] is not src:
+            raise _Refuse(f"linear{where(node)} uses the channels as its weight")
+        if dim != len(shape(src)) - 1:
+            self._propagate(src, node, dim)  # channels are a batch dimension of this Linear
+            return
+        w = self._attr(node.args[1])
+        if w is None:
+            raise _Refuse(f"linear{where(node)} with a computed weight reads the channels")
+        self._use(w, 1, "consumer", layout)
+
+    def _addmm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        """``bias + x @ W`` reading the channels in ``x``'s last dim: rows of ``W`` are the consumer."""
+        if node.args[1] is not src or dim != 1:
+            raise _Refuse(f"addmm{where(node)} uses the channels as its bias or weight")
+        w = self._attr(node.args[2])
+        if w is None:
+            raise _Refuse(f"addmm{where(node)} with a computed weight reads the channels")
+        self._use(w, 0, "consumer", layout)
+
+    def _conv(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node.args[0] is not src:
+            raise _Refuse(f"convolution{where(node)} uses the channels as its weight")
+        w_shape = shape(node.args[1])
+        if dim != len(shape(src)) - (len(w_shape) - 2) - 1:
+            raise _Refuse(f"convolution{where(node)} reads the channels in a spatial dimension")
+        if node.target == aten.convolution.default and node.args[6]:
+            raise _Refuse(f"transposed convolution{where(node)} reads the channels (not supported yet)")
+        w = self._attr(node.args[1])
+        if w is None:
+            raise _Refuse(f"convolution{where(node)} with a computed weight reads the channels")
+        groups = _conv_groups(node)
+        c_in = shape(src)[dim]
+        if groups == 1:
+            self._use(w, 1, "consumer", layout)
+        elif groups == c_in and w_shape[0] == c_in:
+            if src not in self.core:
+                raise _Refuse(f"depthwise convolution{where(node)} after a concatenation or flatten")
+            self._use(w, 0, "copy")
+            b = self._attr(node.args[2]) if len(node.args) > 2 else None
+            if b:
+                self._use(b, 0, "copy")
+            self.group.depthwise.append(w.rsplit(".", 1)[0])
+            self._mark(node, 1, backward=False)
+        elif groups == c_in:
+            raise _Refuse(f"depthwise convolution{where(node)} with a channel multiplier of {w_shape[0] // c_in}")
+        else:
+            if src not in self.core:
+                raise _Refuse(f"grouped convolution{where(node)} after a concatenation or flatten")
+            self.group_groups(groups)
+            self._use(w, 1, "grouped_consumer", CORE, groups)
+
+    def _view(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        ins, outs = shape(src), shape(node)
+        groups = _merge_groups(ins, outs)
+        if groups is None:
+            raise _Refuse(f"{op_name(node)}{where(node)} reshapes the channels in a way growcli cannot follow")
+        for (a, b), (c, d) in groups:
+            if not a <= dim < b:
+                continue
+            big = [k for k in range(c, d) if outs[k] > 1]
+            if len(big) > 1:
+                raise _Refuse(f"{op_name(node)}{where(node)} splits the grown dimension into {list(outs[c:d])} "
+                              "(e.g. attention heads); grow whole heads instead")
+            target = big[0] if big else c
+            before, after = _prod(ins[a:dim]), _prod(ins[dim + 1:b])
+            if self.trace.is_model and node.target != aten.flatten.using_ints:
+                self.group.patches.append(ViewPatch(node.name, target, layout if before * after == 1 else Merge(layout, before, after)))
+            if before * after == 1:
+                self._propagate(src, node, target)
+            else:
+                self._mark_derived(node, target, Merge(layout, before, after))
+            return
+        raise _Refuse(f"{op_name(node)}{where(node)} reshapes the channels in a way growcli cannot follow")
+
+    def _reindex(self, src: fx.Node, node: fx.Node, dim: int) -> None:
+        t = node.target
+        rank = len(shape(src))
+        if t == aten.permute.default:
+            new = [d % rank for d in node.args[1]].index(dim)
+        elif t in (aten.transpose.int, aten.t.default):
+            a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
+            new = b if dim == a else a if dim == b else dim
+        elif t == aten.unsqueeze.default:
+            k = node.args[1] % (rank + 1)
+            new = dim + 1 if k <= dim else dim
+        elif t in (aten.squeeze.dim, aten.squeeze.dims):
+            ds = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            ds = [d % rank for d in ds if shape(src)[d % rank] == 1]
+            new = dim - sum(1 for d in ds if d < dim)
+        elif t == aten.expand.default:
+            new = dim + len(shape(node)) - rank
+        elif t == aten.select.int:
+            d = node.args[1] % rank
+            if d == dim:
+                raise _Refuse(f"select{where(node)} picks a single channel")
+            new = dim - (1 if d < dim else 0)
+        else:  # slice
+            d = node.args[1] % rank if len(node.args) > 1 else 0
+            if d == dim:
+                if shape(node)[dim] != shape(src)[dim]:
+                    raise _Refuse(f"slice{where(node)} takes part of the grown dimension")
+            new = dim
+        self._propagate(src, node, new)
+
+    def _cat(self, src: fx.Node, node: fx.Node, dim: int) -> None:
+        tensors = node.args[0]
+        rank = len(shape(node))
+        cat_dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+        if cat_dim != dim:
+            for a in tensors:  # concatenation along another dim: every part must carry the channels
+                if a not in self.core and a not in self.derived:
+                    if self._attr(a) is not None:
+                        self._use(self._attr(a), dim, "copy")
+                    else:
+                        self._mark(a, dim, backward=True)
+            self._propagate(src, node, dim)
+            return
+        if node in self.derived:
+            raise _Refuse(f"cat{where(node)} concatenates the channels with themselves")
+        parts: list[Layout] = []
+        for i, a in enumerate(tensors):
+            st = self._state(a)
+            parts.append(st[1] if st is not None else Fixed(shape(a)[dim], f"{node.name}:{i}"))
+        self._mark_derived(node, dim, Cat(parts))
+
+
+def _source_dim(node: fx.Node, dim: int) -> int | None:
+    """The dimension of ``node``'s input that becomes its output dimension ``dim`` (a view that
+    neither splits nor merges it, or an op that only moves dimensions); None if there is none."""
+    src = node.args[0]
+    ins, outs, t = shape(src), shape(node), node.target
+    if ins is None or outs is None:
+        return None
+    rank = len(ins)
+    if t in VIEW:
+        for (a, b), (c, d) in _merge_groups(ins, outs) or []:
+            if c <= dim < d:
+                big_in = [k for k in range(a, b) if ins[k] > 1]
+                big_out = [k for k in range(c, d) if outs[k] > 1]
+                return big_in[0] if big_out == [dim] and len(big_in) == 1 and ins[big_in[0]] == outs[dim] else None
+        return None
+    if t == aten.permute.default:
+        return [d % rank for d in node.args[1]][dim]
+    if t in (aten.transpose.int, aten.t.default):
+        a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
+        return b if dim == a else a if dim == b else dim
+    if t == aten.unsqueeze.default:
+        k = node.args[1] % (rank + 1)
+        return None if dim == k else dim - (1 if k < dim else 0)
+    if t in (aten.squeeze.dim, aten.squeeze.dims):
+        ds = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        kept = [k for k in range(rank) if not (k in [d % rank for d in ds] and ins[k] == 1)]
+        return kept[dim]
+    if t == aten.expand.default:
+        k = dim - (len(outs) - rank)
+        return k if k >= 0 else None
+    if t == aten.select.int:
+        d = node.args[1] % rank
+        return dim + (1 if d <= dim else 0)
+    if t == aten.slice.Tensor:
+        d = node.args[1] % rank if len(node.args) > 1 else 0
+        return None if d == dim and ins[dim] != outs[dim] else dim
+    return None
+
+
+def _conv_groups(node: fx.Node) -> int:
+    if node.target == aten.convolution.default:
+        return int(node.args[8]) if len(node.args) > 8 else 1
+    if len(node.args) > 6:
+        return int(node.args[6])
+    return int(node.kwargs.get("groups", 1))
+
+
+def _prod(xs: Sequence[int]) -> int:
+    p = 1
+    for x in xs:
+        p *= x
+    return p
+
+
+def _merge_groups(ins: Sequence[int], outs: Sequence[int]):
+    """Pair runs of input dims with runs of output dims of equal product (a view's structure)."""
+    groups = []
+    i = j = 0
+    while i < len(ins) or j < len(outs):
+        a, c = i, j
+        p, q = 1, 1
+        if i < len(ins):
+            p *= ins[i]
+            i += 1
+        if j < len(outs):
+            q *= outs[j]
+            j += 1
+        while p != q:
+            if p < q and i < len(ins):
+                p *= ins[i]
+                i += 1
+            elif q < p and j < len(outs):
+                q *= outs[j]
+                j += 1
+            else:
+                return None
+        # absorb trailing size-1 dims into this run
+        groups.append(((a, i), (c, j)))
+    return groups
+
+
+def analyze(trace: Trace, layer: str) -> Group:
+    """The coupled group of ``layer``'s output channels, or :class:`NotGrowableError` with the reason."""
+    return Analysis(trace, layer).run()
+
+
+def producer_layers(trace: Trace) -> list[str]:
+    """Modules whose ``weight`` feeds a Linear, Conv, Embedding or addmm (Conv1D) op (candidates for widening)."""
+    out = []
+    for fqn, users in trace.weight_users().items():
+        if not (fqn == "weight" or fqn.endswith(".weight")):
+            continue
+        if any(u.op == "call_function" and (u.target in (aten.linear.default, aten.embedding.default) or u.target in CONV
+                                             or u.target == ADDMM and len(u.args) > 2 and getattr(u.args[2], "target", None) == fqn)
+               for u in users):
+            out.append(fqn[: -len(".weight")] if fqn != "weight" else "")
+    return out

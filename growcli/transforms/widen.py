@@ -1,0 +1,327 @@
+"""Net2WiderNet: grow a layer's output units/channels, keeping the function exact.
+
+The coupled group from :mod:`growcli.graph` says which parameter dimensions follow the
+layer's channels; this module chooses the channel map ``g`` (new unit → source unit) and
+the split of each consumer column among a source's replicas, and rewrites the tensors.
+Recipes: GROWTH.md section 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from growcli.errors import NotGrowableError, UsageError
+from growcli.graph import CORE, Group, Layout, analyze, producer_layers, trace_model
+from growcli.inputs import make_batches
+from growcli.model import GrowModel
+from growcli.select import select
+from growcli.transforms.registry import Context, StepReport, register
+
+INITS = ("net2net", "zero", "gradmax")
+
+
+@dataclass(frozen=True)
+class WidenSpec:
+    """Grow ``layer`` (a name, pattern or list) to ``to`` units, by ``by`` units, or by ``factor``."""
+
+    layer: str | list[str]
+    to: int | None = None
+    by: int | None = None
+    factor: float | None = None
+    init: Literal["net2net", "zero", "gradmax"] = "net2net"
+    split: Literal["asymmetric", "uniform"] = "asymmetric"
+    noise: float = 0.0
+    # init gradmax (GROWTH.md section 7): outgoing norm relative to the existing units', and the
+    # calibration data the gradient comes from (see growcli.calibration; loaded by the runner).
+    scale: float = 0.5
+    data: str | None = None
+    loss: Literal["auto", "cross_entropy", "mse", "model"] = "auto"
+    data_batches: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("to", "by", "factor") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise UsageError("give exactly one of to, by or factor" + (f" (got {', '.join(given)})" if given else ""))
+        if self.to is not None and self.to < 1 or self.by is not None and self.by < 1:
+            raise UsageError("to and by must be positive integers")
+        if self.factor is not None and self.factor <= 1:
+            raise UsageError(f"factor must be greater than 1, got {self.factor}")
+        if self.noise < 0:
+            raise UsageError(f"noise must be non-negative, got {self.noise}")
+        if self.init == "gradmax" and not self.data:
+            raise UsageError("init gradmax needs calibration data: data: FILE (--data FILE), see growcli.calibration")
+        if self.init == "gradmax" and self.noise:
+            raise UsageError("noise applies to net2net copies; init gradmax adds units with zero incoming weights")
+        if self.init != "gradmax" and self.data is not None:
+            raise UsageError(f"data is used only by init gradmax (init is {self.init})")
+        if self.scale <= 0:
+            raise UsageError(f"scale must be positive, got {self.scale}")
+        for key in ("data_batches", "batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UsageError(f"{key} must be a positive integer, got {getattr(self, key)}")
+
+    def target(self, current: int) -> int:
+        if self.to is not None:
+            return self.to
+        if self.by is not None:
+            return current + self.by
+        return int(round(current * self.factor))
+
+
+# --------------------------------------------------------------------------- channel map
+def channel_map(size: int, new_size: int, groups: int, gen: torch.Generator) -> list[int]:
+    """``g``: new index → source channel. Old channels keep their place within their group;
+    each group gets the same number of new channels, copied from random channels of that group."""
+    if size % groups or new_size % groups:
+        raise NotGrowableError(f"a grouped convolution splits these channels into {groups} groups; "
+                               f"the new size must be a multiple of {groups}")
+    per_old, per_new = size // groups, new_size // groups
+    g: list[int] = []
+    for k in range(groups):
+        base = k * per_old
+        g += range(base, base + per_old)
+        g += (torch.randint(0, per_old, (per_new - per_old,), generator=gen) + base).tolist()
+    return g
+
+
+def split_factors(g: list[int], size: int, mode: str, init: str, gen: torch.Generator) -> torch.Tensor:
+    """The share of the source's outgoing weight each new unit gets; shares of a source sum to 1."""
+    if init == "zero":
+        return (~new_units(g)).to(torch.float64)
+    counts = torch.bincount(torch.tensor(g), minlength=size).to(torch.float64)
+    if mode == "uniform":
+        return 1.0 / counts[torch.tensor(g)]
+    weights = torch.rand(len(g), generator=gen, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
+    totals = torch.zeros(size, dtype=torch.float64).index_add_(0, torch.tensor(g), weights)
+    return weights / totals[torch.tensor(g)]
+
+
+def new_units(g: list[int]) -> torch.Tensor:
+    """True for every unit that is a copy (an earlier unit has the same source)."""
+    seen: set[int] = set()
+    return torch.tensor([(src in seen) or seen.add(src) or False for src in g], dtype=torch.bool)
+
+
+def remap(layout: Layout, g: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old position of each new position along a dimension, and its channel (-1: not a channel)."""
+    old = {k: i for i, k in enumerate(layout.keys(list(range(size))))}
+    idx, chan = [], []
+    for c, sub in layout.keys(g):
+        idx.append(old[(g[c], sub)] if c >= 0 else old[(c, sub)])
+        chan.append(c)
+    return torch.tensor(idx), torch.tensor(chan)
+
+
+# --------------------------------------------------------------------------- tensor rewriting
+def _get(root: nn.Module, fqn: str) -> torch.Tensor:
+    owner_name, _, leaf = fqn.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    return getattr(owner, leaf)
+
+
+def _along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
+    view = [1] * t.dim()
+    view[dim] = -1
+    return values.to(t.dtype).view(view)
+
+
+def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen: torch.Generator,
+                report: StepReport) -> None:
+    """Rewrite every tensor of ``group`` for ``new_size`` channels (in place, through ``gm.edits``)."""
+    root = gm.module
+    g = channel_map(group.size, new_size, group.groups, gen)
+    fresh = new_units(g)
+    factors = split_factors(g, group.size, spec.split, spec.init, gen)
+    g_t = torch.tensor(g)
+    for use in group.uses:
+        old = _get(root, use.fqn).detach()
+        if use.role == "producer":
+            new = old.index_select(use.dim, g_t).clone()
+            if fresh.any():
+                new = _init_new_units(new, old, use, fresh, spec, gen)
+        elif use.role == "grouped_consumer":
+            new = _grouped_consumer(old, g, factors, group, use.groups)
+        else:
+            idx, chan = remap(use.layout, g, group.size)
+            new = old.index_select(use.dim, idx)
+            if use.role == "consumer":
+                scale = torch.where(chan >= 0, factors[chan.clamp(min=0)], torch.ones(len(chan), dtype=torch.float64))
+                new = new * _along(new, use.dim, scale)
+        gm.edits.param(root, use.fqn, new.to(old.dtype))
+        report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
+    for name in group.depthwise:
+        gm.edits.attr(root, name, "groups", new_size)
+    for name in sorted({u.fqn.rpartition(".")[0] for u in group.uses}):
+        sync_attributes(gm, name)
+    _patch_views(gm, group, g)
+
+
+def _init_new_units(new: torch.Tensor, old: torch.Tensor, use, fresh: torch.Tensor, spec: WidenSpec,
+                    gen: torch.Generator) -> torch.Tensor:
+    """Incoming weights of new units: copies (net2net, optionally with noise) or random (zero init)."""
+    sel = [slice(None)] * new.dim()
+    sel[use.dim] = fresh
+    std = float(old.float().std()) if old.numel() > 1 else 1.0
+    if spec.init == "zero":
+        is_bias = old.dim() == 1
+        rnd = torch.zeros_like(new[tuple(sel)]) if is_bias else \
+            torch.randn(new[tuple(sel)].shape, generator=gen, dtype=torch.float64).to(new.dtype) * std
+        new[tuple(sel)] = rnd
+    elif spec.noise > 0 and old.dim() > 1:
+        noise = torch.randn(new[tuple(sel)].shape, generator=gen, dtype=torch.float64).to(new.dtype)
+        new[tuple(sel)] = new[tuple(sel)] + noise * spec.noise * std
+    return new
+
+
+def _grouped_consumer(old: torch.Tensor, g: list[int], factors: torch.Tensor, group: Group, groups: int) -> torch.Tensor:
+    """Input columns of a grouped convolution: each group reads only its own (grown) channels."""
+    out_per = old.shape[0] // groups
+    per_old, per_new = group.size // groups, len(g) // groups
+    blocks = []
+    for k in range(groups):
+        rows = old[k * out_per:(k + 1) * out_per]
+        src = torch.tensor([g[j] - k * per_old for j in range(k * per_new, (k + 1) * per_new)])
+        f = factors[k * per_new:(k + 1) * per_new]
+        cols = rows.index_select(1, src)
+        blocks.append(cols * _along(cols, 1, f))
+    return torch.cat(blocks, 0)
+
+
+def sync_attributes(gm: GrowModel, name: str) -> None:
+    """Keep a torch.nn module's size attributes equal to its (new) parameter shapes."""
+    m = gm.module.get_submodule(name) if name else gm.module
+    root = gm.module
+
+    def set_if(attr: str, value) -> None:
+        if hasattr(m, attr) and getattr(m, attr) != value:
+            gm.edits.attr(root, name, attr, value)
+
+    if isinstance(m, nn.Linear):
+        set_if("out_features", m.weight.shape[0])
+        set_if("in_features", m.weight.shape[1])
+    elif isinstance(m, nn.modules.conv._ConvNd):
+        set_if("out_channels", m.weight.shape[0])
+        set_if("in_channels", m.weight.shape[1] * m.groups)
+    elif isinstance(m, nn.modules.batchnorm._NormBase):
+        set_if("num_features", (m.weight if m.weight is not None else m.running_mean).shape[0])
+    elif isinstance(m, nn.PReLU):
+        set_if("num_parameters", m.weight.shape[0])
+    elif isinstance(m, nn.Embedding):
+        set_if("embedding_dim", m.weight.shape[1])
+    elif _is_hf_conv1d(m):  # transformers' Conv1D (GPT-2): weight [nx, nf]; its forward views to nf
+        set_if("nf", m.weight.shape[1])
+        set_if("nx", m.weight.shape[0])
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (looked up only if transformers is already imported)."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return cls is not None and isinstance(m, cls)
+
+
+def _patch_views(gm: GrowModel, group: Group, g: list[int]) -> None:
+    """Literal sizes in a loaded ``.pt2`` program's view/reshape ops follow the new channel count."""
+    if not group.patches:
+        return
+    graph = gm.module.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for patch in group.patches:
+        node = nodes[patch.node]
+        sizes = list(node.args[1])
+        if sizes[patch.out_dim] != -1:
+            sizes[patch.out_dim] = len(patch.layout.keys(g))
+            gm.edits.graph_arg(gm.module, patch.node, 1, sizes)
+
+
+def _sync_hf_config(gm: GrowModel, sizes: dict[int, int]) -> list[str]:
+    """Update the HF config keys that describe a grown size, when that makes config and weights agree."""
+    module = gm.module
+    config = getattr(module, "config", None)
+    if not gm.is_hf or config is None:
+        return []
+
+    def mismatches() -> int:
+        with torch.device("meta"):
+            fresh = type(module)(config)
+        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        return sum(1 for k, v in module.state_dict().items() if k in want and want[k] != tuple(v.shape))
+
+    if mismatches() == 0:
+        return []
+    changed = []
+    for key, value in sorted(config.to_dict().items()):
+        if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
+            tries = [sizes[value]]
+        elif value is None:  # an unset size the model derives (GPT-2's n_inner = 4 · n_embd) may now need a value
+            tries = sorted(set(sizes.values()))
+        else:
+            continue
+        for new in tries:
+            before = mismatches()
+            try:
+                setattr(config, key, new)
+                better = mismatches() < before
+            except Exception:  # typed config fields and model constructors reject values that do not fit
+                better = False
+            setattr(config, key, value)
+            if better:
+                gm.edits.config(module, key, new)
+                changed.append(f"{key}: {value} → {new}")
+                break
+    return changed
+
+
+# --------------------------------------------------------------------------- the transform
+def widen_candidates(gm: GrowModel) -> dict[str, str | None]:
+    """Every Linear/Conv/Embedding layer → None if widenable, else the reason."""
+    trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+    result: dict[str, str | None] = {}
+    for layer in producer_layers(trace):
+        try:
+            analyze(trace, layer)
+            result[layer] = None
+        except NotGrowableError as exc:
+            result[layer] = str(exc).split(": ", 1)[-1]
+    return result
+
+
+@register("widen", WidenSpec, exact=lambda spec: spec.noise == 0, help="Net2WiderNet: grow a layer's units or channels",
+          candidates=widen_candidates)
+def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
+    """Widen every layer matched by ``spec.layer``; layers in one coupled group grow together once."""
+    report = StepReport("widen", dataclasses.asdict(spec), params_before=gm.num_parameters())
+    trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+    layers = select(spec.layer, producer_layers(trace))
+    gen = ctx.generator(salt=1)
+    done: set[frozenset[str]] = set()
+    sizes: dict[int, int] = {}
+    for layer in layers:
+        group = analyze(trace, layer)
+        key = frozenset(group.producers)
+        if key in done:
+            continue
+        done.add(key)
+        new_size = spec.target(group.size)
+        if new_size <= group.size:
+            raise NotGrowableError(f"'{layer}' has {group.size} units; the new size {new_size} is not larger")
+        if spec.init == "gradmax":
+            from growcli.transforms.gradmax import widen_gradmax
+
+            widen_gradmax(gm, trace, group, new_size, spec, ctx, report)
+        else:
+            widen_group(gm, group, new_size, spec, gen, report)
+        sizes[group.size] = new_size
+        report.matched.append(layer if len(group.producers) == 1 else f"{layer} (with {', '.join(p for p in group.producers if p != layer)})")
+    for change in _sync_hf_config(gm, sizes):
+        report.notes.append(f"config {change}")
+    if spec.noise > 0:
+        report.notes.append(f"noise {spec.noise} on the copies' incoming weights makes the step approximate")
+    report.params_after = gm.num_parameters()
+    return report
