@@ -1,0 +1,460 @@
+"""stack: progressive stacking on real architectures, in memory and streaming, driven by one table.
+
+Every architecture is a tiny real model (hidden 32, 2 layers, vocab 100) with random weights,
+its 1-D parameters (norm γ/β, biases) perturbed so that neither copies nor post-LN norms are
+trivially the identity. Each is stacked ×2 once per mode in module-scoped fixtures; the tests
+then check the layer count (config and weights), that the output loads with transformers and
+runs, ``copy`` against a hand-built reference stack tensor for tensor, ``identity`` exactness
+(float32 ≤ 1e-5 of the output scale) on pre-LN models, the post-LN refusal and its measured
+deviation, and streaming == in-memory tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import growcli
+from growcli import zoo
+from growcli.errors import NotGrowableError, UsageError
+from growcli.inputs import make_batches
+from growcli.io.load import hf_input_spec, infer_input_spec, load_model
+from growcli.io.streaming import OutTensor, choose_streaming, parse_size, read_tensors, stack_streaming, write_shard
+from growcli.model import GrowModel
+from growcli.pipeline import VerifySettings
+from growcli.runner import Output, Source, Step, grow
+from growcli.transforms.stack import StackSpec, describe_order, layout
+from growcli.transforms.stack_analysis import stack_residuals
+from growcli.verify import flatten_outputs
+
+SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64)
+SETTINGS = dict(batches=2)  # verification batches per run: enough to see a difference, cheap
+
+
+def _config(name: str):
+    import transformers as T
+
+    return {
+        "bert": lambda: T.BertConfig(**SMALL),
+        "roberta": lambda: T.RobertaConfig(**SMALL),
+        "gpt2": lambda: T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0),
+        "llama": lambda: T.LlamaConfig(**SMALL, num_key_value_heads=2),
+        "qwen2": lambda: T.Qwen2Config(**SMALL, num_key_value_heads=2),
+        "mistral": lambda: T.MistralConfig(**SMALL, num_key_value_heads=2),
+        "vit": lambda: T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                   image_size=16, patch_size=4),
+    }[name]()
+
+
+class Case(NamedTuple):
+    cls: str
+    container: str  # the stack in the module
+    pre_ln: bool
+    writers: set[str]  # each block's residual writers (module names, relative to the block)
+    saved: str = ""  # the stack's name on disk, when transformers renames it on save
+    saved_writers: frozenset[str] = frozenset()
+
+    @property
+    def prefix(self) -> str:
+        return self.saved or self.container
+
+    @property
+    def disk_writers(self) -> set[str]:
+        return set(self.saved_writers) or self.writers
+
+
+BERT_WRITERS = {"attention.output.dense.weight", "attention.output.dense.bias", "output.dense.weight", "output.dense.bias"}
+CASES = {
+    "bert": Case("BertModel", "encoder.layer", False, BERT_WRITERS),
+    "roberta": Case("RobertaModel", "encoder.layer", False, BERT_WRITERS),
+    "gpt2": Case("GPT2LMHeadModel", "transformer.h", True,
+                 {"attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"}),
+    "llama": Case("LlamaForCausalLM", "model.layers", True, {"self_attn.o_proj.weight", "mlp.down_proj.weight"}),
+    "qwen2": Case("Qwen2ForCausalLM", "model.layers", True, {"self_attn.o_proj.weight", "mlp.down_proj.weight"}),
+    "mistral": Case("MistralForCausalLM", "model.layers", True, {"self_attn.o_proj.weight", "mlp.down_proj.weight"}),
+    # transformers 5 loads ViT's encoder.layer.N.attention.output.dense as layers.N.attention.o_proj
+    "vit": Case("ViTModel", "layers", True,
+                {"attention.o_proj.weight", "attention.o_proj.bias", "mlp.fc2.weight", "mlp.fc2.bias"},
+                "encoder.layer", frozenset(BERT_WRITERS)),
+}
+ARCHS = list(CASES)
+PRE_LN = [a for a in ARCHS if CASES[a].pre_ln]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and the suite shares two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """arch → a saved tiny HF directory (built once per module)."""
+    import transformers as T
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            torch.manual_seed(ARCHS.index(arch))
+            model = getattr(T, CASES[arch].cls)(_config(arch)).eval()
+            _perturb(model)
+            made[arch] = tmp_path_factory.mktemp(arch) / "model"
+            model.save_pretrained(str(made[arch]))
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def stacked(hf_dir, tmp_path_factory):
+    """(arch, init, mode) → (output directory, report); mode is "memory" or "streaming"."""
+    done: dict[tuple, tuple[Path, dict]] = {}
+
+    def get(arch: str, init: str, mode: str = "memory", **options) -> tuple[Path, dict]:
+        key = (arch, init, mode, tuple(sorted(options.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"{arch}-{init}-{mode}") / "out"
+            spec = {"init": init, **options}
+            settings = VerifySettings(**SETTINGS, allow_mismatch=bool(options.get("allow_inexact")))
+            if mode == "memory":
+                report = grow(Source(hf_dir(arch)), [Step("stack", spec)], [Output(out)], settings=settings)
+            else:
+                report = stack_streaming(hf_dir(arch), out, StackSpec(**spec), shard_size=40_000, settings=settings)
+            done[key] = (out, report)
+        return done[key]
+
+    return get
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def reference_stack(original: dict[str, torch.Tensor], prefix: str, order: list[int]) -> dict[str, torch.Tensor]:
+    """The stacked state dict built by hand: position p holds a copy of block order[p]."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.(.+)")
+    ref = {k: v for k, v in original.items() if not pattern.fullmatch(k)}
+    for k, v in original.items():
+        m = pattern.fullmatch(k)
+        if m:
+            for p, i in enumerate(order):
+                if i == int(m.group(1)):
+                    ref[f"{prefix}.{p}.{m.group(2)}"] = v
+    return ref
+
+
+def run_hf(directory: Path, batches) -> list[dict[str, torch.Tensor]]:
+    """Load ``directory`` with transformers itself (strictly) and run it in float32."""
+    import transformers as T
+
+    config = T.AutoConfig.from_pretrained(str(directory))
+    model, info = getattr(T, config.architectures[0]).from_pretrained(str(directory), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        return [flatten_outputs(model.eval()(*a, **k)) for a, k in batches]
+
+
+def max_rel_diff(a: list[dict], b: list[dict]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            worst = max(worst, float((x[k] - y[k]).abs().max() / x[k].abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_writers_are_found_without_names(arch, hf_dir):
+    gm = load_model(hf_dir(arch))
+    found = stack_residuals(gm.module, CASES[arch].container, make_batches(gm.inputs, 1)[0])
+    assert set(found) == {0, 1}
+    for r in found.values():
+        assert set(r.writers) == CASES[arch].writers
+        assert bool(r.post_norms) == (not CASES[arch].pre_ln)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_copy_doubles_depth_and_equals_hand_built_stack(arch, hf_dir, stacked):
+    out, report = stacked(arch, "copy")
+    case = CASES[arch]
+    import transformers as T
+
+    config = T.AutoConfig.from_pretrained(str(out))
+    assert config.num_hidden_layers == 4
+    assert report["function_preserving"] is False and report["steps"][0]["matched"] == [case.container]
+    assert "not function-preserving by design; measured" in " ".join(report["steps"][0]["notes"])
+    assert report["verification"]["max_abs_diff"] > 1e-3  # stacking copies does change the function
+    got, ref = tensors(out), reference_stack(tensors(hf_dir(arch)), case.prefix, [0, 1, 0, 1])
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert {k.split(".")[len(case.prefix.split("."))] for k in got if k.startswith(case.prefix + ".")} == {"0", "1", "2", "3"}
+    run_hf(out, make_batches(hf_input_spec(load_model(out).module), 1))
+
+
+@pytest.mark.parametrize("arch", PRE_LN)
+def test_identity_is_exact_on_pre_ln(arch, hf_dir, stacked):
+    out, report = stacked(arch, "identity")
+    assert report["function_preserving"] is True and report["verification"]["passed"]
+    batches = make_batches(hf_input_spec(load_model(hf_dir(arch)).module), 2, seed=5)
+    diff = max_rel_diff(run_hf(hf_dir(arch), batches), run_hf(out, batches))
+    assert diff <= 1e-5, diff
+    got = tensors(out)
+    case = CASES[arch]
+    for p in (2, 3):  # the new copies' residual writers are zero, everything else copied
+        for w in case.disk_writers:
+            assert torch.count_nonzero(got[f"{case.prefix}.{p}.{w}"]) == 0
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not CASES[a].pre_ln])
+def test_identity_on_post_ln_is_refused_with_measured_deviation(arch, hf_dir, cli, tmp_path):
+    r = cli("stack", hf_dir(arch), "--init", "identity", "-o", tmp_path / "out")
+    assert r.code == 1
+    assert "post-LN" in r.err and "normalise after the residual add" in r.err
+    deviation = float(re.search(r"measured max abs deviation ([0-9.e+-]+)", r.err).group(1))
+    assert deviation > 1e-2  # LN(x) with the copy's own γ, β is far from x
+    assert not (tmp_path / "out").exists()
+
+
+def test_identity_on_post_ln_with_allow_mismatch_reports_inexact(stacked):
+    out, report = stacked("bert", "identity", allow_inexact=True)
+    step = report["steps"][0]
+    assert report["function_preserving"] is False and step["exact"] is False
+    assert any("post-LN" in n for n in step["notes"])
+    assert report["verification"]["max_abs_diff"] > 1e-2
+    assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch,init", [(a, "identity") for a in PRE_LN] + [("bert", "copy"), ("roberta", "copy")])
+def test_streaming_equals_in_memory(arch, init, stacked):
+    mem, _ = stacked(arch, init)
+    stream, report = stacked(arch, init, "streaming")
+    a, b = tensors(mem), tensors(stream)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert report["outputs"][0]["shards"] > 1 and (stream / "model.safetensors.index.json").exists()
+    index = json.loads((stream / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(b)
+    assert report["verification"] is not None and any("ran both models" in c for c in report["checked"])
+    assert json.loads((stream / "config.json").read_text())["n_layer" if arch == "gpt2" else "num_hidden_layers"] == 4
+
+
+def test_streaming_checkpoint_without_base_model_prefix(hf_dir, tmp_path):
+    """Hub GPT-2 checkpoints name their blocks h.N.*, not transformer.h.N.*: the names are kept."""
+    import shutil
+
+    src = tmp_path / "gpt2-legacy"
+    shutil.copytree(hf_dir("gpt2"), src)
+    state = load_file(str(src / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    report = stack_streaming(src, tmp_path / "out", StackSpec(init="identity"), shard_size=10**9,
+                             settings=VerifySettings(**SETTINGS))
+    got = tensors(tmp_path / "out")
+    assert "h.3.mlp.c_proj.weight" in got and not any(k.startswith("transformer.") for k in got)
+    assert torch.count_nonzero(got["h.3.mlp.c_proj.weight"]) == 0
+    assert report["function_preserving"] and report["verification"]["passed"]
+
+
+def test_write_shard_copies_bytes_and_leaves_zero_holes(tmp_path):
+    src = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(1000, dtype=torch.float16)}
+    save_file(src, str(tmp_path / "in.safetensors"))
+    refs = read_tensors(tmp_path)
+    plan = [OutTensor("x.a", refs["a"], False), OutTensor("x.b", refs["b"], False), OutTensor("y.c", refs["c"], True),
+            OutTensor("z.c", refs["c"], False), OutTensor("w.a", refs["a"], True)]
+    done = []
+    write_shard(tmp_path / "out.safetensors", plan, done.append)
+    got = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(got["x.a"], src["a"]) and torch.equal(got["x.b"], src["b"]) and torch.equal(got["z.c"], src["c"])
+    assert torch.count_nonzero(got["y.c"]) == 0 and torch.count_nonzero(got["w.a"]) == 0  # a hole at the end too
+    assert sum(done) == sum(t.ref.nbytes for t in plan)
+
+
+def test_streaming_refusal_leaves_nothing(hf_dir, cli, tmp_path):
+    r = cli("stack", hf_dir("bert"), "--init", "identity", "--streaming", "-o", tmp_path / "out")
+    assert r.code == 1 and "post-LN" in r.err and "measured" in r.err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options,order", [
+    ({"order": "interleave"}, [0, 0, 1, 1]),
+    ({"to": 3}, [0, 1, 0]),
+    ({"to": 5, "order": "interleave"}, [0, 0, 1, 1, 1]),
+    ({"layers": "0-1,1"}, [0, 1, 1]),
+    ({"factor": 3}, [0, 1, 0, 1, 0, 1]),
+])
+def test_orders_follow_into_weights_config_and_layer_idx(options, order, hf_dir, stacked):
+    out, report = stacked("qwen2", "identity", **options)
+    assert report["function_preserving"] is True and report["verification"]["passed"]
+    original = tensors(hf_dir("qwen2"))
+    got = tensors(out)
+    ref = reference_stack(original, "model.layers", order)
+    copies = [p for p in range(len(order)) if order[p] in order[:p]]
+    for k, v in ref.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", k)
+        zeroed = m and int(m.group(1)) in copies and m.group(2) in CASES["qwen2"].writers
+        assert torch.equal(got[k], torch.zeros_like(v) if zeroed else v), k
+    gm = load_model(out)
+    assert gm.module.config.num_hidden_layers == len(order) == len(gm.module.config.layer_types)
+    assert [layer.self_attn.layer_idx for layer in gm.module.model.layers] == list(range(len(order)))
+
+
+def test_gpt2_layer_idx_and_n_layer(stacked):
+    out, _ = stacked("gpt2", "identity")
+    gm = load_model(out)
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 4
+    assert [b.attn.layer_idx for b in gm.module.transformer.h] == [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_state(tmp_path_factory):
+    torch.manual_seed(3)
+    model = zoo.TinyTransformer(vocab=100, d=32, heads=4, layers=2).eval()
+    _perturb(model)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+KW = '{"vocab": 100, "d": 32, "heads": 4, "layers": 2}'
+
+
+@pytest.mark.parametrize("init", ["identity", "copy"])
+def test_custom_module_list(init, tiny_state, cli, tmp_path):
+    model, path = tiny_state
+    out = tmp_path / "grown.safetensors"
+    r = cli("stack", path, "--arch", "growcli.zoo:TinyTransformer", "--arch-kwargs", KW, "--init", init,
+            "--batches", "2", "-o", out, "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert report["steps"][0]["matched"] == ["blocks"] and report["function_preserving"] is (init == "identity")
+    grown = growcli.load_grown(zoo.TinyTransformer(vocab=100, d=32, heads=4, layers=2), out)
+    assert len(grown.blocks) == 4
+    ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(ids), grown(ids)
+    state = {k: v for k, v in grown.state_dict().items()}
+    if init == "identity":
+        assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+        assert torch.count_nonzero(state["blocks.3.down.weight"]) == 0
+        assert torch.equal(state["blocks.3.up.weight"], model.state_dict()["blocks.1.up.weight"])
+    else:
+        ref = reference_stack(model.state_dict(), "blocks", [0, 1, 0, 1])
+        assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+        assert float((a - b).abs().max()) > 1e-3
+    # copies own their storage: no two tensors share memory
+    ptrs = [t.untyped_storage().data_ptr() for t in grown.state_dict().values()]
+    assert len(ptrs) == len(set(ptrs))
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--factor", "1"], 2, "--factor 1: expected an integer ≥ 2"),
+    (["--factor", "2", "--to", "6"], 2, "give only one of --factor, --to, --layers"),
+    (["--to", "2"], 2, "already has 2 blocks"),
+    (["--layers", "0-3"], 2, "the stack has blocks 0-1, not 2"),
+    (["--layers", "1,0,1"], 2, "first appear in their original order"),
+    (["--layers", "0,0,0"], 2, "every block must appear"),
+    (["--layers", "0-x"], 2, "expected comma-separated indices"),
+    (["--order", "zigzag"], 2, "option 'order' of stack expects one of 'stack', 'interleave'"),
+    (["--init", "random"], 2, "option 'init' of stack expects one of 'copy', 'identity'"),
+    (["--blocks", "model.nope"], 1, "no match: --blocks 'model.nope': no such module; stacks found: model.layers"),
+    (["--blocks", "lm_head"], 1, "not a ModuleList/Sequential"),
+])
+def test_cli_errors(args, code, message, hf_dir, cli, tmp_path):
+    r = cli("stack", hf_dir("llama"), *args, "-o", tmp_path / "out")
+    assert r.code == code, r.err
+    assert message in r.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_streaming_forced_needs_a_directory_output(hf_dir, cli, tmp_path):
+    r = cli("stack", hf_dir("llama"), "--streaming", "-o", tmp_path / "x.safetensors")
+    assert r.code == 2 and "--streaming needs a Hugging Face directory" in r.err
+
+
+def test_cli_streaming_human_output_is_quiet_on_stderr(hf_dir, cli, tmp_path):
+    r = cli("stack", hf_dir("llama"), "--init", "identity", "--streaming", "--shard-size", "100KB", "--batches", "1",
+            "-o", tmp_path / "out")
+    assert r.code == 0, r.err
+    assert r.err == ""  # no progress bar when stdout is not a terminal
+    assert "(streaming)" in r.out and "checked: ran both models: equal" in r.out
+    assert (tmp_path / "out" / "growth_report.json").exists()
+
+
+def test_choose_streaming(hf_dir, tmp_path):
+    src = hf_dir("llama")
+    assert choose_streaming(src, [tmp_path / "o"], None, None) is False  # small: in memory
+    assert choose_streaming(src, [tmp_path / "o"], None, None, threshold=0) is True
+    assert choose_streaming(src, [tmp_path / "o.safetensors"], None, None, threshold=0) is False
+    assert choose_streaming(src, [tmp_path / "o"], None, False, threshold=0) is False
+    with pytest.raises(UsageError):
+        choose_streaming(src, [tmp_path / "o", tmp_path / "p"], None, True)
+
+
+@pytest.mark.parametrize("spec,length,order", [
+    (StackSpec(), 3, [0, 1, 2, 0, 1, 2]),
+    (StackSpec(order="interleave", factor=3), 2, [0, 0, 0, 1, 1, 1]),
+    (StackSpec(to=7, order="interleave"), 4, [0, 1, 1, 2, 2, 3, 3]),
+    (StackSpec(to=7), 4, [0, 1, 2, 3, 0, 1, 2]),
+    (StackSpec(layers="0-11,4-11"), 12, list(range(12)) + list(range(4, 12))),
+])
+def test_layout(spec, length, order):
+    assert layout(spec, length) == order
+
+
+@pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 << 30), ("1234", 1234),
+                                       ("1.5kb", 1500)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(UsageError, match="--shard-size"):
+        parse_size("lots")
+
+
+def test_describe_order():
+    assert describe_order([0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7]) == "0-7,4-7"
+    assert describe_order([0, 0, 1, 1]) == "0,0,1,1"
+    assert describe_order([0, 1, 2, 3, 0, 1]) == "0-3,0,1"
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"blocks": "layer2"}, r"not repeats of one another \(layer2.1.conv1.weight \[16, 16, 3, 3\] vs layer2.0"),
+    ({"blocks": "layer1", "init": "identity"}, r"block layer1.0: no residual stream .* aten.relu in layer1.0"),
+])
+def test_resnet_stages_that_cannot_be_stacked(options, message):
+    model = zoo.ResNetTiny().eval()
+    gm = GrowModel(model, "state_dict", Path("x"), "", infer_input_spec(model))
+    with pytest.raises(NotGrowableError, match=message):
+        growcli.apply(gm, "stack", **options)
+
+
+def test_shared_parameters_are_refused():
+    model = zoo.TinyTransformer(vocab=100, d=32, heads=4, layers=2)
+    model.blocks[0].ln1.weight = model.ln_f.weight  # a block parameter tied to one outside the stack
+    gm = GrowModel(model, "state_dict", Path("x"), "", infer_input_spec(model))
+    with pytest.raises(NotGrowableError, match="shares parameter ln_f.weight"):
+        growcli.apply(gm, "stack")
