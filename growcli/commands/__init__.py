@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMAND_MODULES = ["inspect", "verify", "convert"]
+COMMAND_MODULES = ["inspect", "verify", "convert", "widen", "grow", "validate", "stack", "deepen", "suggest"]
 
 _registered: set[int] = set()
 
