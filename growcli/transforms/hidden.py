@@ -1,0 +1,220 @@
+"""``hidden``: a larger hidden size, keeping the function exact.
+
+The hidden size grows from ``d`` to ``d' = k·d + r``; every hidden vector becomes
+``[x, …, x, p]`` (GROWTH.md section 6; see :mod:`growcli.stream` for the analysis and the
+padding rules). Where the model's config ties the attention width to the hidden size (BERT,
+GPT-2, ViT: ``heads × head_dim = hidden_size``), heads grow with it, planned by
+:mod:`growcli.transforms.heads`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from growcli.attention import AttentionSite, attention_sites
+from growcli.errors import NotGrowableError, UsageError
+from growcli.hfconfig import sync_config, with_config
+from growcli.model import GrowModel
+from growcli.stream import MEAN, PRODUCERS, StreamAnalysis, StreamPlan, _weight_of, plan_stream, stream_start
+from growcli.transforms.heads import _one_size, _plan_heads, _probe_heads, _size_map, _uniform
+from growcli.transforms.registry import Context, StepReport, register
+from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _module_name, _trace
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Grow the hidden size to ``to`` or by ``factor``; ``heads`` sets the new number of query heads.
+
+    ``noise`` (relative to each weight's std) adds ``+N``/``−N`` to paired tiles of the
+    matrices that read the hidden states: exact, and the tiles train apart. ``start`` names the
+    module that writes the residual stream first (default: the first embedding).
+    """
+
+    to: int | None = None
+    factor: float | None = None
+    heads: int | None = None
+    noise: float = 0.0
+    split: Literal["asymmetric", "uniform"] = "asymmetric"
+    start: str | None = None
+
+    def __post_init__(self):
+        _one_size(self, ("to", "factor"))
+        if self.noise < 0:
+            raise UsageError(f"noise must be non-negative, got {self.noise}")
+        if self.heads is not None and self.heads < 1:
+            raise UsageError(f"heads must be a positive integer, got {self.heads}")
+
+    def target(self, size: int) -> int:
+        return self.to if self.to is not None else int(round(size * self.factor))
+
+
+PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}
+
+
+def _plan_stream(edit: _Edit, plan: StreamPlan, noise: float) -> None:
+    """Add the tiling maps of every parameter in ``plan`` to ``edit`` (see :class:`growcli.stream.ParamPlan`)."""
+    d, k, r = plan.size, plan.k, plan.r
+    idx = list(range(d)) * k + [-1] * r
+    stream_pad = "mean" if plan.pad == MEAN else "zero"
+    for p in plan.params:
+        scale = p.factor / k if p.kind == "consumer" else p.factor
+        pad = PAD_OF_KIND.get(p.kind, stream_pad)
+        tiles = k if p.kind == "consumer" and noise > 0 else 0
+        edit.add(p.name, DimMap(p.dim, idx, [scale] * len(idx), pad, tiles, p.shift))
+    for fqn, ops in plan.handled.items():
+        edit.planned_ops.setdefault(fqn, set()).update(_module_name(n) for n in ops)
+    edit.eps += plan.eps
+
+
+def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
+    """The module starting the residual stream → None if the hidden size can grow (×2), else the reason."""
+    try:
+        trace = _trace(gm)
+        start = stream_start(trace)
+    except NotGrowableError as exc:
+        return {"hidden size": str(exc)}
+    name = _module_name(start)
+    try:
+        plan_stream(gm.module, trace, start, 2 * _stream_size(trace, start))
+        return {name: None}
+    except NotGrowableError as exc:
+        return {name: str(exc)}
+
+
+@register("hidden", HiddenSpec, exact=True, help="grow the hidden size (tiling; LayerNorm/RMSNorm padding recipes)",
+          candidates=hidden_candidates)
+def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
+    """Grow the hidden size of a transformer exactly, with every tensor that carries it."""
+    report = StepReport("hidden", dataclasses.asdict(spec), params_before=gm.num_parameters())
+    trace = _trace(gm)
+    start = stream_start(trace, spec.start)
+    d = _stream_size(trace, start)
+    new_d = spec.target(d)
+    plan = plan_stream(gm.module, trace, start, new_d)
+    edit = _Edit()
+    sites = attention_sites(trace, required=False)
+    updates: dict[str, int] = {"hidden_size": new_d}
+    sizes: dict[int, set[int]] = {d: {new_d}}
+    protected: dict[int, str] = {}
+    if sites:
+        h, kv, hd = _uniform(sites)
+        new_h = _heads_for_hidden(gm, sites[0], spec.heads, h, kv, hd, d, new_d)
+        if new_h != h:
+            shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
+            new_kv = _plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
+            updates.update({"num_attention_heads": new_h, "num_key_value_heads": new_kv})
+            for old, new in _size_map(h, kv, hd, new_h, new_kv).items():
+                sizes.setdefault(old, set()).update(new)
+            report.notes.append(f"heads {h} → {new_h} (head_dim {hd} kept)")
+        protected[hd] = "head_dim"
+    constants = _hidden_constants(gm, plan, updates)
+    _plan_stream(edit, plan, spec.noise)
+    _extra_groups(gm, trace, edit, plan, updates, spec.noise)
+    _check_shared(gm, trace, edit)
+    _apply(gm, edit, spec.noise, ctx.generator(salt=72), report)
+    for module, attr, old, new, buffer in constants:
+        gm.edits.attr(gm.module, module, attr, new)
+        gm.edits.param(gm.module, buffer, torch.full_like(gm.module.get_buffer(buffer), new))
+        report.notes.append(f"{module}.{attr}: {old:.6g} → {new:.6g} (set by the new config); the layers writing what it "
+                            f"scales are multiplied by {old / new:.6g}")
+    sync_config(gm, updates, sizes, protected, plan.eps, report.notes)
+    report.matched = [f"{d} → {new_d} (the residual stream from '{_module_name(start)}')"]
+    k, r = plan.k, plan.r
+    how = f"tiled ×{k}" + (f" + {r} padded ({'mean' if plan.pad == MEAN else 'zero'} padding, eps × {k * d / new_d:.6g}, "
+                           f"γ × {math.sqrt(k * d / new_d):.6g})" if r else "")
+    report.notes.insert(0, f"{how}; {len(plan.producers)} writers, {len(plan.consumers)} readers, "
+                           f"{len(set(plan.norms))} norms")
+    if spec.noise > 0:
+        report.notes.append(f"paired ±noise {spec.noise} on the tiles of every reader: exact, breaks the symmetry")
+    report.params_after = gm.num_parameters()
+    return report
+
+
+def _hidden_constants(gm: GrowModel, plan: StreamPlan, updates: dict[str, int]) -> list[tuple]:
+    """Scalar buffers multiplying the hidden states whose value the new config changes (√hidden_size
+    embedding scales): the writers of what they scale absorb the change. Returns the attribute and buffer
+    updates ``(module, attr, old, new, buffer)``; refuses when no writer can absorb it."""
+    if not plan.constants or not gm.is_hf or getattr(gm.module, "config", None) is None:
+        return []
+    fresh = dict(with_config(gm, updates).named_modules())
+    out = []
+    for c in plan.constants:
+        owner = c.buffer.rpartition(".")[0]
+        mine, theirs = gm.module.get_submodule(owner), fresh.get(owner)
+        changed = [(k, getattr(theirs, k)) for k, v in vars(mine).items()
+                   if isinstance(v, float) and math.isclose(v, c.value, rel_tol=1e-6)
+                   and isinstance(getattr(theirs, k, None), float) and not math.isclose(getattr(theirs, k), v)]
+        if not changed:
+            continue  # it does not depend on the config
+        attr, new = changed[0]
+        if not c.producers:
+            raise NotGrowableError(f"'{c.module}' multiplies the hidden states by {c.buffer} = {c.value:.6g}, which the new "
+                                   f"config makes {new:.6g}, and no layer writing them directly can absorb the change")
+        for p in plan.params:
+            if (p.name, p.fqn) in c.producers:
+                p.factor *= c.value / new
+        out.append((owner, attr, c.value, new, c.buffer))
+    return out
+
+
+def _stream_size(trace, start) -> int:
+    return StreamAnalysis(trace, start).run().size
+
+
+def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: int, kv: int, hd: int, d: int,
+                      new_d: int) -> int:
+    """The number of query heads after growing the hidden size: ``want``, else what the config allows.
+
+    Models whose config derives ``head_dim = hidden_size / num_attention_heads`` need
+    ``heads = new_d / head_dim``; others keep their heads.
+    """
+    if not gm.is_hf or getattr(gm.module, "config", None) is None:
+        return want or h
+    group = h // kv if 1 < kv < h else 1  # grouped-query attention grows in whole groups
+    candidates = [want] if want else [h] + ([new_d // hd] if new_d % hd == 0 and new_d // hd != h else [])
+    tried = []
+    # A count the config's validators accept first (so the output saves as a Hugging Face directory), else
+    # any the model can be built with (the report then says the directory cannot be written).
+    for validate in (True, False):
+        for new_h in candidates:
+            if new_h % group:
+                tried.append(f"{new_h} heads: not a multiple of the {group} query heads per key/value head")
+                continue
+            new_kv = 1 if kv == 1 and h > 1 else new_h // group
+            got, why = _probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
+                                               "num_key_value_heads": new_kv}, validate)
+            if got == new_h * hd:
+                return new_h
+            if not validate:
+                tried.append(f"{new_h} heads: {why or f'the config would give {got} query features, not {new_h} × {hd}'}")
+    if not want and new_d % hd:
+        tried.append(f"the config ties heads × head_dim to hidden_size and {new_d} is not a multiple of head_dim {hd}")
+    raise NotGrowableError(f"no number of attention heads fits hidden size {new_d} with head_dim {hd} "
+                           f"({'; '.join(tried)})")
+
+
+def _extra_groups(gm: GrowModel, trace, edit: _Edit, plan: StreamPlan, updates: dict[str, int], noise: float) -> None:
+    """Other hidden-size dimensions the config ties to ``hidden_size`` (a pooler, an MLM head's transform)."""
+    if not gm.is_hf or getattr(gm.module, "config", None) is None:
+        return
+    want = {k: tuple(v.shape) for k, v in with_config(gm, updates).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
+    done = set(plan.producers)
+    for node in trace.graph.nodes:
+        if node.op != "call_function" or node.target not in PRODUCERS or _weight_of(node) is None:
+            continue
+        weight = _weight_of(node)
+        out_dim = 1 if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.embedding.default) else 0
+        if _module_name(node) in done or weight not in have or weight not in want:
+            continue
+        planned = [m for m in edit.maps.get(weight, []) if m.dim == out_dim]
+        if planned or want[weight][out_dim] != plan.new_size or have[weight][out_dim] != plan.size:
+            continue
+        extra = plan_stream(gm.module, trace, node, plan.new_size, plan.pad)
+        _plan_stream(edit, extra, noise)
+        done.update(extra.producers)

@@ -1,0 +1,170 @@
+"""The planned edit of a transformer-width step and how it is written into the model.
+
+A width step (:mod:`growcli.transforms.heads`, :mod:`growcli.transforms.hidden`) plans, per
+parameter, one :class:`DimMap` per grown dimension, collected in an :class:`_Edit` with the
+``eps`` fixes; :func:`_apply` rewrites every planned tensor (in float64) and records it through
+``gm.edits``, unties tied weights that now differ and keeps module attributes in step.
+:func:`_check_shared` refuses a plan that misses a use of a weight it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from growcli.errors import NotGrowableError
+from growcli.inputs import make_batches
+from growcli.model import GrowModel
+from growcli.trace import METADATA_CHECKS, REINDEX, UNARY, VIEW, trace_model
+from growcli.transforms.registry import StepReport
+from growcli.transforms.widen import sync_attributes
+
+
+# --------------------------------------------------------------------------- how one dimension changes
+@dataclass
+class DimMap:
+    """New positions along ``dim``: ``old[idx] · scale + shift``; positions with ``idx = -1`` are padded
+    with the mean over the old positions (``pad="mean"``) or zero instead of ``old[idx]``.
+    ``noise_tiles`` > 1 asks for paired ±noise on that many tiles of the old size."""
+
+    dim: int
+    idx: list[int]
+    scale: list[float]
+    pad: str = "zero"
+    noise_tiles: int = 0
+    shift: float = 0.0
+
+
+@dataclass
+class _Edit:
+    """All planned changes of a step: parameter name → dimension maps, and ``eps`` fixes."""
+
+    maps: dict[str, list[DimMap]] = field(default_factory=dict)
+    eps: list = field(default_factory=list)
+    planned_ops: dict[str, set] = field(default_factory=dict)  # trace parameter → modules whose use of it is planned
+
+    def add(self, name: str, m: DimMap) -> None:
+        """Plan ``m`` for parameter ``name``; a different plan for the same dimension is refused."""
+        maps = self.maps.setdefault(name, [])
+        same = [x for x in maps if x.dim == m.dim]
+        if same and (same[0].idx, same[0].scale, same[0].shift) != (m.idx, m.scale, m.shift):
+            raise NotGrowableError(f"parameter {name} would grow in two different ways along dim {m.dim} "
+                                   "(is it shared between layers?)")
+        if not same:
+            maps.append(m)
+
+
+def _module_name(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float, gen: torch.Generator) -> torch.Tensor:
+    """Apply ``maps`` to ``old`` (in float64), returning a tensor of ``old``'s dtype."""
+    t = old.detach().to(torch.float64)
+    for m in sorted(maps, key=lambda m: m.dim):
+        idx = torch.tensor(m.idx)
+        new = t.index_select(m.dim, idx.clamp(min=0))
+        view = [1] * t.dim()
+        view[m.dim] = -1
+        padded = (idx < 0).view(view)
+        if bool(padded.any()):
+            fill = t.mean(m.dim, keepdim=True) if m.pad == "mean" else torch.zeros_like(t.narrow(m.dim, 0, 1))
+            new = torch.where(padded, fill.expand_as(new), new)
+        new = new * torch.tensor(m.scale, dtype=torch.float64).view(view) + m.shift
+        if m.noise_tiles > 1 and noise > 0:
+            new = _paired_noise(new, m, t.std().item() * noise, gen)
+        t = new
+    return t.to(old.dtype)
+
+
+def _paired_noise(t: torch.Tensor, m: DimMap, std: float, gen: torch.Generator) -> torch.Tensor:
+    """+N on tile 2i, −N on tile 2i+1: their sum, hence the function, is unchanged (HyperCloning)."""
+    size = sum(1 for i in m.idx if i >= 0) // m.noise_tiles
+    t = t.clone()
+    for i in range(0, m.noise_tiles - 1, 2):
+        a = t.narrow(m.dim, i * size, size)
+        b = t.narrow(m.dim, (i + 1) * size, size)
+        n = torch.randn(a.shape, generator=gen, dtype=torch.float64) * std
+        a += n
+        b -= n
+    return t
+
+
+# --------------------------------------------------------------------------- applying
+def _apply(gm: GrowModel, edit: _Edit, noise: float, gen: torch.Generator, report: StepReport) -> None:
+    """Write every planned tensor through ``gm.edits``; unties tied weights that now differ."""
+    root = gm.module
+    named = dict(root.named_parameters(remove_duplicate=False))
+    named.update(dict(root.named_buffers(remove_duplicate=False)))
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in named.items():
+        by_tensor.setdefault(id(t), []).append(name)
+    new_tensors: dict[str, torch.Tensor] = {}
+    for name, maps in edit.maps.items():
+        old = named[name]
+        new_tensors[name] = _rewrite(old, maps, noise, gen)
+    untied, still_tied = set(), set()
+    for name in new_tensors:
+        siblings = tuple(sorted(by_tensor[id(named[name])]))
+        if len(siblings) > 1:
+            missing = [s for s in siblings if s not in new_tensors]
+            if missing:
+                raise NotGrowableError(f"parameter {name} is shared with {missing[0]}, which the growth does not reach")
+            equal = all(torch.equal(new_tensors[s], new_tensors[name]) for s in siblings)
+            (still_tied if equal else untied).add(siblings)
+    for name, new in new_tensors.items():
+        old = named[name]
+        gm.edits.param(root, name, new)
+        report.changes.append({"name": name, "before": list(old.shape), "after": list(new.shape)})
+    for group in still_tied:
+        # Each name got an equal tensor (that is what replay records); share one Parameter again, as before.
+        first = root.get_parameter(group[0])
+        for other in group[1:]:
+            owner, _, leaf = other.rpartition(".")
+            root.get_submodule(owner)._parameters[leaf] = first
+    for group in sorted(set(untied)):
+        report.notes.append(f"untied {' and '.join(group)}: the embedding keeps its tiles, the output projection "
+                            "divides them (tied weights cannot do both)")
+    for fix in edit.eps:
+        gm.edits.attr(root, fix.module, fix.attr, fix.new)
+    for module in sorted({n.rpartition(".")[0] for n in new_tensors}):
+        sync_attributes(gm, module)
+        _sync_norm(gm, module)
+    if untied:
+        config = getattr(root, "config", None)
+        if gm.is_hf and config is not None and getattr(config, "tie_word_embeddings", False):
+            gm.edits.config(root, "tie_word_embeddings", False)
+            report.notes.append("config tie_word_embeddings: True → False")
+
+
+def _sync_norm(gm: GrowModel, name: str) -> None:
+    """torch.nn LayerNorm/RMSNorm keep ``normalized_shape`` equal to their (grown) weight."""
+    m = gm.module.get_submodule(name) if name else gm.module
+    norm_types = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    if isinstance(m, norm_types) and m.weight is not None and tuple(m.normalized_shape) != tuple(m.weight.shape):
+        gm.edits.attr(gm.module, name, "normalized_shape", tuple(m.weight.shape))
+
+
+def _check_shared(gm: GrowModel, trace, edit: _Edit) -> None:
+    """Refuse when a planned parameter is also used by an op the plan did not cover (weights shared elsewhere)."""
+    users = trace.weight_users()
+    for fqn, modules in edit.planned_ops.items():
+        for u in users.get(fqn, []):
+            if u.op == "call_function" and _module_name(u) not in modules and not _is_view_of_param(u):
+                raise NotGrowableError(f"parameter {fqn} is also used in '{_module_name(u)}', which the growth does "
+                                       "not reach (a weight shared across layers)")
+
+
+def _is_view_of_param(node) -> bool:
+    return node.target in REINDEX or node.target in VIEW or node.target in UNARY or node.target in METADATA_CHECKS
+
+
+
+def _trace(gm: GrowModel):
+    if getattr(gm, "kind", None) == "pt2":
+        raise NotGrowableError("growing heads or the hidden size of a .pt2 program is not supported (its reshapes "
+                               "hard-code the sizes); grow the Hugging Face directory or the state_dict instead")
+    return trace_model(gm.module, make_batches(gm.inputs, 1)[0])
