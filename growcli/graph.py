@@ -276,7 +276,6 @@ class Analysis:
         if node.op != "call_function":
             raise _Refuse(f"{node.op} {node.target} uses the channels")
         t = node.target
-        out = shape(node)
         if t in METADATA_CHECKS:
             return
         if t == aten.type_as.default and node.args[0] is not src:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import FIXTURES
 
 # fixture argv → (kind, class, block stacks as {name: (type, length)})

@@ -46,16 +46,6 @@ CELLS = [(src, fmt) for src, (_, fmts) in SOURCES.items() for fmt in fmts]
 SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx", "pt": ".pt", "hf": ""}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core box their spin-waits
-    cost ~40% more CPU; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """``convert(source_id)`` → (report, {format: path}); each source is written once per module."""

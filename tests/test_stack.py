@@ -89,15 +89,6 @@ ARCHS = list(CASES)
 PRE_LN = [a for a in ARCHS if CASES[a].pre_ln]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the suite shares two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturb(module: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in module.parameters():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from growcli.errors import NotGrowableError, UsageError
-from growcli.graph import CORE, Group, Layout, analyze, producer_layers, trace_model
+from growcli.graph import Group, Layout, analyze, producer_layers, trace_model
 from growcli.inputs import make_batches
 from growcli.model import GrowModel
 from growcli.select import select
