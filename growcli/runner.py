@@ -18,7 +18,7 @@ from growcli.errors import VerificationFailed
 from growcli.inputs import load_inputs_file
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
-from growcli.io.save import check_output, save_model
+from growcli.io.save import check_output, save_models
 from growcli.model import GrowModel, eval_mode
 from growcli.pipeline import VerifySettings, final_report, run_step, verification_batches
 from growcli.transforms.registry import Context
@@ -94,9 +94,8 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     }
     if plan_text is not None:  # provenance: the plan travels in the report as in the safetensors metadata
         report["plan"] = plan_text
-    for out, fmt in zip(outputs, formats):
-        report["outputs"].append(save_model(gm, out.path, fmt=fmt, verification=overall, plan=plan_text, batches=batches,
-                                            shard_size=out.shard_size))
+    report["outputs"] = save_models(gm, [(o.path, fmt, o.shard_size) for o, fmt in zip(outputs, formats)],
+                                    verification=overall, plan=plan_text, batches=batches)
     if outputs:
         write_report(report, outputs[0].path, formats[0])
     return report

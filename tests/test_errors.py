@@ -263,3 +263,16 @@ def test_exception_tree_replaces_builtin_types():
     assert issubclass(UsageError, ValueError) and issubclass(CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(OutputError, OSError) and issubclass(NotGrowableError, ValueError)
     assert all(issubclass(cls, GrowError) for cls, _ in MESSAGE_TABLE)
+
+
+def test_outputs_are_written_together_or_not_at_all(cli, tmp_path, monkeypatch):
+    """A later output that fails (an ONNX export failure, injected) leaves no earlier one behind."""
+    import growcli.io.save as save
+
+    def failing_export(*args, **kwargs):
+        raise save.FormatError("ONNX export failed (injected for the test)")
+
+    monkeypatch.setattr(save, "_save_onnx", failing_export)
+    r = cli("convert", FIXTURES / "mlp.pt2", "-o", tmp_path / "first.safetensors", "-o", tmp_path / "second.onnx")
+    assert r.code == 1 and "ONNX export failed" in r.err
+    assert list(tmp_path.iterdir()) == []

@@ -88,20 +88,40 @@ def save_model(gm: GrowModel, out: str | Path, *, fmt: str | None = None, verifi
     ONNX outputs are run with onnxruntime against the torch model on ``batches`` and a
     mismatch raises :class:`VerificationFailed` without leaving the file.
     """
-    out = Path(out)
-    fmt = check_output(gm, out, fmt)
+    return save_models(gm, [(out, fmt, shard_size)], verification=verification, plan=plan, batches=batches)[0]
+
+
+def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int | None]], *,
+                verification: VerifyReport | None = None, plan: str | None = None,
+                batches: list[Batch] | None = None) -> list[dict[str, Any]]:
+    """Write every ``(path, format, shard_size)`` output, or none of them.
+
+    Each output is written to a temporary sibling; they are renamed into place together only
+    after all of them were written, so a failing ONNX check, say, leaves no earlier output.
+    """
+    results: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as pending:
+        for out, fmt, shard_size in outputs:
+            out = Path(out)
+            fmt = check_output(gm, out, fmt)
+            tmp = pending.enter_context(atomic_output(out, directory=(fmt == "hf")))
+            results.append(_write(gm, out, fmt, tmp, verification, plan, batches, shard_size))
+    return results
+
+
+def _write(gm: GrowModel, out: Path, fmt: str, tmp: Path, verification: VerifyReport | None, plan: str | None,
+           batches: list[Batch] | None, shard_size: int | None) -> dict[str, Any]:
     result: dict[str, Any] = {"path": str(out), "format": fmt}
-    with atomic_output(out, directory=(fmt == "hf")) as tmp:
-        if fmt == "safetensors":
-            write_safetensors(owned_state_dict(gm.module), tmp, provenance(gm, verification, plan))
-        elif fmt == "pt2":
-            _save_pt2(gm, tmp)
-        elif fmt == "onnx":
-            result["check"] = _save_onnx(gm, tmp, out.name, batches or make_batches(gm.inputs, 2, seed=1)).to_dict()
-        elif fmt == "hf":
-            _save_hf(gm, tmp, shard_size)
-        elif fmt == "pt":
-            torch.save(gm.module, tmp)
+    if fmt == "safetensors":
+        write_safetensors(owned_state_dict(gm.module), tmp, provenance(gm, verification, plan))
+    elif fmt == "pt2":
+        _save_pt2(gm, tmp)
+    elif fmt == "onnx":
+        result["check"] = _save_onnx(gm, tmp, out.name, batches or make_batches(gm.inputs, 2, seed=1)).to_dict()
+    elif fmt == "hf":
+        _save_hf(gm, tmp, shard_size)
+    elif fmt == "pt":
+        torch.save(gm.module, tmp)
     return result
 
 
