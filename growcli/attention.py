@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from growcli.errors import NotGrowableError
+from growcli.trace import flat_args as _flat, reduce_dims as _reduce_dims
 from growcli.graph import (ADDMM, METADATA_CHECKS, REDUCE, UNARY, VIEW, Trace, _merge_groups, _source_dim, op_name, shape,
                            where)
 
@@ -105,20 +106,6 @@ def _from_projection(trace: Trace) -> set[fx.Node]:
         if n.target in (aten.linear.default, ADDMM) or any(isinstance(a, fx.Node) and a in out for a in _flat(n.args)):
             out.add(n)
     return out
-
-
-def _reduce_dims(node: fx.Node, rank: int) -> list[int]:
-    dims = node.args[1] if len(node.args) > 1 else None
-    if dims is None or dims == []:
-        return list(range(rank))
-    return [x % rank for x in (dims if isinstance(dims, (list, tuple)) else [dims])]
-
-
-def _flat(args) -> list:
-    items = []
-    for a in args:
-        items += _flat(a) if isinstance(a, (list, tuple)) else [a]
-    return items
 
 
 def _back_heads(node: fx.Node, h: int, d: int, found: set, repeat: list[int], data: set[fx.Node]) -> None:

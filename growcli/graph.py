@@ -33,7 +33,7 @@ from growcli.errors import NotGrowableError
 from growcli.layouts import CORE, Cat, Core, Fixed, Key, Layout, Merge  # noqa: F401
 from growcli.trace import (ADDMM, BATCH_NORM, BINARY, CONV, METADATA_CHECKS, PAD, POOL, REDUCE, REINDEX,  # noqa: F401
                            UNARY, VIEW, Trace, _conv_groups, _merge_groups, _prod, _source_dim, aten, op_name, shape,
-                           trace_model, where)
+                           reduce_dims, trace_model, where)
 
 
 # --------------------------------------------------------------------------- analysis result
@@ -312,9 +312,7 @@ class Analysis:
         elif t in CONV:
             self._conv(src, node, dim, layout)
         elif t in REDUCE:
-            dims = node.args[1] if len(node.args) > 1 else None
-            rank = len(shape(src))
-            dims = list(range(rank)) if dims is None or dims == [] else [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+            dims = reduce_dims(node, len(shape(src)))
             if dim in dims:
                 raise _Refuse(f"{op_name(node)}{where(node)} reduces over the grown dimension "
                               "(a normalisation or mean over the channels)")

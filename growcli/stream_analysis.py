@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from growcli.errors import NotGrowableError
+from growcli.trace import flat_args as _flat, reduce_dims as _reduce_dims
 from growcli.graph import Analysis, Group, TensorUse, _Refuse
 from growcli.layouts import CORE, Layout
 from growcli.trace import ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, Trace, op_name, shape, where
@@ -111,20 +112,6 @@ class StreamAnalysis(Analysis):
             return
         raise _Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
                       "and growcli has no rule for it")
-
-
-def _flat(args) -> list:
-    items = []
-    for a in args:
-        items += _flat(a) if isinstance(a, (list, tuple)) else [a]
-    return items
-
-
-def _reduce_dims(node: fx.Node, rank: int) -> list[int]:
-    dims = node.args[1] if len(node.args) > 1 else None
-    if dims is None or dims == []:
-        return list(range(rank))
-    return [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
 def _module_of(node: fx.Node) -> str:

@@ -204,3 +204,19 @@ def _merge_groups(ins: Sequence[int], outs: Sequence[int]):
         # absorb trailing size-1 dims into this run
         groups.append(((a, i), (c, j)))
     return groups
+
+
+def flat_args(args) -> list:
+    """Every leaf of nested argument lists/tuples, in order."""
+    items = []
+    for a in args:
+        items += flat_args(a) if isinstance(a, (list, tuple)) else [a]
+    return items
+
+
+def reduce_dims(node: fx.Node, rank: int) -> list[int]:
+    """The dimensions a reduction node (mean/sum/amax…) reduces over; all of them when none are given."""
+    dims = node.args[1] if len(node.args) > 1 else None
+    if dims is None or dims == []:
+        return list(range(rank))
+    return [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]

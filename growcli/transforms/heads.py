@@ -17,10 +17,11 @@ from typing import Literal
 import torch
 
 from growcli.attention import AttentionSite, attention_sites
-from growcli.errors import NotGrowableError, UsageError
+from growcli.errors import NotGrowableError
 from growcli.hfconfig import config_error, sync_config, with_config
 from growcli.model import GrowModel
 from growcli.transforms.registry import Context, StepReport, register
+from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.widen import split_factors
 from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _trace
 
@@ -35,25 +36,10 @@ class HeadsSpec:
     split: Literal["asymmetric", "uniform"] = "asymmetric"
 
     def __post_init__(self):
-        _one_size(self, ("to", "by", "factor"))
+        check_one_size(self, ("to", "by", "factor"))
 
     def target(self, heads: int) -> int:
-        if self.to is not None:
-            return self.to
-        if self.by is not None:
-            return heads + self.by
-        return int(round(heads * self.factor))
-
-
-def _one_size(spec, keys: tuple[str, ...]) -> None:
-    given = [k for k in keys if getattr(spec, k) is not None]
-    if len(given) != 1:
-        raise UsageError(f"give exactly one of {', '.join(keys)}" + (f" (got {', '.join(given)})" if given else ""))
-    value = getattr(spec, given[0])
-    if given[0] == "factor" and value <= 1:
-        raise UsageError(f"factor must be greater than 1, got {value}")
-    if given[0] != "factor" and (not isinstance(value, int) or value < 1):
-        raise UsageError(f"{given[0]} must be a positive integer, got {value!r}")
+        return target_size(self, heads)
 
 
 def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Generator) -> tuple[dict, int]:

@@ -21,7 +21,8 @@ from growcli.errors import NotGrowableError, UsageError
 from growcli.hfconfig import sync_config, with_config
 from growcli.model import GrowModel
 from growcli.stream import MEAN, PRODUCERS, StreamAnalysis, StreamPlan, _weight_of, plan_stream, stream_start
-from growcli.transforms.heads import _one_size, _plan_heads, _probe_heads, _size_map, _uniform
+from growcli.transforms.sizes import check_one_size, target_size
+from growcli.transforms.heads import _plan_heads, _probe_heads, _size_map, _uniform
 from growcli.transforms.registry import Context, StepReport, register
 from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _module_name, _trace
 
@@ -43,14 +44,14 @@ class HiddenSpec:
     start: str | None = None
 
     def __post_init__(self):
-        _one_size(self, ("to", "factor"))
+        check_one_size(self, ("to", "factor"))
         if self.noise < 0:
             raise UsageError(f"noise must be non-negative, got {self.noise}")
         if self.heads is not None and self.heads < 1:
             raise UsageError(f"heads must be a positive integer, got {self.heads}")
 
     def target(self, size: int) -> int:
-        return self.to if self.to is not None else int(round(size * self.factor))
+        return target_size(self, size)
 
 
 PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}

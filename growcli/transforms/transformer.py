@@ -28,7 +28,7 @@ from here.
 from __future__ import annotations
 
 # Re-exported; importing heads before hidden keeps the registry's order.
-from growcli.transforms.heads import (HeadsSpec, _head_maps, _one_size, _plan_heads, _probe_heads,  # noqa: F401
+from growcli.transforms.heads import (HeadsSpec, _head_maps, _plan_heads, _probe_heads,  # noqa: F401
                                       _size_map, _uniform, grow_heads, heads_candidates)
 from growcli.transforms.hidden import (PAD_OF_KIND, HiddenSpec, _extra_groups, _heads_for_hidden,  # noqa: F401
                                        _hidden_constants, _plan_stream, _stream_size, grow_hidden, hidden_candidates)

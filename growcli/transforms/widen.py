@@ -22,6 +22,7 @@ from growcli.inputs import make_batches
 from growcli.model import GrowModel
 from growcli.select import select
 from growcli.transforms.registry import Context, StepReport, register
+from growcli.transforms.sizes import check_one_size, target_size
 
 INITS = ("net2net", "zero", "gradmax")
 
@@ -46,13 +47,7 @@ class WidenSpec:
     batch_size: int | None = None
 
     def __post_init__(self):
-        given = [k for k in ("to", "by", "factor") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise UsageError("give exactly one of to, by or factor" + (f" (got {', '.join(given)})" if given else ""))
-        if self.to is not None and self.to < 1 or self.by is not None and self.by < 1:
-            raise UsageError("to and by must be positive integers")
-        if self.factor is not None and self.factor <= 1:
-            raise UsageError(f"factor must be greater than 1, got {self.factor}")
+        check_one_size(self, ("to", "by", "factor"))
         if self.noise < 0:
             raise UsageError(f"noise must be non-negative, got {self.noise}")
         if self.init == "gradmax" and not self.data:
@@ -68,11 +63,7 @@ class WidenSpec:
                 raise UsageError(f"{key} must be a positive integer, got {getattr(self, key)}")
 
     def target(self, current: int) -> int:
-        if self.to is not None:
-            return self.to
-        if self.by is not None:
-            return current + self.by
-        return int(round(current * self.factor))
+        return target_size(self, current)
 
 
 # --------------------------------------------------------------------------- channel map
