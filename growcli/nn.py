@@ -2,7 +2,7 @@
 
 Everything here is recordable by :func:`growcli.edits.module_spec` (plain ``torch.nn``
 modules, or a ``growcli_spec()`` method), so a grown architecture can be rebuilt by
-:func:`growcli.load_grown`. Recipes: ../shared/GROWTH.md section 2.
+:func:`growcli.load_grown`. Recipes: docs/recipes.md section 2.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One forward/backward pass per calibration batch observes, for every layer GradMax applies to,
 its input ``h`` and the gradient ``δ`` at its consumer's output, and from them three scores
-(../shared/GROWTH.md sections 7–9):
+(docs/recipes.md section 6):
 
 - **GradMax**: the singular values ``σ_i`` of ``M = Σ δ hᵀ``. A new unit with zero incoming
   weights and outgoing weights ``r·u_i`` (``r`` = ``scale`` × the mean norm of the existing

@@ -6,7 +6,7 @@ singular vectors of ``M = Σ δ hᵀ``, where ``h`` is the layer's input and ``�
 gradient at the consumer's output, measured on calibration data. The gradient of the new
 incoming weights is then ``φ'·W_newᵀ M``, as large as it can be for outgoing weights of that
 norm. Convolutions use patches: ``M`` pairs ``(consumer channel, consumer tap)`` with
-``(input channel, producer tap)``. Recipe: ../shared/GROWTH.md section 7.
+``(input channel, producer tap)``. Recipe: docs/recipes.md section 6.
 
 ``h`` and ``δ`` are observed with a :class:`~torch.overrides.TorchFunctionMode` that
 recognises the producer's and consumer's weight tensors in linear/convolution calls, so the
