@@ -24,7 +24,11 @@ __all__ = ["apply", "load_grown", "load_model", "save_model", "verify"]
 
 
 def apply(gm: GrowModel, transform: str, *, seed: int = 0, allow_mismatch: bool = False, **options: Any) -> StepReport:
-    """Apply one registered transform in place and verify it; see ``growcli.pipeline.run_step``."""
+    """Apply one registered transform in place and verify it; see ``growcli.pipeline.run_step``.
+
+    If the step raises (:class:`growcli.errors.VerificationFailed` included), ``gm`` is left
+    exactly as it was: same module object, structure, weights, edits and steps.
+    """
     from growcli.calibration import attach
 
     ctx = Context(seed=seed)
@@ -55,6 +59,11 @@ def load_grown(model: nn.Module, path: str | Path) -> nn.Module:
     meta = safetensors_metadata(path)
     if "growcli.edits" not in meta:
         raise FormatError(f"{path}: no growcli metadata; it was not written by growcli")
-    replay(model, json.loads(meta["growcli.edits"]))
+    try:
+        records = json.loads(meta["growcli.edits"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{path}: metadata growcli.edits is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    # Only allowlisted module classes are built (torch.nn layers, growcli's own); nothing is imported.
+    replay(model, records, str(path))
     load_state_dict_strict(model, read_safetensors(path), path)
     return eval_mode(model)

@@ -17,14 +17,14 @@ Edit kinds:
 from __future__ import annotations
 
 import copy
-import importlib
 import json
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from growcli.errors import ArchitectureError
+from growcli.errors import ArchitectureError, FormatError, GrowError
 
 # Constructor arguments of the torch.nn leaf modules a transform may create, read back
 # from the instance's attributes.
@@ -61,11 +61,19 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot record attribute value of type {type(value).__name__}")
 
 
+def _dtype(name: Any) -> torch.dtype:
+    """The torch dtype named ``name`` (``"float32"``); never any other attribute of ``torch``."""
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(value, torch.dtype):
+        raise FormatError(f"recorded dtype {name!r} is not a torch dtype")
+    return value
+
+
 def _from_json(value: Any) -> Any:
     if isinstance(value, dict) and "__tuple__" in value:
         return tuple(_from_json(v) for v in value["__tuple__"])
     if isinstance(value, dict) and "__dtype__" in value:
-        return getattr(torch, value["__dtype__"])
+        return _dtype(value["__dtype__"])
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     return value
@@ -97,23 +105,76 @@ def module_spec(module: nn.Module, refs: dict[int, str] | None = None) -> dict:
     raise TypeError(f"growcli cannot record a module of type {type(module).__qualname__}")
 
 
-def build_module(spec: dict, root: nn.Module) -> nn.Module:
-    """Inverse of :func:`module_spec`; ``ref`` entries are looked up in ``root`` (before the edit)."""
+# The only module classes a recorded spec may name, by exact "module:qualname": the torch.nn
+# leaf classes above (plus the bare "Sequential"/"ModuleList" containers) and growcli's own
+# layers. A recorded spec never imports anything: a file cannot make growcli run its code.
+_TORCH_CLASSES: dict[str, type] = {f"torch.nn:{cls.__name__}": cls for cls in _CTOR_ATTRS}
+_MAX_SPEC_DEPTH = 32
+
+
+def _growcli_classes() -> dict[str, type]:
+    """growcli's own recordable layers (classes of ``growcli.nn`` with a ``growcli_spec`` method)."""
+    from growcli import nn as growcli_nn  # growcli's own module; imports nothing from outside
+
+    return {f"growcli.nn:{cls.__qualname__}": cls for cls in vars(growcli_nn).values()
+            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == "growcli.nn"
+            and callable(getattr(cls, "growcli_spec", None))}
+
+
+def allowed_module_class(kind: str) -> type | None:
+    """The class a recorded spec ``type`` names, if it is on the allowlist; ``None`` otherwise."""
+    return _TORCH_CLASSES.get(kind) or _growcli_classes().get(kind)
+
+
+def check_module_spec(spec: Any, where: str = "recorded edit", depth: int = 0) -> None:
+    """Raise :class:`FormatError` unless ``spec`` is well-formed and names only allowlisted classes."""
+    if depth > _MAX_SPEC_DEPTH:
+        raise FormatError(f"{where}: module spec is nested more than {_MAX_SPEC_DEPTH} levels deep")
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise FormatError(f"{where}: malformed module spec (expected an object with a 'type' string)")
+    kind = spec["type"]
+    if kind in ("ref", "copy"):
+        if not isinstance(spec.get("name"), str):
+            raise FormatError(f"{where}: malformed {kind} module spec (expected a 'name' string)")
+        return
+    if kind in ("Sequential", "ModuleList"):
+        children = spec.get("children")
+        if not isinstance(children, list):
+            raise FormatError(f"{where}: malformed {kind} module spec (expected a 'children' list)")
+        for child in children:
+            check_module_spec(child, where, depth + 1)
+        return
+    if allowed_module_class(kind) is None:
+        raise FormatError(f"{where}: names module type {kind!r}, which growcli does not rebuild "
+                          "(only torch.nn layers and growcli's own; nothing named in a file is imported)")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise FormatError(f"{where}: malformed module spec for {kind} ('kwargs' must be an object)")
+
+
+def build_module(spec: dict, root: nn.Module, where: str = "recorded edit") -> nn.Module:
+    """Inverse of :func:`module_spec`; ``ref`` entries are looked up in ``root`` (before the edit).
+
+    Only allowlisted classes are built (see :func:`check_module_spec`); nothing is imported.
+    """
+    check_module_spec(spec, where)
     kind = spec["type"]
     if kind == "ref":
         return root.get_submodule(spec["name"])
     if kind == "copy":
         return copy.deepcopy(root.get_submodule(spec["name"]))
     if kind in ("Sequential", "ModuleList"):
-        children = [build_module(c, root) for c in spec["children"]]
+        children = [build_module(c, root, where) for c in spec["children"]]
         return nn.Sequential(*children) if kind == "Sequential" else nn.ModuleList(children)
-    module_name, _, cls_name = kind.partition(":")
-    try:
-        cls = getattr(nn if module_name == "torch.nn" else importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as exc:
-        raise ArchitectureError(f"recorded edit needs module class {kind}, which cannot be imported: {exc}") from None
+    cls = allowed_module_class(kind)
     kwargs = {k: _from_json(v) for k, v in spec.get("kwargs", {}).items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except GrowError:
+        raise
+    except Exception as exc:
+        raise ArchitectureError(f"{where}: cannot build {kind} from its recorded arguments "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
 def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -232,36 +293,101 @@ def _replace_items(seq: nn.Module, items: list[nn.Module]) -> None:
         seq._modules[str(i)] = item
 
 
-def replay(root: nn.Module, records: list[dict]) -> nn.Module:
+# What each recorded edit kind must carry: key -> accepted JSON types.
+_STR, _INT = (str,), (int,)
+_RECORD_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "param": {"name": _STR, "shape": (list,), "dtype": _STR},
+    "attr": {"module": _STR, "attr": _STR},
+    "module": {"name": _STR, "spec": (dict,)},
+    "insert": {"container": _STR, "index": _INT, "spec": (dict,)},
+    "config": {"key": _STR},
+    "graph_arg": {"node": _STR, "index": _INT},
+    "graph_call": {"after": _STR, "name": _STR, "spec": (dict,)},
+}
+_VALUE_KINDS = ("attr", "config", "graph_arg")
+_MAX_PLACEHOLDER = 2**31  # elements of one replayed parameter; real weights must match it anyway
+
+
+def check_records(records: Any, source: str | None = None) -> list[dict]:
+    """Raise :class:`FormatError` (one line naming the entry and ``source``) unless ``records`` is
+    a list of well-formed edits whose module specs name only allowlisted classes."""
+    src = f"{source}: " if source else ""
+    if not isinstance(records, list):
+        raise FormatError(f"{src}recorded edits (growcli.edits) must be a JSON list, got {type(records).__name__}")
+    for i, rec in enumerate(records):
+        where = f"{src}recorded edit {i}"
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where} is not an object")
+        op = rec.get("op")
+        if op not in _RECORD_KEYS:
+            raise FormatError(f"{where}: unknown edit kind {op!r}; written by a newer growcli, or not by growcli")
+        for key, types in _RECORD_KEYS[op].items():
+            if not isinstance(rec.get(key), types) or isinstance(rec.get(key), bool):
+                raise FormatError(f"{where} ({op}): missing or malformed {key!r}")
+        if op in _VALUE_KINDS and "value" not in rec:
+            raise FormatError(f"{where} ({op}): missing 'value'")
+        if op == "param":
+            shape = rec["shape"]
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
+                raise FormatError(f"{where} (param): malformed shape {shape!r}")
+            if math.prod(shape) > _MAX_PLACEHOLDER:
+                raise FormatError(f"{where} (param): shape {shape} is implausibly large")
+            try:
+                _dtype(rec["dtype"])
+            except FormatError:
+                raise FormatError(f"{where} (param): dtype {rec['dtype']!r} is not a torch dtype") from None
+            value = rec.get("value", 0)
+            if not isinstance(value, (int, float)):
+                raise FormatError(f"{where} (param): malformed value {value!r}")
+        if op == "attr" and (rec["attr"].startswith("__") or rec["attr"] == "forward"):
+            raise FormatError(f"{where} (attr): refuses to set attribute {rec['attr']!r}")
+        if "spec" in rec:
+            check_module_spec(rec["spec"], where)
+        if "value" in rec:
+            try:
+                _from_json(rec["value"])
+            except FormatError as exc:
+                raise FormatError(f"{where} ({op}): {exc}") from None
+    return records
+
+
+def replay(root: nn.Module, records: list[dict], source: str | None = None) -> nn.Module:
     """Apply recorded edits to ``root`` in order; tensors get placeholder values of the right shape.
 
+    ``source`` (the file the records come from) is named in error messages. Every record is
+    checked first (:func:`check_records`): a malformed one, or a module spec naming a class
+    outside the allowlist, raises :class:`FormatError` before anything is changed or built.
     Raises :class:`ArchitectureError` when the model does not have what an edit names,
     which means the base model is not the one the edits were recorded on.
     """
-    for rec in records:
+    check_records(records, source)
+    src = f"{source}: " if source else ""
+    for i, rec in enumerate(records):
         op = rec["op"]
+        where = f"{src}recorded edit {i}"
         try:
             if op == "param":
-                _set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=getattr(torch, rec["dtype"])))
+                _set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=_dtype(rec["dtype"])))
             elif op == "attr":
                 setattr(root.get_submodule(rec["module"]) if rec["module"] else root, rec["attr"], _from_json(rec["value"]))
             elif op == "module":
-                new = build_module(rec["spec"], root)
+                new = build_module(rec["spec"], root, where)
                 owner, leaf = _parent(root, rec["name"])
                 setattr(owner, leaf, new)
             elif op == "insert":
                 seq = root.get_submodule(rec["container"])
                 items = list(seq)
-                items.insert(rec["index"], build_module(rec["spec"], root))
+                items.insert(rec["index"], build_module(rec["spec"], root, where))
                 _replace_items(seq, items)
             elif op == "config":
                 _set_config(root, rec["key"], _from_json(rec["value"]))
             elif op == "graph_arg":
                 _set_graph_arg(root, rec["node"], rec["index"], _from_json(rec["value"]))
             elif op == "graph_call":
-                _graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root))
-            else:
-                raise ArchitectureError(f"unknown recorded edit {op!r}; written by a newer growcli?")
-        except AttributeError as exc:
-            raise ArchitectureError(f"recorded edit {rec} does not fit this model: {exc}") from None
+                _graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root, where))
+        except GrowError:
+            raise
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ArchitectureError(f"{where} ({op}) does not fit this model: {detail}") from None
     return root
