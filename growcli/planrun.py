@@ -35,12 +35,13 @@ class RunConfig:
     outputs: list[Output]
     seed: int
     settings: VerifySettings
+    overwrite: bool = False  # replace existing outputs (files, growcli's own directories)
 
 
 def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, format: str | None = None,
               seed: int | None = None, batches: int | None = None, dtype: str | None = None,
               atol: float | None = None, rtol: float | None = None, allow_mismatch: bool = False,
-              require_output: bool = True) -> RunConfig:
+              require_output: bool = True, overwrite: bool = False) -> RunConfig:
     """Merge command-line values (``None``: not given) with the plan's.
 
     ``-o`` replaces the plan's output path and format. Raises :class:`UsageError` for a
@@ -56,7 +57,7 @@ def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, 
     if source.inputs_file is None and v.inputs is not None:
         source = dataclasses.replace(source, inputs_file=v.inputs)
     if outputs:
-        outs = [Output(Path(p), format) for p in outputs]
+        outs = [Output(p, format) for p in outputs]  # a str keeps its trailing /
     elif plan.output.path is not None:
         outs = [Output(plan.output.path, format or plan.output.format)]
     else:
@@ -65,7 +66,7 @@ def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, 
         raise UsageError(f"{plan.file} has no output.path; pass -o OUTPUT")
     if plan.output.shard_size is not None:  # the writer uses it for Hugging Face directories only
         outs = [dataclasses.replace(o, shard_size=plan.output.shard_size) for o in outs]
-    return RunConfig(source, outs, seed if seed is not None else (plan.seed or 0), settings)
+    return RunConfig(source, outs, seed if seed is not None else (plan.seed or 0), settings, overwrite)
 
 
 def run_plan(plan: Plan, cfg: RunConfig) -> dict[str, Any]:
@@ -82,7 +83,8 @@ def run_plan(plan: Plan, cfg: RunConfig) -> dict[str, Any]:
     runner_steps = [_runner_step(s) for s in plan.steps]
     try:
         return grow(source, runner_steps, cfg.outputs, seed=cfg.seed, settings=cfg.settings, plan_text=plan.text,
-                    on_step=lambda i, _step: started.append(i))
+                    on_step=lambda i, _step: started.append(i), overwrite=cfg.overwrite,
+                    protect=(Path(plan.file),) if plan.file else ())
     except Exception as exc:  # noqa: BLE001 — re-raised as is, with the step's position added
         failed = _failed_step(plan, source.loaded, started, exc)
         if failed is not None:
@@ -193,7 +195,7 @@ def simulate(plan: Plan, gm: GrowModel, *, seed: int = 0, settings: VerifySettin
 
 def _apply(gm: GrowModel, step: PlanStep, ctx: Context, settings: VerifySettings | None) -> dict[str, Any]:
     if settings is not None:
-        return run_step(gm, step.transform, step.options, ctx, settings).to_dict()
+        return run_step(gm, step.transform, step.options, ctx, settings, restore=False).to_dict()  # simulate undoes it
     transform = get_transform(step.transform)
     spec = build_spec(step.transform, dict(step.options))
     report = transform.apply(gm, spec, ctx)
@@ -231,7 +233,7 @@ def check_against_model(plan: Plan, gm: GrowModel, seed: int = 0) -> list[Proble
     problems: list[Problem] = []
     if plan.output.path is not None and _format_known(plan):  # else the schema check has reported it
         try:
-            check_output(gm, plan.output.path, plan.output.format)
+            check_output(gm, plan.output.path, plan.output.format, inputs=(Path(plan.file),) if plan.file else ())
         except GrowError as exc:
             problems.append(Problem(plan.file, plan.output.loc, "output", str(exc)))
     for p in simulate(plan, copy.deepcopy(gm), seed=seed):
@@ -262,7 +264,9 @@ def dry_run(plan: Plan, cfg: RunConfig) -> tuple[dict[str, Any], BaseException |
     which the caller raises after showing the report, so the exit code is the real run's.
     """
     gm = cfg.source.load()
-    formats = [check_output(gm, o.path, o.format) for o in cfg.outputs]
+    formats = [check_output(gm, o.path, o.format, overwrite=cfg.overwrite,
+                            inputs=(cfg.source.inputs_file, Path(plan.file) if plan.file else None))
+               for o in cfg.outputs]
     settings = dataclasses.replace(cfg.settings)
     if cfg.source.inputs_file is not None:
         settings.inputs = [load_inputs_file(cfg.source.inputs_file, gm.inputs)]

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from growcli.calibration import attach as attach_calibration
-from growcli.errors import VerificationFailed
+from growcli.errors import OutputError, VerificationFailed
 from growcli.inputs import load_inputs_file
-from growcli.io.atomic import atomic_output
+from growcli.io.atomic import (atomic_output, check_distinct, check_output_path, ensure_space, staged_path,
+                               transaction)
 from growcli.io.load import load_model
 from growcli.io.save import check_output, save_models
 from growcli.model import GrowModel, eval_mode
@@ -45,6 +47,12 @@ class Output:
     format: str | None = None
     shard_size: int | None = None  # bytes per weights shard, for Hugging Face directory outputs
 
+    def __post_init__(self) -> None:
+        # A trailing / (which Path drops) means a directory: the Hugging Face format.
+        if isinstance(self.path, str) and self.path.endswith(("/", os.sep)) and self.format is None:
+            self.format = "hf"
+        self.path = Path(self.path)
+
 
 @dataclass
 class Step:
@@ -54,15 +62,24 @@ class Step:
 
 def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int = 0,
          settings: VerifySettings | None = None, plan_text: str | None = None,
-         on_step: Callable[[int, Step], None] | None = None) -> dict[str, Any]:
+         on_step: Callable[[int, Step], None] | None = None, overwrite: bool = False,
+         protect: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Run ``steps`` on the model at ``source`` and write every output; returns the report.
 
     Outputs are validated before any work; nothing is written unless every exact step and
-    the overall comparison pass (or ``settings.allow_mismatch``).
+    the overall comparison pass (or ``settings.allow_mismatch``). No output may be, contain or
+    lie inside an input (the model, ``--inputs``, ``protect``: a plan file); an existing one is
+    refused unless ``overwrite`` (see :func:`growcli.io.atomic.check_output_path`). Outputs and
+    the report are renamed into place together, or not at all.
     """
     settings = settings or VerifySettings()
+    inputs = (source.inputs_file, *protect)
+    check_distinct([o.path for o in outputs])
     gm = source.load()
-    formats = [check_output(gm, o.path, o.format) for o in outputs]
+    formats = [check_output(gm, o.path, o.format, overwrite=overwrite, inputs=inputs) for o in outputs]
+    if outputs and formats[0] != "hf":
+        check_output_path(report_path(outputs[0].path, formats[0]), (source.path, *inputs), overwrite=overwrite)
+        check_distinct([o.path for o in outputs] + [report_path(outputs[0].path, formats[0])])
     if source.inputs_file is not None:
         settings.inputs = [load_inputs_file(source.inputs_file, gm.inputs)]
     ctx = Context(seed=seed)
@@ -94,16 +111,40 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     }
     if plan_text is not None:  # provenance: the plan travels in the report as in the safetensors metadata
         report["plan"] = plan_text
-    report["outputs"] = save_models(gm, [(o.path, fmt, o.shard_size) for o, fmt in zip(outputs, formats)],
-                                    verification=overall, plan=plan_text, batches=batches)
-    if outputs:
-        write_report(report, outputs[0].path, formats[0])
+    ensure_space([(o.path, weight_bytes(gm)) for o in outputs])
+    with transaction():  # the outputs and the report: all renamed into place at the end, or none
+        report["outputs"] = save_models(gm, [(o.path, fmt, o.shard_size) for o, fmt in zip(outputs, formats)],
+                                        verification=overall, plan=plan_text, batches=batches)
+        if outputs:
+            write_report(report, outputs[0].path, formats[0])
     return report
 
 
-def write_report(report: dict[str, Any], out: Path, fmt: str) -> Path:
+def weight_bytes(gm: GrowModel) -> int:
+    """Bytes of the model's tensors (shared ones once): about what each output takes on disk."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in gm.module.state_dict().values():
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def report_path(out: Path, fmt: str) -> Path:
     """``growth_report.json`` inside a directory output, else ``<stem>.growth_report.json`` beside the file."""
-    path = out / "growth_report.json" if fmt == "hf" else out.with_name(out.stem + ".growth_report.json")
+    return out / "growth_report.json" if fmt == "hf" else out.with_name(out.stem + ".growth_report.json")
+
+
+def write_report(report: dict[str, Any], out: Path, fmt: str) -> Path:
+    """Write the report at :func:`report_path`; inside a transaction, into the directory still being written."""
+    path = report_path(out, fmt)
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    staged = staged_path(out) if fmt == "hf" else None
+    if staged is not None:
+        try:
+            (staged / path.name).write_text(text)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return path
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.write_text(text)
     return path

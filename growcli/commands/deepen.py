@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Rtol, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
 from growcli.errors import UsageError
 
 
@@ -33,8 +33,9 @@ def register(app: typer.Typer) -> None:
                                             "its residual writers zeroed (pre-LN transformers, ResNets).")] = False,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
-        allow_mismatch: AllowMismatch = False, json_out: Json = False,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,  # accepted everywhere; this command shows no progress
     ) -> None:
         """Add depth: layers or residual blocks that start as the identity; the grown model computes the same function.
 
@@ -51,5 +52,5 @@ def register(app: typer.Typer) -> None:
             raise UsageError("deepen needs at least one -o OUTPUT")
         report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("deepen", options)],
                       [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch))
+                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite)
         render_grow_report(report, json_out)

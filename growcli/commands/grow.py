@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Format, InputsFile, InputShape, Json, Model, Outputs,
-                         Rtol, TrustPickle, emit_json, handle_errors, render_grow_report)
+                         Overwrite, Quiet, Rtol, TrustPickle, emit_json, handle_errors, render_grow_report)
 
 PlanFile = Annotated[Path, typer.Option("--plan", "-p", help="The growth plan (YAML, version 1).", show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Apply the steps in memory and show what they do; write nothing.")]
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
                  arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
                  inputs: InputsFile = None, seed: SeedOpt = None, batches: BatchesOpt = None, dtype: DtypeOpt = None,
                  atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False, dry_run: DryRun = False,
-                 json_out: Json = False) -> None:
+                 overwrite: Overwrite = False, json_out: Json = False, quiet: Quiet = False) -> None:
         """Apply a growth plan's steps in order, verifying each, and write the result with the plan as provenance.
 
         Example: growcli grow fixtures/mlp.pt --arch growcli.zoo:mlp --plan examples/mlp.yaml -o grown/mlp.safetensors
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         p = load_plan(plan)
         cfg = configure(p, Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), outputs=output,
                         format=format, seed=seed, batches=batches, dtype=dtype, atol=atol, rtol=rtol,
-                        allow_mismatch=allow_mismatch, require_output=not dry_run)
+                        allow_mismatch=allow_mismatch, require_output=not dry_run, overwrite=overwrite)
         if not dry_run:
             render_grow_report(run_plan(p, cfg), json_out)
             return

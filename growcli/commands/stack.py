@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Quiet, Rtol, Seed, TrustPickle, console, emit_json, handle_errors,
+                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, console, emit_json, handle_errors,
                          render_grow_report, verify_settings)
 from growcli.errors import UsageError
 
@@ -31,8 +32,9 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard when streaming.")] = "5GB",
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
-        allow_mismatch: AllowMismatch = False, json_out: Json = False, quiet: Quiet = False,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,
     ) -> None:
         """Duplicate a model's stack of repeated blocks (progressive stacking, depth up-scaling).
 
@@ -47,18 +49,21 @@ def register(app: typer.Typer) -> None:
         options = {k: v for k, v in {"blocks": blocks, "factor": factor, "to": to, "order": order, "layers": layers,
                                      "init": init, "allow_inexact": allow_mismatch}.items() if v is not None}
         spec = build_spec("stack", options)  # every option problem is reported before anything is loaded
-        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch)
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
         if not choose_streaming(model, list(output), format, streaming):
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("stack", options)],
-                          [Output(p, format) for p in output], seed=seed, settings=settings)
+                          [Output(p, format) for p in output], seed=seed, settings=settings, overwrite=overwrite)
             render_grow_report(report, json_out)
             return
+        from growcli.io.atomic import check_output_path
+
+        check_output_path(Path(output[0]), (model, inputs), overwrite=overwrite, directory=True)
         if inputs is not None:  # the in-memory path reads it in runner.grow
             from growcli.inputs import load_inputs_file
 
             settings.inputs = [load_inputs_file(inputs)]
         with _progress(console(quiet, json_out)) as advance:
-            report = stack_streaming(model, output[0], spec, shard_size=parse_size(shard_size), settings=settings,
+            report = stack_streaming(model, Path(output[0]), spec, shard_size=parse_size(shard_size), settings=settings,
                                      seed=seed, progress=advance)
         _render_streaming(report, json_out)
 

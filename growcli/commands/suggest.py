@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from growcli.cli import Arch, ArchKwargs, InputShape, Json, Model, Seed, TrustPickle, emit_json, handle_errors
+from growcli.cli import Arch, ArchKwargs, InputShape, Json, Model, Overwrite, Quiet, Seed, TrustPickle, emit_json, handle_errors
 
 Data = Annotated[Path, typer.Option("--data", help="Calibration data: .safetensors/.pt with 'input' (or 0,1,… or "
                                     "argument names) and 'target' (or 'labels' for the model's own loss).",
@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
         plan_out: Annotated[Optional[Path], typer.Option("--plan-out", help="Write the suggestion as a growth plan "
                                                          "(YAML) for growcli grow.")] = None,
         arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
-        input_shape: InputShape = None, seed: Seed = 0, json_out: Json = False,
+        input_shape: InputShape = None, seed: Seed = 0, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,
     ) -> None:
         """Rank the layers where added units promise the largest loss decrease on your data (GradMax, Firefly, NeST).
 
@@ -40,12 +41,14 @@ def register(app: typer.Typer) -> None:
         """
         from growcli.calibration import DataRequest, check_loss, load_calibration
         from growcli.errors import NotGrowableError, UsageError
-        from growcli.io.atomic import atomic_output
+        from growcli.io.atomic import atomic_output, check_output_path
         from growcli.io.load import load_model
         from growcli.suggest import plan_text, suggest
 
         if lr <= 0 or scale <= 0:
             raise UsageError(f"--lr and --scale must be positive, got {lr} and {scale}")
+        if plan_out is not None:  # before any work: never the model or the data, an existing file only with --overwrite
+            check_output_path(plan_out, (model, data), overwrite=overwrite)
         gm = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_shape=input_shape)
         request = DataRequest(str(data), check_loss(loss), batches, batch_size)
         cal = load_calibration(request, gm.inputs, gm.kind)

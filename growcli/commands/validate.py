@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli import Arch, ArchKwargs, InputShape, Json, TrustPickle, emit_json, handle_errors
+from growcli.cli import Arch, ArchKwargs, InputShape, Json, Quiet, TrustPickle, emit_json, handle_errors
 from growcli.errors import EXIT_USAGE
 
 
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
                      model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Also check the steps against "
                                       "this checkpoint: layers exist, sizes grow, every step applies.")] = None,
                      arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
-                     input_shape: InputShape = None, json_out: Json = False) -> None:
+                     input_shape: InputShape = None, json_out: Json = False, quiet: Quiet = False) -> None:
         """Check a growth plan: schema, step types and options, and (with --model) the model's layers.
 
         Example: growcli validate examples/cnn.yaml --model fixtures/cnn.pt --arch growcli.zoo:cnn

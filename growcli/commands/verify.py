@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from growcli.cli import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol,
+from growcli.cli import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
                          TrustPickle, emit_json, handle_errors, status, verify_settings)
 from growcli.errors import EXIT_MISMATCH
 
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     def verify_cmd(original: Annotated[Path, typer.Argument(help="The checkpoint before growth.")],
                    grown: Annotated[Path, typer.Argument(help="The grown checkpoint (any format growcli writes).")],
                    arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
-                   input_shape: InputShape = None, inputs: InputsFile = None, batches: Batches = 3,
+                   input_shape: InputShape = None, inputs: InputsFile = None, batches: Batches = 3, seq_len: SeqLen = None,
                    dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None, json_out: Json = False,
                    quiet: Quiet = False) -> None:
         """Run both models on the same inputs and compare every output.
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from growcli.compare import compare_checkpoints
         from growcli.runner import Source
 
-        settings = verify_settings(batches, dtype, atol, rtol)
+        settings = verify_settings(batches, dtype, atol, rtol, seq_len=seq_len)
         src = Source(original, arch, arch_kwargs, trust_pickle, input_shape, inputs)
         with status(f"comparing {original} and {grown}", quiet, json_out):
             report = compare_checkpoints(src, grown, settings)

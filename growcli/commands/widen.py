@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from growcli.cli import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Rtol, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
 from growcli.errors import UsageError
 
 
@@ -46,8 +46,9 @@ def register(app: typer.Typer) -> None:
                                                   "matrices reading the hidden states (exact; breaks symmetry).")] = 0.0,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
-        allow_mismatch: AllowMismatch = False, json_out: Json = False,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,  # accepted everywhere; this command shows no progress
     ) -> None:
         """Widen a layer's units or channels; the grown model computes the same function.
 
@@ -72,7 +73,8 @@ def register(app: typer.Typer) -> None:
         report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
                       ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
                       [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch))
+                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite,
+                      protect=(data,) if data is not None else ())
         render_grow_report(report, json_out)
 
 
