@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.edits import replay
+from growcli.edits import check_records, replay
 from growcli.errors import ArchitectureError, FormatError, InputsError, MissingDependencyError, UsageError
 from growcli.inputs import InputSpec, TensorSpec, parse_input_shape, spec_from_batch
 from growcli.io.formats import (
@@ -95,8 +95,26 @@ def import_factory(spec: str):
     return obj
 
 
-def build_arch(arch_spec: dict[str, Any]) -> nn.Module:
-    factory = import_factory(arch_spec["factory"])
+def bundled_factory(spec: str):
+    """The model factory ``growcli.zoo:<name>`` names, if it is one of growcli's own; else ``None``.
+
+    A recorded architecture may name these without ``--arch``: resolving one imports only
+    growcli's own ``growcli.zoo`` (never a module named in a file) and checks the function
+    is defined there.
+    """
+    mod_name, _, attr = spec.partition(":")
+    if mod_name != "growcli.zoo" or not attr.isidentifier() or attr.startswith("_"):
+        return None
+    from growcli import zoo
+
+    obj = getattr(zoo, attr, None)
+    if not callable(obj) or getattr(obj, "__module__", None) != "growcli.zoo":
+        return None
+    return obj
+
+
+def build_arch(arch_spec: dict[str, Any], factory=None) -> nn.Module:
+    factory = factory if factory is not None else import_factory(arch_spec["factory"])
     try:
         module = factory(**arch_spec.get("kwargs", {}))
     except Exception as exc:
@@ -221,26 +239,71 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _metadata_json(meta: dict[str, str], key: str, path: Path, default: Any) -> Any:
+    """A JSON value of the file's metadata; one-line :class:`FormatError` when it does not parse."""
+    text = meta.get(key)
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{path}: metadata {key} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
+
+
+def _recorded_arch(meta: dict[str, str], path: Path) -> dict | None:
+    arch = _metadata_json(meta, "growcli.arch", path, None)
+    if arch is None:
+        return None
+    if not isinstance(arch, dict) or not isinstance(arch.get("factory"), str) \
+            or not isinstance(arch.get("kwargs", {}), dict):
+        raise FormatError(f"{path}: metadata growcli.arch is malformed (expected {{\"factory\": ..., \"kwargs\": {{...}}}})")
+    return {"factory": arch["factory"], "kwargs": arch.get("kwargs", {})}
+
+
 def _load_safetensors(path: Path, arch_spec: dict | None, base: GrowModel | None) -> GrowModel:
+    """Load a (grown) safetensors file.
+
+    Nothing named in the file's metadata is imported: a recorded architecture factory is
+    built only when the user names the same factory with ``--arch`` (the recorded kwargs,
+    plain JSON, are used when the user gives none), and recorded edits name only
+    allowlisted module classes (:func:`growcli.edits.replay`).
+    """
     meta = safetensors_metadata(path)
-    state = read_safetensors(path)
-    edits = json.loads(meta.get("growcli.edits", "[]"))
-    recorded_arch = json.loads(meta["growcli.arch"]) if meta.get("growcli.arch") else None
+    edits = _metadata_json(meta, "growcli.edits", path, [])
+    check_records(edits, str(path))  # before anything is built or read
+    recorded_arch = _recorded_arch(meta, path)
+    inputs = None
+    if meta.get("growcli.inputs"):
+        try:
+            inputs = InputSpec.from_json(meta["growcli.inputs"])
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from None
     kind, hf_class = "state_dict", meta.get("growcli.hf_class")
-    if arch_spec is not None or (recorded_arch is not None and base is None):
-        arch_spec = arch_spec or recorded_arch
+    if arch_spec is not None:
+        if recorded_arch is not None and arch_spec["factory"] == recorded_arch["factory"] and not arch_spec["kwargs"]:
+            arch_spec = recorded_arch  # the user named this factory; its recorded arguments are data
         module = build_arch(arch_spec)
     elif base is not None:
         module = copy.deepcopy(base.module)
         if base.base_edits:  # the base itself was grown: start from its own original
             raise UsageError(f"{path}: compare a grown safetensors against the checkpoint it was grown from")
         kind, arch_spec, hf_class = base.kind, base.arch, base.hf_class
+    elif recorded_arch is not None and bundled_factory(recorded_arch["factory"]) is not None:
+        module = build_arch(recorded_arch, bundled_factory(recorded_arch["factory"]))  # growcli's own zoo
+        arch_spec = recorded_arch
+    elif recorded_arch is not None:
+        factory = recorded_arch["factory"]
+        raise ArchitectureError(f"{path}: its metadata names the architecture {factory}, and growcli never imports code "
+                                f"named in a file; pass --arch {factory} if you trust it (or compare it against its "
+                                "original with growcli verify ORIGINAL GROWN)")
     else:
         raise UsageError(f"{path}: a safetensors file holds only weights; pass --arch package.module:factory "
                          "(or compare it against its original with growcli verify ORIGINAL GROWN)")
-    replay(module, edits)
+    state = read_safetensors(path)
+    replay(module, edits, str(path))
     load_state_dict_strict(module, state, path)
-    inputs = InputSpec.from_json(meta["growcli.inputs"]) if meta.get("growcli.inputs") else infer_input_spec(module)
+    if inputs is None:
+        inputs = infer_input_spec(module)
     if base is not None and inputs.empty:
         inputs = base.inputs
     kind = "state_dict" if kind not in ("hf", "pt2") else kind
@@ -286,12 +349,40 @@ def load_hf_config(path: Path):
         import transformers
     except ImportError:
         raise MissingDependencyError("reading Hugging Face directories needs transformers: pip install 'growcli[hf]'") from None
+    check_no_remote_code(path)
     quiet_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise FormatError(f"{path}/config.json: not a usable Hugging Face config ({str(exc).splitlines()[0][:200]})") from None
     return transformers, config
+
+
+_CUSTOM_CODE = ("modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py",
+                "image_processing_*.py", "feature_extraction_*.py")
+
+
+def check_no_remote_code(path: Path) -> None:
+    """Refuse an HF directory that ships its own model code: growcli never runs it.
+
+    ``auto_map`` in config.json, or ``modeling_*.py``-style files beside it, are what
+    ``trust_remote_code`` would import; growcli never passes that flag and says so here,
+    before transformers reads anything.
+    """
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{config_file}: not a usable Hugging Face config ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{config_file}: not a usable Hugging Face config (expected a JSON object)")
+    if "auto_map" in config:
+        raise FormatError(f"{config_file}: has 'auto_map', i.e. the model needs its own Python code; growcli never runs "
+                          "code from a model directory (trust_remote_code is never used)")
+    code = sorted(p.name for pattern in _CUSTOM_CODE for p in path.glob(pattern))
+    if code:
+        raise FormatError(f"{path}: holds custom model code ({', '.join(code[:3])}); growcli never runs code from a "
+                          "model directory (trust_remote_code is never used); remove it to load the standard class")
 
 
 def quiet_transformers() -> None:
@@ -302,8 +393,15 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8) -> InputSpec:
-    """Inputs generated from a Hugging Face config: token ids for text models, pixels for vision."""
+def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8, mask: bool = True) -> InputSpec:
+    """Inputs generated from a Hugging Face config: token ids for text models, pixels for vision.
+
+    Token ids span the whole vocabulary and their length varies from batch to batch (up to
+    ``max_position_embeddings``); when ``forward`` takes ``attention_mask`` (and ``mask``),
+    later batches are right-padded with a mask of zeros there (see ``make_batches``).
+    """
+    import inspect
+
     config = module.config
     name = getattr(module, "main_input_name", "input_ids")
     if name == "pixel_values":
@@ -311,6 +409,17 @@ def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8) -> InputSpec:
         size = size[0] if isinstance(size, (list, tuple)) else size
         return InputSpec(kwargs=(("pixel_values", TensorSpec((batch, getattr(config, "num_channels", 3), size, size))),))
     if name == "input_ids":
-        seq = min(seq, getattr(config, "max_position_embeddings", seq) or seq)
-        return InputSpec(kwargs=(("input_ids", TensorSpec((batch, seq), "int64", config.vocab_size)),))
+        max_seq = getattr(config, "max_position_embeddings", None) or None
+        seq = min(seq, max_seq or seq)
+        kwargs = [("input_ids", TensorSpec((batch, seq), "int64", config.vocab_size))]
+        try:
+            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            takes_mask = False
+        if mask and takes_mask:
+            kwargs.append(("attention_mask", TensorSpec((batch, seq), "int64", 2)))
+        pad_id = getattr(config, "pad_token_id", None)
+        pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < config.vocab_size else None
+        return InputSpec(kwargs=tuple(kwargs), seq=tuple(k for k, _ in kwargs), max_seq=max_seq,
+                         mask="attention_mask" if mask and takes_mask else None, pad_id=pad_id)
     raise InputsError(f"growcli cannot generate inputs named {name!r}; pass --inputs FILE")

@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from growcli.errors import FormatError, MissingDependencyError, UsageError, Veri
 from growcli.inputs import Batch, make_batches
 from growcli.io.atomic import atomic_output, check_output_path
 from growcli.io.formats import write_safetensors
+from growcli.io.sidefiles import copy_side_files
 from growcli.model import GrowModel, eval_mode
 from growcli.verify import VerifyReport, compare_outputs, flatten_outputs, run_model
 
@@ -26,23 +28,53 @@ FORMATS = ("safetensors", "pt2", "onnx", "hf", "pt")
 _SUFFIX = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".pt": "pt", ".pth": "pt"}
 
 
-def output_format(out: Path, fmt: str | None) -> str:
-    """The format to write: ``fmt`` if given, else from the suffix; no suffix means an HF directory."""
+# Suffixes of files growcli cannot write: refused rather than taken for a directory name.
+_FOREIGN = {".bin", ".ckpt", ".h5", ".gguf", ".ggml", ".msgpack", ".npz", ".npy", ".pkl", ".pickle", ".json",
+            ".yaml", ".yml", ".txt", ".zip", ".tar", ".gz", ".tflite", ".mlmodel", ".data"}
+
+
+def output_format(out: str | Path, fmt: str | None) -> str:
+    """The format to write: ``fmt`` if given, else from the suffix.
+
+    A path is a (Hugging Face) directory when it ends with ``/``, exists as a directory or
+    has no known file suffix (``llama-3.2-2b`` is a directory: ``.2-2b`` is no file suffix).
+    """
+    raw = os.fspath(out)
+    out = Path(raw)
+    slash = raw.endswith(("/", os.sep))
     if fmt:
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        if slash and fmt != "hf":
+            raise UsageError(f"{raw}: ends with / (a directory) but --format {fmt} writes a file")
         return fmt
+    if slash or out.is_dir():
+        return "hf"
     if out.suffix in _SUFFIX:
         return _SUFFIX[out.suffix]
-    if not out.suffix or str(out).endswith("/") or out.is_dir():
-        return "hf"
-    raise UsageError(f"{out}: unknown output format {out.suffix}; use .safetensors, .pt2, .onnx, .pt or a directory (--format hf)")
+    if out.suffix.lower() in _FOREIGN:
+        raise UsageError(f"{out}: unknown output format {out.suffix}; use .safetensors, .pt2, .onnx, .pt or a "
+                         "directory (--format hf)")
+    return "hf"
 
 
-def check_output(gm: GrowModel, out: Path, fmt: str | None) -> str:
-    """Validate an output before any work is done; returns the format."""
+def check_output(gm: GrowModel, out: str | Path, fmt: str | None, *, overwrite: bool | None = None,
+                 inputs: tuple[Path | None, ...] = ()) -> str:
+    """Validate an output before any work is done; returns the format.
+
+    The output must not be, contain or lie inside the input (or any of ``inputs``). With
+    ``overwrite`` ``False`` an existing output is refused, with ``True`` a file or a
+    directory growcli wrote may be replaced; ``None`` does not look at what exists.
+    """
+    explicit = bool(fmt) or os.fspath(out).endswith(("/", os.sep))
     fmt = output_format(out, fmt)
-    check_output_path(out, gm.source)
+    out = Path(out)
+    if fmt == "hf" and not gm.is_hf and not explicit and not out.is_dir() and out.suffix:
+        raise UsageError(f"{out}: unknown output format {out.suffix}; use .safetensors, .pt2, .onnx, .pt or a "
+                         "directory (--format hf) for a Hugging Face input")
+    check_output_path(out, (gm.source, *inputs), overwrite=overwrite, directory=(fmt == "hf"))
+    if fmt == "onnx" and overwrite is not None:  # weights too large for protobuf go to <name>.data beside it
+        check_output_path(out.with_name(out.name + ".data"), (gm.source, *inputs), overwrite=overwrite)
     if fmt == "hf" and not gm.is_hf:
         raise UsageError(f"{out}: a Hugging Face directory can only be written for a Hugging Face input; use .safetensors or .pt2")
     if fmt == "pt" and gm.kind != "pickle":
@@ -85,8 +117,8 @@ def save_model(gm: GrowModel, out: str | Path, *, fmt: str | None = None, verifi
 
     ``shard_size`` (bytes) caps each weights file of a Hugging Face directory output.
 
-    ONNX outputs are run with onnxruntime against the torch model on ``batches`` and a
-    mismatch raises :class:`VerificationFailed` without leaving the file.
+    The written file is loaded back and run on ``batches`` against ``gm`` (ONNX with
+    onnxruntime); a mismatch raises :class:`VerificationFailed` without leaving the file.
     """
     return save_models(gm, [(out, fmt, shard_size)], verification=verification, plan=plan, batches=batches)[0]
 
@@ -96,16 +128,28 @@ def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int |
                 batches: list[Batch] | None = None) -> list[dict[str, Any]]:
     """Write every ``(path, format, shard_size)`` output, or none of them.
 
-    Each output is written to a temporary sibling; they are renamed into place together only
-    after all of them were written, so a failing ONNX check, say, leaves no earlier output.
+    Each output is written to a temporary sibling, then loaded back from it the way its user
+    would load it, run on ``batches`` and compared with ``gm`` (see :mod:`growcli.io.readback`;
+    each result gains ``loaded_with``, ``max_abs_diff`` and ``readback``). They are renamed into
+    place together only after all of them were written and read back, so a failing check
+    (:class:`VerificationFailed`) leaves no output and no temporary.
     """
+    from growcli.io.readback import Readback
+
+    if batches is None:
+        batches = make_batches(gm.inputs, 2, seed=1) if not gm.inputs.empty else []
+    readback = Readback(gm, batches, verification)
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as pending:
         for out, fmt, shard_size in outputs:
             out = Path(out)
             fmt = check_output(gm, out, fmt)
             tmp = pending.enter_context(atomic_output(out, directory=(fmt == "hf")))
-            results.append(_write(gm, out, fmt, tmp, verification, plan, batches, shard_size))
+            result = _write(gm, out, fmt, tmp, verification, plan, batches, shard_size)
+            # Inside the stack: a failure here discards every temporary, nothing is committed.
+            result.update(readback.check(fmt, tmp, out, result.get("check")))
+            results.append(result)
+        del readback
     return results
 
 
@@ -126,7 +170,7 @@ def _write(gm: GrowModel, out: Path, fmt: str, tmp: Path, verification: VerifyRe
 
 
 def batch_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
-    """torch.export ``dynamic_shapes`` that let dimension 0 (the batch) of every tensor input vary.
+    """torch.export ``dynamic_shapes`` that let the batch (and the sequence of integer inputs) vary.
 
     ``Dim.AUTO`` lets the exporter keep the batch static where the model fixes it, so this
     never makes an export fail. ``None`` when the torch version or the forward signature
@@ -142,7 +186,10 @@ def batch_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict[s
         return None
 
     def one(value: Any) -> Any:
-        return {0: auto} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        # Token ids and masks ([batch, seq] integers): the sequence length may vary too.
+        return {0: auto, 1: auto} if value.dim() == 2 and not value.is_floating_point() else {0: auto}
 
     shapes: dict[str, Any] = {}
     for name, value in bound.arguments.items():
@@ -243,21 +290,41 @@ def _export_and_check_onnx(gm: GrowModel, tmp: Path, data_file: Path, batches: l
     ort_inputs = [i.name for i in session.get_inputs()]
     ort_outputs = [o.name for o in session.get_outputs()]
 
-    checks: dict = {}
-    for batch in batches:
+    # The graph fixes every dimension the exporter could not keep symbolic (e.g. a sequence
+    # length): it is run on the batches whose shapes it accepts (batches[0] was exported).
+    fixed = {i.name: i.shape for i in session.get_inputs()}
+
+    def feed_of(batch: Batch) -> dict | None:
         a, kw = batch
         # By name: the exporter may drop an input the graph does not use.
         values = dict(zip(input_names, [t.detach().numpy() for t in a] + [v.detach().numpy() for v in kw.values()]))
         feed = {n: values[n] for n in ort_inputs}
-        got = session.run(None, feed)
+        for n, v in feed.items():
+            dims = fixed.get(n) or []
+            if len(dims) != v.ndim or any(isinstance(d, int) and d != s for d, s in zip(dims, v.shape)):
+                return None
+        return feed
+
+    runnable = [(b, f) for b, f in ((b, feed_of(b)) for b in batches) if f is not None] or [(batches[0], feed_of(batches[0]) or {})]
+    checks: dict = {}
+    for batch, feed in runnable:
+        try:
+            got = session.run(None, feed)
+        except Exception as exc:
+            raise VerificationFailed(f"the written ONNX file, loaded back with onnxruntime, does not run "
+                                     f"({type(exc).__name__}: {_first_line(exc)})") from None
         ref = run_model(module, batch)
         cand = {n: torch.from_numpy(v) for n, v in zip(ort_outputs, got)}
         compare_outputs({f"onnx:{k}": v for k, v in ref.items()}, {f"onnx:{k}": v for k, v in cand.items()}, 1e-5, 1e-4, checks)
     outputs = list(checks.values())
-    report = VerifyReport(all(o.passed for o in outputs), "float32", len(batches), 1e-5, 1e-4,
-                          max((o.max_abs_diff for o in outputs), default=0.0), outputs, "onnxruntime vs torch")
+    note = "onnxruntime vs torch"
+    if len(runnable) != len(batches):
+        note += f"; {len(runnable)} of {len(batches)} batches have shapes the graph accepts"
+    report = VerifyReport(bool(outputs) and all(o.passed for o in outputs), "float32", len(runnable), 1e-5, 1e-4,
+                          max((o.max_abs_diff for o in outputs), default=0.0), outputs, note)
     if not report.passed:
-        raise VerificationFailed(f"the ONNX export differs from the torch model: {report.summary()}", report)
+        raise VerificationFailed(f"the written ONNX file, loaded back with onnxruntime, differs from the torch model: "
+                                 f"{report.summary()}", report)
     return report
 
 
@@ -287,6 +354,8 @@ def _save_hf(gm: GrowModel, tmp: Path, shard_size: int | None = None) -> None:
         for k, v in runtime.items():
             setattr(module.config, k, v)
     _check_hf_config(module, tmp)
+    if gm.source.is_dir():  # tokenizer, generation config and other side files travel along
+        copy_side_files(gm.source, tmp)
 
 
 def _validate_hf_config(config) -> None:
