@@ -56,7 +56,7 @@ def test_bert_block_stack_and_parameters(reports):
     [stack] = data["block_stacks"]
     assert stack == {"name": "encoder.layer", "type": "BertLayer", "length": 2, "params_per_block": 8544}
     assert data["total_parameters"] == 22_496
-    assert data["inputs"] == "input_ids=[2, 8] int64"
+    assert data["inputs"] == "input_ids=[2, 8] int64, attention_mask=[2, 8] int64"
     by_name = {m["name"]: m for m in data["modules"]}
     assert by_name["embeddings.word_embeddings"]["params"] == {"weight": [100, 32]}
 
