@@ -33,7 +33,8 @@ from growcli.errors import NotGrowableError
 from growcli.layouts import CORE, Cat, Core, Fixed, Key, Layout, Merge  # noqa: F401
 from growcli.trace import (ADDMM, BATCH_NORM, BINARY, CONV, METADATA_CHECKS, PAD, POOL, REDUCE, REINDEX,  # noqa: F401
                            UNARY, VIEW, Trace, _conv_groups, _merge_groups, _prod, _source_dim, aten, op_name, shape,
-                           reduce_dims, trace_model, where)
+                           reduce_dims, where)
+from growcli.trace import trace_model as _trace_model
 
 
 # --------------------------------------------------------------------------- analysis result
@@ -543,3 +544,57 @@ def producer_layers(trace: Trace) -> list[str]:
                for u in users):
             out.append(fqn[: -len(".weight")] if fqn != "weight" else "")
     return out
+
+
+# --------------------------------------------------------------------------- tracing a program edited in memory
+def trace_model(module: Any, batch: Any) -> Trace:
+    """:func:`growcli.trace.trace_model`, after refreshing a loaded ``.pt2`` program's shape metadata.
+
+    A program is its own trace, so its nodes' recorded shapes go stale once an earlier edit
+    (a previous step, or an earlier layer of the same widen) has changed its weights; the
+    analysis would then compute offsets (concatenation, flattening) from the old sizes.
+    """
+    if _stale_shapes(module):
+        _refresh_shapes(module, batch)
+    return _trace_model(module, batch)
+
+
+def _stale_shapes(module: Any) -> bool:
+    import torch
+
+    if not isinstance(module, fx.GraphModule):
+        return False
+    for node in module.graph.nodes:
+        val = node.meta.get("val") if node.op == "get_attr" else None
+        if isinstance(val, torch.Tensor):
+            try:
+                actual = operator.attrgetter(node.target)(module)
+            except AttributeError:
+                continue
+            if isinstance(actual, torch.Tensor) and tuple(actual.shape) != tuple(val.shape):
+                return True
+    return False
+
+
+def _refresh_shapes(module: fx.GraphModule, batch: Any) -> None:
+    """Re-run the program on fake copies of ``batch`` to record every node's current shape (best effort)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.utils import _pytree as pytree
+
+    args, kwargs = batch
+    kwargs = dict(kwargs)
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    try:
+        if spec is not None and kwargs and len(spec.children_specs) == 2 and spec.children_specs[1].context:
+            kwargs = {k: kwargs[k] for k in spec.children_specs[1].context if k in kwargs}
+        flat = pytree.tree_leaves((tuple(args), kwargs))
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        prop = FakeTensorProp(module, mode)
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        with mode:
+            prop.run(*fake, enable_io_processing=False)
+    except Exception:  # noqa: BLE001 — the old shapes stay; verification still catches a wrong offset
+        pass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from growcli.inputs import Batch, cast_batch, make_batches
 from growcli.io.atomic import atomic_output, check_output_path
 from growcli.io.formats import require_exists, safetensors_header
 from growcli.io.load import hf_input_spec, load_hf_config, load_model
+from growcli.io.sidefiles import copy_side_files
 from growcli.transforms.stack import StackPlan, StackSpec, plan_stack, post_ln_reason, step_report
 
 STREAMING_THRESHOLD = 1 << 30  # checkpoints larger than this (bytes of safetensors) stream by default
@@ -372,7 +372,7 @@ def stack_streaming(src: Path, out: Path, spec: StackSpec, *, shard_size: int, s
         config = json.loads((src / "config.json").read_text())
         config.update(plan.config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_other_files(src, tmp, set(weight_files(src)))
+        copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's (stale) weights
         new_config = module.config.__class__.from_pretrained(str(tmp), local_files_only=True)
         checked.append(_structure_check(type(module), new_config, names, tensors))
         verification = _verify(src, tmp, settings, seed) if small else None
@@ -408,24 +408,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _copy_other_files(src: Path, dst: Path, weights: set[Path]) -> None:
-    """Tokenizer, generation config and the like; not the weights, their index, config or an old report."""
-    skip = {src / INDEX, src / "config.json", src / "growth_report.json"} | weights
-    for item in src.iterdir():
-        if item in skip:
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name)
-        else:
-            shutil.copy2(item, dst / item.name)
-
-
 def _verify(src: Path, grown: Path, settings, seed: int):
     """Load both directories in memory and compare them (only called for small checkpoints)."""
     from growcli.verify import verify_models
 
     original = load_model(src)
     candidate = load_model(grown)
-    batches = settings.inputs if settings.inputs is not None else make_batches(original.inputs, settings.batches, seed=seed)
+    batches = settings.inputs if settings.inputs is not None else make_batches(original.inputs, settings.batches, seed=seed,
+                                                                                  seq_len=getattr(settings, "seq_len", None))
     return verify_models(original.module, candidate.module, batches, dtype=settings.dtype, atol=settings.atol,
                          rtol=settings.rtol)

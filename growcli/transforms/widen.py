@@ -293,12 +293,21 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
     gen = ctx.generator(salt=1)
     done: set[frozenset[str]] = set()
     sizes: dict[int, int] = {}
+    touched: set[str] = set()  # tensors earlier groups rewrote
     for layer in layers:
+        if any(layer in key for key in done):
+            continue
         group = analyze(trace, layer)
+        if touched & {use.fqn for use in group.uses}:
+            # An earlier group grew a tensor this one uses too (a consumer of both, e.g. after torch.cat):
+            # its offsets moved, so analyse again on the model as it is now.
+            trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+            group = analyze(trace, layer)
         key = frozenset(group.producers)
         if key in done:
             continue
         done.add(key)
+        touched |= {use.fqn for use in group.uses}
         new_size = spec.target(group.size)
         if new_size <= group.size:
             raise NotGrowableError(f"'{layer}' has {group.size} units; the new size {new_size} is not larger")
