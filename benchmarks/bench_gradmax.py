@@ -87,10 +87,10 @@ def full_loss(model: nn.Module, x, y) -> float:
 
 def widen(base: nn.Module, variant: str, to: int, calib: dict[str, torch.Tensor], seed: int) -> tuple[nn.Module, float]:
     """The base model widened with ``variant`` through growcli; returns it and the loss change it caused."""
-    from growcli.calibration import from_tensors
-    from growcli.inputs import spec_from_batch
-    from growcli.model import GrowModel
-    from growcli.pipeline import VerifySettings, run_step
+    from growcli.analysis.calibration import from_tensors
+    from growcli.core.inputs import spec_from_batch
+    from growcli.core.model import GrowModel
+    from growcli.run.steps import VerifySettings, run_step
     from growcli.transforms.registry import Context
 
     module = copy.deepcopy(base).eval()

@@ -27,8 +27,8 @@ def child(mode: str, layers: int, hidden: int, factor: float) -> None:
     from transformers import BertConfig, BertModel
 
     from growcli.io.load import hf_input_spec
-    from growcli.model import GrowModel
-    from growcli.pipeline import VerifySettings, run_step
+    from growcli.core.model import GrowModel
+    from growcli.run.steps import VerifySettings, run_step
     from growcli.transforms.registry import Context
     from pathlib import Path
 

@@ -1,4 +1,4 @@
-from growcli.cli import main
+from growcli.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -9,27 +9,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.edits import replay
-from growcli.errors import FormatError
-from growcli.inputs import Batch, make_batches
+from growcli.core.edits import replay
+from growcli.core.errors import FormatError
+from growcli.core.inputs import Batch, make_batches
 from growcli.io.formats import read_safetensors, require_exists, safetensors_metadata
 from growcli.io.load import load_model, load_state_dict_strict
 from growcli.io.save import save_model
-from growcli.model import GrowModel, eval_mode
-from growcli.pipeline import VerifySettings, run_step
+from growcli.core.model import GrowModel, eval_mode
+from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.registry import Context, StepReport
-from growcli.verify import VerifyReport, verify_models
+from growcli.verification.compare import VerifyReport, verify_models
 
 __all__ = ["apply", "load_grown", "load_model", "save_model", "verify"]
 
 
 def apply(gm: GrowModel, transform: str, *, seed: int = 0, allow_mismatch: bool = False, **options: Any) -> StepReport:
-    """Apply one registered transform in place and verify it; see ``growcli.pipeline.run_step``.
+    """Apply one registered transform in place and verify it; see ``growcli.run.steps.run_step``.
 
-    If the step raises (:class:`growcli.errors.VerificationFailed` included), ``gm`` is left
+    If the step raises (:class:`growcli.core.errors.VerificationFailed` included), ``gm`` is left
     exactly as it was: same module object, structure, weights, edits and steps.
     """
-    from growcli.calibration import attach
+    from growcli.analysis.calibration import attach
 
     ctx = Context(seed=seed)
     attach(ctx, gm, [options])  # calibration data a gradient-informed step names (``data=FILE``)

@@ -1,6 +1,6 @@
 """growcli's own modules and initialisers for layers that start as the identity.
 
-Everything here is recordable by :func:`growcli.edits.module_spec` (plain ``torch.nn``
+Everything here is recordable by :func:`growcli.core.edits.module_spec` (plain ``torch.nn``
 modules, or a ``growcli_spec()`` method), so a grown architecture can be rebuilt by
 :func:`growcli.load_grown`. Recipes: docs/recipes.md section 2.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growcli.errors import UsageError
+from growcli.core.errors import UsageError
 
 # φ of the parametric activation, by the name users type after --activation.
 ACTIVATIONS = {

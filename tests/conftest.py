@@ -24,7 +24,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``growcli ARGS`` in-process through the real entry point; returns code, stdout, stderr."""
-    from growcli.cli import main
+    from growcli.cli.app import main
 
     def run(*args: str | os.PathLike) -> CliResult:
         monkeypatch.setattr(sys, "argv", ["growcli", *map(str, args)])

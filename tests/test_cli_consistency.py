@@ -21,10 +21,10 @@ from torch import nn
 
 import growcli
 from growcli import zoo
-from growcli.errors import VerificationFailed
-from growcli.inputs import spec_from_batch
-from growcli.model import GrowModel
-from growcli.transforms import registry
+from growcli.core.errors import VerificationFailed
+from growcli.core.inputs import spec_from_batch
+from growcli.core.model import GrowModel
+from growcli.transforms import catalog, registry
 
 
 def _mlp_model() -> GrowModel:
@@ -52,7 +52,7 @@ def _assert_same(gm: GrowModel, module: nn.Module, before: tuple) -> None:
 # --------------------------------------------------------------------------- 1. a failed step changes nothing
 def _corrupting(monkeypatch, fail_with: type[Exception] | None = None):
     """Make ``widen`` widen fc1 and then corrupt a weight (or raise ``fail_with`` after widening)."""
-    original = registry.get_transform("widen")
+    original = catalog.get_transform("widen")
 
     def apply(gm, spec, ctx):
         report = original.apply(gm, spec, ctx)
@@ -98,7 +98,7 @@ def test_a_failed_step_on_a_loaded_program_restores_its_graph(monkeypatch):
     x = torch.randn(2, 16)
     with torch.no_grad():
         expected = module(x)
-    original = registry.get_transform("widen")
+    original = catalog.get_transform("widen")
 
     def apply(g, spec, ctx):
         report = original.apply(g, spec, ctx)
@@ -176,7 +176,7 @@ def test_version(cli):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_accepts_quiet(cli, command):
-    from growcli.commands import COMMAND_MODULES
+    from growcli.cli.commands import COMMAND_MODULES
 
     assert sorted(COMMAND_MODULES) == sorted(COMMANDS)
     r = cli(command, "--quiet", "--help")  # an unknown option is a usage error (2) before --help runs
@@ -244,7 +244,7 @@ def test_inspect_all_lists_every_module(cli):
 
 
 def test_inspect_lists_blocks_that_differ():
-    from growcli.commands.inspect import module_rows
+    from growcli.cli.commands.inspect import module_rows
 
     modules = [{"name": f"blocks.{i}.fc", "type": "Linear", "params": {"weight": [4 + i, 4]}, "count": 4 * (4 + i)}
                for i in range(2)]

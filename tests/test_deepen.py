@@ -20,14 +20,14 @@ from torch import nn
 
 import growcli
 from growcli import zoo
-from growcli.errors import NotGrowableError, UsageError
-from growcli.inputs import make_batches, spec_from_batch
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.core.inputs import make_batches, spec_from_batch
 from growcli.io.load import load_model
-from growcli.model import GrowModel
+from growcli.core.model import GrowModel
 from growcli.nn import ParametricActivation
-from growcli.pipeline import VerifySettings, run_step
+from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.registry import Context
-from growcli.verify import verify_models
+from growcli.verification.compare import verify_models
 
 ARCH = {"mlp": "growcli.zoo:mlp", "cnn": "growcli.zoo:cnn", "resnet": "growcli.zoo:resnet"}
 
@@ -226,7 +226,7 @@ REFUSALS = [
     ("resnet.pt", {"after": "layer1"}, NotGrowableError, r"'layer1' is a Sequential.*--block --after layer1.1"),
     ("resnet.pt", {"after": "layer2.0.shortcut.0", "init": "morph", "split": "svd"}, NotGrowableError, r"more outputs \(16\) than inputs \(8\)"),
     ("resnet.pt2", {"after": "layer1.0", "block": True}, NotGrowableError, r"\.pt2 program has no block modules"),
-    ("mlp.pt", {"after": "fc9"}, growcli.errors.NoMatchingModuleError, r"layer 'fc9' matches nothing; did you mean fc3, fc2, fc1"),
+    ("mlp.pt", {"after": "fc9"}, growcli.core.errors.NoMatchingModuleError, r"layer 'fc9' matches nothing; did you mean fc3, fc2, fc1"),
     ("mlp.pt", {"after": "fc1", "kernel": 4}, UsageError, r"odd kernel"),
     ("mlp.pt", {"after": "fc1", "activation": "gelu"}, UsageError, r"activation is for init morph"),
     ("mlp.pt", {"after": "fc1", "init": "morph", "activation": "swish"}, UsageError, r"expected one of relu"),

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 
-from growcli.errors import (
+from growcli.core.errors import (
     MESSAGE_TABLE,
     CheckpointNotFoundError,
     FormatError,
@@ -199,7 +199,7 @@ def test_bare_command_prints_help_and_exits_2(cli):
 def _command_names() -> list[str]:
     import typer
 
-    from growcli.cli import get_app
+    from growcli.cli.app import get_app
 
     return sorted(typer.main.get_command(get_app()).commands)
 
@@ -219,7 +219,7 @@ def test_python_dash_m_help():
     assert proc.stderr == ""
 
 
-# --- growcli.errors on its own ---------------------------------------------------------------
+# --- growcli.core.errors on its own ---------------------------------------------------------------
 
 @pytest.mark.parametrize("exc,code,prefix", [
     (VerificationFailed("outputs differ"), 3, "verification failed: outputs differ"),

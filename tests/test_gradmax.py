@@ -21,12 +21,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from growcli import zoo
-from growcli.calibration import from_tensors
-from growcli.errors import NotGrowableError, UsageError
-from growcli.inputs import spec_from_batch
-from growcli.model import GrowModel
-from growcli.pipeline import VerifySettings, run_step
-from growcli.transforms.registry import Context, build_spec
+from growcli.analysis.calibration import from_tensors
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.core.inputs import spec_from_batch
+from growcli.core.model import GrowModel
+from growcli.run.steps import VerifySettings, run_step
+from growcli.transforms.registry import Context
+from growcli.transforms.catalog import build_spec
 
 
 class GeluMLP(nn.Module):

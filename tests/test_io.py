@@ -18,11 +18,11 @@ from conftest import FIXTURES
 
 import growcli
 from growcli import zoo
-from growcli.compare import compare_checkpoints
+from growcli.run.compare import compare_checkpoints
 from growcli.io.formats import safetensors_metadata, sha256_of
 from growcli.io.load import load_model
-from growcli.pipeline import VerifySettings
-from growcli.runner import Output, Source, grow
+from growcli.run.steps import VerifySettings
+from growcli.run.runner import Output, Source, grow
 
 ROUND_TRIP_ATOL = 1e-6
 

@@ -176,7 +176,7 @@ def test_directory_names_with_dots_are_directories(cli, tmp_path):
 
 def test_a_failing_report_leaves_no_output(cli, tmp_path, monkeypatch):
     """The report is part of the same all-or-nothing commit as the models."""
-    import growcli.runner as runner
+    import growcli.run.runner as runner
 
     real = runner.write_report
 
@@ -219,7 +219,7 @@ def test_full_disk_leaves_nothing(cli, tmp_path, monkeypatch):
         assert len(lines) == 1 and lines[0].startswith("growcli: error: ") and "no space left" in lines[0], r.err
         assert list(disk.iterdir()) == []
         # The disk filling up during the write: the same one line, nothing left behind.
-        import growcli.runner as runner
+        import growcli.run.runner as runner
 
         monkeypatch.setattr(runner, "ensure_space", lambda needs: None)
         for argv in (["stack", FIXTURES / "llama-tiny", "--factor", "2", "-o", disk / "out"],

@@ -25,12 +25,14 @@ from conftest import FIXTURES, ROOT
 from torch import nn
 
 import growcli
-from growcli.errors import NotGrowableError
+from growcli.core.errors import NotGrowableError
 from growcli.io.formats import read_safetensors, safetensors_metadata
-from growcli.plan import PlanError, load_plan, parse_plan, parse_size, read_plan
-from growcli.safeyaml import MAX_BYTES
-from growcli.select import select
-from growcli.transforms.registry import REGISTRY, Context, StepReport, all_transforms, register
+from growcli.core.units import parse_size
+from growcli.run.plan import PlanError, load_plan, parse_plan, read_plan
+from growcli.core.safeyaml import MAX_BYTES
+from growcli.core.select import select
+from growcli.transforms.registry import REGISTRY, Context, StepReport, register
+from growcli.transforms.catalog import all_transforms
 from growcli.zoo import SmallCNN
 
 CNN = (FIXTURES / "cnn.pt", "--arch", "growcli.zoo:cnn")
@@ -108,7 +110,7 @@ def transforms_in(example: Path) -> set[str]:
 
 def needs(*names: str) -> None:
     """Skip until the built-in transforms (and their commands) named here exist."""
-    from growcli.commands import COMMAND_MODULES
+    from growcli.cli.commands import COMMAND_MODULES
 
     missing = [n for n in names if n not in all_transforms() or n not in COMMAND_MODULES]
     if missing:

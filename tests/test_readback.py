@@ -16,8 +16,8 @@ import torch
 from conftest import FIXTURES
 
 import growcli.io.save as save
-from growcli.errors import VerificationFailed
-from growcli.runner import Output, Source, grow
+from growcli.core.errors import VerificationFailed
+from growcli.run.runner import Output, Source, grow
 
 
 def _bump(t: torch.Tensor, by: float = 1e-3) -> torch.Tensor:

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 import growcli
 from growcli import zoo
-from growcli.edits import replay
-from growcli.errors import FormatError, GrowError
-from growcli.inputs import InputSpec
+from growcli.core.edits import replay
+from growcli.core.errors import FormatError, GrowError
+from growcli.core.inputs import InputSpec
 
 MLP = "growcli.zoo:mlp"
 CANARY = "canary.txt"
@@ -208,7 +208,7 @@ def test_malformed_edits_are_one_line(cli, tmp_path, edits):
         growcli.load_grown(zoo.mlp(), bad)
 
 
-# --- growcli.inputs and other metadata ------------------------------------------------------
+# --- growcli.core.inputs and other metadata ------------------------------------------------------
 
 @pytest.mark.parametrize("inputs", [
     json.dumps({"args": [{"shape": [2**20, 2**20]}]}),
@@ -261,13 +261,14 @@ def test_hf_remote_code_is_refused(cli, evil_dir, variant):
 def test_loaders_never_unpickle_code():
     import inspect as pyinspect
 
-    from growcli import calibration, inputs, safeyaml
+    from growcli.analysis import calibration
+    from growcli.core import inputs, safeyaml
     from growcli.io import formats
 
     src = pyinspect.getsource(formats.load_torch_file)
     assert "weights_only=True" in src and src.index("weights_only=True") < src.index("weights_only=False")
     assert "trust_pickle=False" in pyinspect.getsource(formats.read_tensor_file)
-    assert "read_tensor_file" in pyinspect.getsource(inputs.load_inputs_file)
+    assert "read_tensor_file" in pyinspect.getsource(formats.load_inputs_file)
     assert "read_tensor_file" in pyinspect.getsource(calibration)
     assert "torch.load" not in pyinspect.getsource(calibration) and "torch.load" not in pyinspect.getsource(inputs)
     assert issubclass(safeyaml.PlanLoader, __import__("yaml").SafeLoader)

@@ -22,16 +22,16 @@ from safetensors.torch import load_file, save_file
 
 import growcli
 from growcli import zoo
-from growcli.errors import NotGrowableError, UsageError
-from growcli.inputs import make_batches
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.core.inputs import make_batches
 from growcli.io.load import hf_input_spec, infer_input_spec, load_model
-from growcli.io.streaming import OutTensor, choose_streaming, parse_size, read_tensors, stack_streaming, write_shard
-from growcli.model import GrowModel
-from growcli.pipeline import VerifySettings
-from growcli.runner import Output, Source, Step, grow
+from growcli.run.streaming import OutTensor, choose_streaming, parse_size, read_tensors, stack_streaming, write_shard
+from growcli.core.model import GrowModel
+from growcli.run.steps import VerifySettings
+from growcli.run.runner import Output, Source, Step, grow
 from growcli.transforms.stack import StackSpec, describe_order, layout
-from growcli.transforms.stack_analysis import stack_residuals
-from growcli.verify import flatten_outputs
+from growcli.analysis.stack_writers import stack_residuals
+from growcli.verification.compare import flatten_outputs
 
 SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
              max_position_embeddings=64)

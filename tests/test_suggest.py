@@ -18,11 +18,11 @@ from conftest import FIXTURES
 from safetensors.torch import save_file
 from torch import nn
 
-from growcli.calibration import from_tensors
-from growcli.inputs import spec_from_batch
-from growcli.model import GrowModel
-from growcli.plan import parse_plan
-from growcli.suggest import allocate, suggest
+from growcli.analysis.calibration import from_tensors
+from growcli.core.inputs import spec_from_batch
+from growcli.core.model import GrowModel
+from growcli.run.plan import parse_plan
+from growcli.advise.suggest import allocate, suggest
 
 
 class Bottleneck(nn.Module):
@@ -80,7 +80,7 @@ def test_bottleneck_is_ranked_first(seed):
 
 def test_gradmax_gain_is_the_first_step_loss_decrease():
     """lr·(φ'·r·σ₁)² matches the loss drop of one small SGD step on the new unit's incoming weights."""
-    from growcli.pipeline import VerifySettings, run_step
+    from growcli.run.steps import VerifySettings, run_step
     from growcli.transforms.registry import Context
 
     model = trained().double()
@@ -102,7 +102,7 @@ def test_gradmax_gain_is_the_first_step_loss_decrease():
 
 
 def test_allocation_shares_the_budget_by_per_unit_gain():
-    from growcli.suggest import LayerScore
+    from growcli.advise.suggest import LayerScore
 
     def score(layer, gains, ok=True):
         return LayerScore(layer, 8, "c", [], gains, 0.0, 0.0, 0.0, 1.0, 1.0, ok)

@@ -22,12 +22,13 @@ import torch
 from conftest import FIXTURES
 
 from growcli import zoo
-from growcli.errors import NotGrowableError, UsageError
-from growcli.inputs import spec_from_batch
-from growcli.model import GrowModel
-from growcli.pipeline import VerifySettings, run_step
-from growcli.transforms.registry import Context, build_spec
-from growcli.verify import flatten_outputs
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.core.inputs import spec_from_batch
+from growcli.core.model import GrowModel
+from growcli.run.steps import VerifySettings, run_step
+from growcli.transforms.registry import Context
+from growcli.transforms.catalog import build_spec
+from growcli.verification.compare import flatten_outputs
 
 VOCAB = 100
 
@@ -97,7 +98,7 @@ def fresh_inputs(built, dtype: torch.dtype) -> dict:
 
 
 def measure(before, after, inputs) -> float:
-    """max |a − b| / max |a| over every output, computed here, independently of growcli.verify."""
+    """max |a − b| / max |a| over every output, computed here, independently of growcli.verification.compare."""
     with torch.no_grad():
         a, b = flatten_outputs(before(**inputs)), flatten_outputs(after(**inputs))
     assert a.keys() == b.keys()

@@ -1,4 +1,4 @@
-"""``growcli verify`` and ``growcli.verify.verify_models``: equal models pass, different ones fail (exit 3).
+"""``growcli verify`` and ``growcli.verification.compare.verify_models``: equal models pass, different ones fail (exit 3).
 
 The comparison is element-wise absolute (a signed sum would let errors cancel), a NaN or
 an infinity where the original has a number fails, and every output is reported.
@@ -16,7 +16,7 @@ from torch import nn
 
 import growcli
 from growcli.io.load import load_model
-from growcli.verify import DEFAULT_TOL, compare_outputs, verify_models
+from growcli.verification.compare import DEFAULT_TOL, compare_outputs, verify_models
 
 MLP = "growcli.zoo:mlp"
 

@@ -16,13 +16,13 @@ import torch
 from conftest import FIXTURES
 
 from growcli import zoo
-from growcli.errors import NotGrowableError
-from growcli.inputs import spec_from_batch
-from growcli.model import GrowModel
-from growcli.pipeline import VerifySettings, run_step
+from growcli.core.errors import NotGrowableError
+from growcli.core.inputs import spec_from_batch
+from growcli.core.model import GrowModel
+from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.registry import Context
 from growcli.transforms.widen import widen_candidates
-from growcli.verify import flatten_outputs
+from growcli.verification.compare import flatten_outputs
 
 
 def _hf(name: str):
@@ -113,7 +113,7 @@ def models():
 
 
 def _measure(before: torch.nn.Module, after: torch.nn.Module, batch, dtype) -> float:
-    """max |a - b| / max |a| over every output, measured here independently of growcli.verify."""
+    """max |a - b| / max |a| over every output, measured here independently of growcli.verification.compare."""
     args, kwargs = batch
     cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
     args, kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from growcli.errors import GrowError, OutputError, UsageError
+from growcli.core.errors import GrowError, OutputError, UsageError
 
 # Keys every growth report has (runner.grow and the streaming stack write them).
 REPORT_KEYS = frozenset({"input", "steps", "function_preserving", "params_before", "params_after", "outputs"})

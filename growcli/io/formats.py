@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from growcli.errors import CheckpointNotFoundError, FormatError, UnsafePickleError
+from growcli.core.errors import CheckpointNotFoundError, FormatError, InputsError, UnsafePickleError
+from growcli.core.inputs import Batch, InputSpec
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
@@ -183,3 +184,30 @@ def read_tensor_file(path: Path, what: str = "tensor file") -> dict[str, torch.T
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def load_inputs_file(path: str | Path, spec: InputSpec | None = None) -> Batch:
+    """Read one batch from a .safetensors or .pt file of tensors.
+
+    Keys ``"0"``, ``"1"``, … are positional arguments in that order; any other key is a
+    keyword argument of ``forward``. Shapes are checked against ``spec`` (batch dim free).
+    """
+    tensors = read_tensor_file(Path(path), what="inputs file")
+    if not tensors:
+        raise InputsError(f"{path}: the inputs file holds no tensors")
+    positional = sorted((k for k in tensors if k.isdigit()), key=int)
+    if positional and [int(k) for k in positional] != list(range(len(positional))):
+        raise InputsError(f"{path}: positional input keys must be 0..N-1, got {positional}")
+    batch: Batch = (tuple(tensors[k] for k in positional),
+                    {k: v for k, v in tensors.items() if not k.isdigit()})
+    if spec is not None and not spec.empty:
+        expected = [("arg " + str(i), t) for i, t in enumerate(spec.args)] + list(spec.kwargs)
+        got = [("arg " + str(i), a) for i, a in enumerate(batch[0])] + list(batch[1].items())
+        exp_map = dict(expected)
+        for name, tensor in got:
+            want = exp_map.get(name)
+            if want is not None and tuple(tensor.shape[1:]) != tuple(want.shape[1:]):
+                raise InputsError(
+                    f"{path}: input {name} has shape {list(tensor.shape)}, the model expects "
+                    f"[batch, {', '.join(map(str, want.shape[1:]))}]")
+    return batch

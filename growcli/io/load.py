@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.edits import check_records, replay
-from growcli.errors import ArchitectureError, FormatError, InputsError, MissingDependencyError, UsageError
-from growcli.inputs import InputSpec, TensorSpec, parse_input_shape, spec_from_batch
+from growcli.core.edits import check_records, replay
+from growcli.core.errors import ArchitectureError, FormatError, InputsError, MissingDependencyError, UsageError
+from growcli.core.inputs import InputSpec, TensorSpec, parse_input_shape, spec_from_batch
 from growcli.io.formats import (
     load_torch_file,
     read_safetensors,
@@ -27,7 +27,7 @@ from growcli.io.formats import (
     safetensors_metadata,
     sha256_of,
 )
-from growcli.model import GrowModel, eval_mode
+from growcli.core.model import GrowModel, eval_mode
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 KNOWN_INPUTS = ".pt2, .safetensors, .pt/.pth/.bin/.ckpt, or a Hugging Face directory"
@@ -47,7 +47,7 @@ def load_model(
     ``arch``/``arch_kwargs`` build the module for state_dict files; ``base`` is the
     original model onto which a grown ``.safetensors`` replays its recorded edits when it
     names no architecture of its own. Never modifies ``path``. Raises a
-    :class:`~growcli.errors.GrowError` subclass for anything the user can fix.
+    :class:`~growcli.core.errors.GrowError` subclass for anything the user can fix.
     """
     path = Path(path)
     require_exists(path)
@@ -266,7 +266,7 @@ def _load_safetensors(path: Path, arch_spec: dict | None, base: GrowModel | None
     Nothing named in the file's metadata is imported: a recorded architecture factory is
     built only when the user names the same factory with ``--arch`` (the recorded kwargs,
     plain JSON, are used when the user gives none), and recorded edits name only
-    allowlisted module classes (:func:`growcli.edits.replay`).
+    allowlisted module classes (:func:`growcli.core.edits.replay`).
     """
     meta = safetensors_metadata(path)
     edits = _metadata_json(meta, "growcli.edits", path, [])

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli import __version__
-from growcli.errors import FormatError, MissingDependencyError, UsageError, VerificationFailed
-from growcli.inputs import Batch, make_batches
+from growcli.core.version import __version__
+from growcli.core.errors import FormatError, MissingDependencyError, UsageError, VerificationFailed
+from growcli.core.inputs import Batch, make_batches
 from growcli.io.atomic import atomic_output, check_output_path
 from growcli.io.formats import write_safetensors
 from growcli.io.sidefiles import copy_side_files
-from growcli.model import GrowModel, eval_mode
-from growcli.verify import VerifyReport, compare_outputs, flatten_outputs, run_model
+from growcli.core.model import GrowModel, eval_mode
+from growcli.verification.compare import VerifyReport, compare_outputs, flatten_outputs, run_model
 
 FORMATS = ("safetensors", "pt2", "onnx", "hf", "pt")
 _SUFFIX = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".pt": "pt", ".pth": "pt"}
@@ -129,12 +129,12 @@ def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int |
     """Write every ``(path, format, shard_size)`` output, or none of them.
 
     Each output is written to a temporary sibling, then loaded back from it the way its user
-    would load it, run on ``batches`` and compared with ``gm`` (see :mod:`growcli.io.readback`;
+    would load it, run on ``batches`` and compared with ``gm`` (see :mod:`growcli.verification.readback`;
     each result gains ``loaded_with``, ``max_abs_diff`` and ``readback``). They are renamed into
     place together only after all of them were written and read back, so a failing check
     (:class:`VerificationFailed`) leaves no output and no temporary.
     """
-    from growcli.io.readback import Readback
+    from growcli.verification.readback import Readback
 
     if batches is None:
         batches = make_batches(gm.inputs, 2, seed=1) if not gm.inputs.empty else []
@@ -208,7 +208,7 @@ def export_program(gm: GrowModel):
 
     Raises :class:`FormatError` when the model cannot be exported at all.
     """
-    from growcli.inputs import make_batches as _mb
+    from growcli.core.inputs import make_batches as _mb
 
     args, kwargs = _mb(gm.inputs, 1)[0]
     module = eval_mode(gm.module)

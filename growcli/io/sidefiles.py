@@ -1,7 +1,7 @@
 """The files of a Hugging Face directory that travel with grown weights, and those that must not.
 
 Both ways of writing a Hugging Face directory use this: streaming ``stack``
-(:mod:`growcli.io.streaming`) and the in-memory writer (:mod:`growcli.io.save`). Everything
+(:mod:`growcli.run.streaming`) and the in-memory writer (:mod:`growcli.io.save`). Everything
 that is not a weight, a weight index, the config or an old growth report is carried over:
 tokenizer files (``tokenizer*.json``, ``special_tokens_map.json``, ``*.model``, ``vocab.*``,
 ``merges.txt``), ``generation_config.json``, chat templates, README and license. Weights of

@@ -1,7 +1,2 @@
-"""Built-in transforms. Importing this package registers each of them in the registry."""
-
-from growcli.transforms.registry import REGISTRY, Context, StepReport, register  # noqa: F401
-from growcli.transforms import widen  # noqa: F401,E402
-from growcli.transforms import transformer  # noqa: F401,E402
-from growcli.transforms import stack  # noqa: F401,E402
-from growcli.transforms import deepen  # noqa: F401,E402
+"""Transforms: one module per family, each registered in :mod:`growcli.transforms.registry`;
+:mod:`growcli.transforms.catalog` imports them all and looks them up by name."""

@@ -20,7 +20,7 @@ one before φ, e.g. the BatchNorm after a conv, and the Sequential re-applies φ
 new layer: ``bn → φ → new``, and the forward's own φ follows); in a loaded ``.pt2`` program,
 whose code is its graph, the new layers are called on the right graph node. ``block``
 inserts a copy of a residual block after it with its residual writers zeroed
-(:mod:`growcli.residual`).
+(:mod:`growcli.analysis.residual`).
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from growcli.errors import NoMatchingModuleError, NotGrowableError, UsageError
-from growcli.graph import Trace, op_name, shape, trace_model, where
-from growcli.inputs import Batch, cast_batch, make_batches
-from growcli.model import GrowModel
+from growcli.core.errors import NoMatchingModuleError, NotGrowableError, UsageError
+from growcli.analysis.coupling import Trace, op_name, shape, trace_model, where
+from growcli.core.inputs import Batch, cast_batch, make_batches
+from growcli.core.model import GrowModel
 from growcli.nn import (ACTIVATIONS, ParametricActivation, conv_class, dirac_conv, identity_batch_norm,
                         identity_linear, random_orthogonal, zero_pad_kernel)
-from growcli.residual import (BlockAnalysis, data_users, depth_config_changes, in_scope, renumber_layer_idx,
+from growcli.analysis.residual import (BlockAnalysis, data_users, depth_config_changes, in_scope, renumber_layer_idx,
                               residual_writers)
-from growcli.select import select
-from growcli.transforms.registry import Context, StepReport, register
+from growcli.core.select import select
+from growcli.transforms.registry import Context, StepReport, option, register
 
 aten = torch.ops.aten
 
@@ -74,13 +74,18 @@ _PHI = {"relu": "relu", "relu_": "relu", "relu6": "relu6", "gelu": "gelu", "tanh
 class DeepenSpec:
     """Insert a layer after each layer matched by ``after`` (or, with ``block``, a block copy)."""
 
-    after: str | list[str]
-    init: Literal["identity", "morph"] = "identity"
-    activation: str | None = None  # morph's φ; default: the activation that follows the layer, else relu
-    split: Literal["identity", "orthogonal", "svd"] | None = None  # morph only; default identity
-    kernel: int | None = None  # the new conv's kernel size (odd)
-    bn: bool = False  # add a BatchNorm that is the identity in eval mode
-    block: bool = False
+    after: str | list[str] = option(help="Layer (or, with block, block) to insert after: name, dotted suffix, glob or"
+                                         " regex; a list inserts after each.")
+    init: Literal["identity", "morph"] = option("identity", "identity (Net2DeeperNet: needs an idempotent activation such as ReLU after the layer) or morph (parametric activation a·x + (1−a)·φ(x) at a=1, exact after any layer).")
+    activation: str | None = option(None, "φ of morph's parametric activation: relu, gelu, tanh, silu, … (default: "
+                                          "the model's activation after the layer, else relu).")
+    split: Literal["identity", "orthogonal", "svd"] | None = option(None, "morph only: identity (new layer = I), or a"
+                                                                          " dense factorisation of the layer: "
+                                                                          "orthogonal or svd.")
+    kernel: int | None = option(None, "Kernel size of a new conv (odd; default: the layer's, 1 for a dense split).")
+    bn: bool = option(False, "Add a BatchNorm that is the identity in eval mode.")
+    block: bool = option(False, "Insert a copy of the residual block after it, with its residual writers zeroed (pre-"
+                                "LN transformers, ResNets).")
 
     def __post_init__(self):
         problems = []
@@ -450,7 +455,7 @@ def _check_runs(gm: GrowModel, modules: list[nn.Module]) -> None:
 
 def deepen_candidates(gm: GrowModel) -> dict[str, str | None]:
     """Each layer (and residual block, marked ``--block``) → ``None`` if deepen applies, else why not."""
-    from growcli.inspect import block_stacks
+    from growcli.analysis.blocks import block_stacks
 
     root = gm.module
     trace = trace_model(root, _sample(gm))

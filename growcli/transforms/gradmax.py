@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import fx
 from torch.overrides import TorchFunctionMode
 
-from growcli.calibration import Calibration, batch_loss
-from growcli.errors import InputsError, NotGrowableError
-from growcli.graph import BATCH_NORM, CONV, UNARY, Group, Trace, aten, op_name, shape, where
-from growcli.inputs import cast_batch
+from growcli.analysis.calibration import Calibration, batch_loss
+from growcli.core.errors import InputsError, NotGrowableError
+from growcli.analysis.coupling import BATCH_NORM, CONV, UNARY, Group, Trace, aten, op_name, shape, where
+from growcli.core.inputs import cast_batch
 
 EPS_REL = 0.01  # ReLU shift, relative to the RMS of the consumer's input on the calibration data
 _MAX_PATCH_ELEMENTS = 1 << 24  # memory bound for the unfolded patches of one chunk of samples
@@ -334,7 +334,7 @@ class Probe:
         self.extra(h, delta)
 
     def extra(self, h: torch.Tensor, delta: torch.Tensor) -> None:
-        """Hook for more statistics from the same ``h`` and ``δ`` (see :mod:`growcli.suggest`)."""
+        """Hook for more statistics from the same ``h`` and ``δ`` (see :mod:`growcli.advise.suggest`)."""
 
     @property
     def consumer_rms(self) -> float:
@@ -439,12 +439,12 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
     """Add ``new_size − group.size`` GradMax units to ``group``'s layer (in place, through ``gm.edits``).
 
     ``spec`` is a :class:`~growcli.transforms.widen.WidenSpec` with ``init="gradmax"``; its
-    calibration data must be in ``ctx`` (:func:`growcli.calibration.lookup`). Refuses
+    calibration data must be in ``ctx`` (:func:`growcli.analysis.calibration.lookup`). Refuses
     (:class:`NotGrowableError`) where GradMax does not apply or cannot be exact, and when
     asked for more units than ``M`` has rows (independent directions).
     """
-    from growcli.calibration import lookup
-    from growcli.transforms.widen import sync_attributes
+    from growcli.analysis.calibration import lookup
+    from growcli.transforms.resize import sync_attributes
 
     site = find_site(trace, group)
     cal = lookup(ctx, spec)

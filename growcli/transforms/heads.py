@@ -16,11 +16,11 @@ from typing import Literal
 
 import torch
 
-from growcli.attention import AttentionSite, attention_sites
-from growcli.errors import NotGrowableError
-from growcli.hfconfig import config_error, sync_config, with_config
-from growcli.model import GrowModel
-from growcli.transforms.registry import Context, StepReport, register
+from growcli.analysis.attention import AttentionSite, attention_sites
+from growcli.core.errors import NotGrowableError
+from growcli.transforms.hfconfig import config_error, sync_config, with_config
+from growcli.core.model import GrowModel
+from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.widen import split_factors
 from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _trace
@@ -30,10 +30,10 @@ from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, 
 class HeadsSpec:
     """Grow every attention to ``to`` query heads, by ``by`` heads, or by ``factor``."""
 
-    to: int | None = None
-    by: int | None = None
-    factor: float | None = None
-    split: Literal["asymmetric", "uniform"] = "asymmetric"
+    to: int | None = option(None, "Grow every attention to N query heads (whole heads, head_dim kept).")
+    by: int | None = option(None, "Number of query heads to add to every attention.")
+    factor: float | None = option(None, "Multiply every attention's number of query heads by F.")
+    split: Literal["asymmetric", "uniform"] = option("asymmetric", "How the output projection's columns of a copied head are shared: asymmetric (random shares summing to 1) or uniform.")
 
     def __post_init__(self):
         check_one_size(self, ("to", "by", "factor"))

@@ -1,7 +1,7 @@
 """``hidden``: a larger hidden size, keeping the function exact.
 
 The hidden size grows from ``d`` to ``d' = k·d + r``; every hidden vector becomes
-``[x, …, x, p]`` (GROWTH.md section 6; see :mod:`growcli.stream` for the analysis and the
+``[x, …, x, p]`` (GROWTH.md section 6; see :mod:`growcli.analysis.stream` for the analysis and the
 padding rules). Where the model's config ties the attention width to the hidden size (BERT,
 GPT-2, ViT: ``heads × head_dim = hidden_size``), heads grow with it, planned by
 :mod:`growcli.transforms.heads`.
@@ -16,14 +16,14 @@ from typing import Literal
 
 import torch
 
-from growcli.attention import AttentionSite, attention_sites
-from growcli.errors import NotGrowableError, UsageError
-from growcli.hfconfig import sync_config, with_config
-from growcli.model import GrowModel
-from growcli.stream import MEAN, PRODUCERS, StreamAnalysis, StreamPlan, _weight_of, plan_stream, stream_start
+from growcli.analysis.attention import AttentionSite, attention_sites
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.transforms.hfconfig import sync_config, with_config
+from growcli.core.model import GrowModel
+from growcli.analysis.stream import MEAN, PRODUCERS, StreamAnalysis, StreamPlan, _weight_of, plan_stream, stream_start
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.heads import _plan_heads, _probe_heads, _size_map, _uniform
-from growcli.transforms.registry import Context, StepReport, register
+from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _module_name, _trace
 
 
@@ -36,12 +36,15 @@ class HiddenSpec:
     module that writes the residual stream first (default: the first embedding).
     """
 
-    to: int | None = None
-    factor: float | None = None
-    heads: int | None = None
-    noise: float = 0.0
-    split: Literal["asymmetric", "uniform"] = "asymmetric"
-    start: str | None = None
+    to: int | None = option(None, "New hidden size.")
+    factor: float | None = option(None, "Multiply the hidden size by F (e.g. 2).")
+    heads: int | None = option(None, "Number of query heads after the step (default: scaled with the hidden size when"
+                                     " head_dim is kept).")
+    noise: float = option(0.0, "+N/-N noise on paired tiles of the matrices reading the hidden states, relative to "
+                               "each weight's std (exact; breaks symmetry).")
+    split: Literal["asymmetric", "uniform"] = option("asymmetric", "How columns reading a tiled hidden vector are shared between its tiles: asymmetric or uniform.")
+    start: str | None = option(None, "The module that writes the residual stream first (default: the first "
+                                     "embedding).")
 
     def __post_init__(self):
         check_one_size(self, ("to", "factor"))
@@ -58,7 +61,7 @@ PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm
 
 
 def _plan_stream(edit: _Edit, plan: StreamPlan, noise: float) -> None:
-    """Add the tiling maps of every parameter in ``plan`` to ``edit`` (see :class:`growcli.stream.ParamPlan`)."""
+    """Add the tiling maps of every parameter in ``plan`` to ``edit`` (see :class:`growcli.analysis.stream.ParamPlan`)."""
     d, k, r = plan.size, plan.k, plan.r
     idx = list(range(d)) * k + [-1] * r
     stream_pad = "mean" if plan.pad == MEAN else "zero"

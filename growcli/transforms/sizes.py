@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from growcli.errors import UsageError
+from growcli.core.errors import UsageError
 
 
 def check_one_size(spec, keys: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ identity there.
 Everything that depends on depth follows the new layout: the ``ModuleList`` itself (one
 recorded ``insert`` per new copy, so ``load_grown`` replays it), integer index attributes
 such as ``layer_idx``, and the Hugging Face config's layer count and per-layer lists. The
-planning functions here are shared with the streaming path (``growcli.io.streaming``).
+planning functions here are shared with the streaming path (``growcli.run.streaming``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from growcli.errors import NoMatchingModuleError, NotGrowableError, UsageError
-from growcli.inputs import Batch, cast_batch, make_batches
-from growcli.inspect import block_stacks
-from growcli.model import GrowModel
-from growcli.transforms.registry import Context, StepReport, register
-from growcli.transforms.stack_analysis import stack_residuals
+from growcli.core.errors import NoMatchingModuleError, NotGrowableError, UsageError
+from growcli.core.inputs import Batch, cast_batch, make_batches
+from growcli.analysis.blocks import block_stacks
+from growcli.core.model import GrowModel
+from growcli.transforms.registry import Context, StepReport, option, register
+from growcli.analysis.stack_writers import stack_residuals
 
 Order = Literal["stack", "interleave"]
 Init = Literal["copy", "identity"]
@@ -44,13 +44,13 @@ class StackSpec:
     ``allow_inexact`` lets ``identity`` proceed on post-LN blocks (reported as not exact).
     """
 
-    blocks: str | None = None
-    factor: int | None = None
-    to: int | None = None
-    order: Order = "stack"
-    layers: str | None = None
-    init: Init = "copy"
-    allow_inexact: bool = False
+    blocks: str | None = option(None, "The ModuleList of blocks (default: the longest list of same-typed blocks).")
+    factor: int | None = option(None, "Multiply the number of blocks by K (default 2).")
+    to: int | None = option(None, "Grow the stack to N blocks.")
+    order: Order = option("stack", "stack (1..L, 1..L) or interleave (1,1,2,2,…).")
+    layers: str | None = option(None, "Explicit source block per new position, e.g. 0-11,4-11 (depth up-scaling).")
+    init: Init = option("copy", "copy (progressive stacking; changes the function) or identity (new copies' residual writers zeroed; exact for pre-LN).")
+    allow_inexact: bool = option(False, "Let identity proceed on post-LN blocks (reported as not exact).")
 
     def __post_init__(self):
         given = [f"--{k}" for k in ("factor", "to", "layers") if getattr(self, k) is not None]
@@ -293,8 +293,8 @@ def _sample_batch(gm: GrowModel, ctx: Context) -> Callable[[], Batch]:
 
 def _measured_deviation(gm: GrowModel, plan: StackPlan, ctx: Context) -> str:
     """Apply ``plan`` to a scratch copy and measure how far its outputs move (float32, 2 batches)."""
-    from growcli.edits import EditLog
-    from growcli.verify import verify_models
+    from growcli.core.edits import EditLog
+    from growcli.verification.compare import verify_models
 
     scratch = dataclasses.replace(gm, module=copy.deepcopy(gm.module), edits=EditLog())
     apply_plan(scratch, plan)
@@ -308,7 +308,8 @@ def _candidates(gm: GrowModel) -> dict[str, str | None]:
 
 
 @register("stack", StackSpec, exact=lambda s: s.init == "identity", candidates=_candidates,
-          help="Duplicate a stack of repeated blocks (progressive stacking; identity init keeps the function)")
+          help="Duplicate a stack of repeated blocks (progressive stacking; identity init keeps the function)",
+          modes=("memory", "streaming"))
 def stack(gm: GrowModel, spec: StackSpec, ctx: Context) -> StepReport:
     """Stack the blocks of ``gm`` per ``spec``; see the module docstring for what follows the depth.
 

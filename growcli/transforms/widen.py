@@ -1,6 +1,6 @@
 """Net2WiderNet: grow a layer's output units/channels, keeping the function exact.
 
-The coupled group from :mod:`growcli.graph` says which parameter dimensions follow the
+The coupled group from :mod:`growcli.analysis.coupling` says which parameter dimensions follow the
 layer's channels; this module chooses the channel map ``g`` (new unit → source unit) and
 the split of each consumer column among a source's replicas, and rewrites the tensors.
 Recipes: GROWTH.md section 1.
@@ -9,19 +9,19 @@ Recipes: GROWTH.md section 1.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from growcli.errors import NotGrowableError, UsageError
-from growcli.graph import Group, Layout, analyze, producer_layers, trace_model
-from growcli.inputs import make_batches
-from growcli.model import GrowModel
-from growcli.select import select
-from growcli.transforms.registry import Context, StepReport, register
+from growcli.core.errors import NotGrowableError, UsageError
+from growcli.analysis.coupling import Group, Layout, analyze, producer_layers, trace_model
+from growcli.core.inputs import make_batches
+from growcli.core.model import GrowModel
+from growcli.transforms.resize import sync_attributes
+from growcli.core.select import select
+from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 
 INITS = ("net2net", "zero", "gradmax")
@@ -31,27 +31,28 @@ INITS = ("net2net", "zero", "gradmax")
 class WidenSpec:
     """Grow ``layer`` (a name, pattern or list) to ``to`` units, by ``by`` units, or by ``factor``."""
 
-    layer: str | list[str]
-    to: int | None = None
-    by: int | None = None
-    factor: float | None = None
-    init: Literal["net2net", "zero", "gradmax"] = "net2net"
-    split: Literal["asymmetric", "uniform"] = "asymmetric"
-    noise: float = 0.0
+    layer: str | list[str] = option(help="Module name, dotted suffix, glob or regex; a list grows several layers.")
+    to: int | None = option(None, "New number of units/channels.")
+    by: int | None = option(None, "Number of units/channels to add.")
+    factor: float | None = option(None, "Multiply the number of units by F.")
+    init: Literal["net2net", "zero", "gradmax"] = option("net2net", "net2net (copy units, split outgoing weights), zero (random incoming, zero outgoing weights) or gradmax (zero incoming, outgoing from the gradient on data).")
+    split: Literal["asymmetric", "uniform"] = option("asymmetric", "asymmetric (random shares summing to 1) or uniform.")
+    noise: float = option(0.0, "Net2Net noise on the copies' incoming weights (relative to the weights' std); makes "
+                               "the step approximate.")
     # init gradmax (GROWTH.md section 7): outgoing norm relative to the existing units', and the
-    # calibration data the gradient comes from (see growcli.calibration; loaded by the runner).
-    scale: float = 0.5
-    data: str | None = None
-    loss: Literal["auto", "cross_entropy", "mse", "model"] = "auto"
-    data_batches: int | None = None
-    batch_size: int | None = None
+    # calibration data the gradient comes from (see growcli.analysis.calibration; loaded by the runner).
+    scale: float = option(0.5, "gradmax: new outgoing weights' norm relative to the mean of the existing ones.")
+    data: str | None = option(None, "gradmax: calibration data, .safetensors/.pt with 'input' and 'target'.")
+    loss: Literal["auto", "cross_entropy", "mse", "model"] = option("auto", "gradmax: auto, cross_entropy, mse or model.")
+    data_batches: int | None = option(None, "gradmax: use only the first N calibration batches.")
+    batch_size: int | None = option(None, "gradmax: samples per calibration batch (default 32).")
 
     def __post_init__(self):
         check_one_size(self, ("to", "by", "factor"))
         if self.noise < 0:
             raise UsageError(f"noise must be non-negative, got {self.noise}")
         if self.init == "gradmax" and not self.data:
-            raise UsageError("init gradmax needs calibration data: data: FILE (--data FILE), see growcli.calibration")
+            raise UsageError("init gradmax needs calibration data: data: FILE (--data FILE), see growcli.analysis.calibration")
         if self.init == "gradmax" and self.noise:
             raise UsageError("noise applies to net2net copies; init gradmax adds units with zero incoming weights")
         if self.init != "gradmax" and self.data is not None:
@@ -183,38 +184,6 @@ def _grouped_consumer(old: torch.Tensor, g: list[int], factors: torch.Tensor, gr
         cols = rows.index_select(1, src)
         blocks.append(cols * _along(cols, 1, f))
     return torch.cat(blocks, 0)
-
-
-def sync_attributes(gm: GrowModel, name: str) -> None:
-    """Keep a torch.nn module's size attributes equal to its (new) parameter shapes."""
-    m = gm.module.get_submodule(name) if name else gm.module
-    root = gm.module
-
-    def set_if(attr: str, value) -> None:
-        if hasattr(m, attr) and getattr(m, attr) != value:
-            gm.edits.attr(root, name, attr, value)
-
-    if isinstance(m, nn.Linear):
-        set_if("out_features", m.weight.shape[0])
-        set_if("in_features", m.weight.shape[1])
-    elif isinstance(m, nn.modules.conv._ConvNd):
-        set_if("out_channels", m.weight.shape[0])
-        set_if("in_channels", m.weight.shape[1] * m.groups)
-    elif isinstance(m, nn.modules.batchnorm._NormBase):
-        set_if("num_features", (m.weight if m.weight is not None else m.running_mean).shape[0])
-    elif isinstance(m, nn.PReLU):
-        set_if("num_parameters", m.weight.shape[0])
-    elif isinstance(m, nn.Embedding):
-        set_if("embedding_dim", m.weight.shape[1])
-    elif _is_hf_conv1d(m):  # transformers' Conv1D (GPT-2): weight [nx, nf]; its forward views to nf
-        set_if("nf", m.weight.shape[1])
-        set_if("nx", m.weight.shape[0])
-
-
-def _is_hf_conv1d(m: nn.Module) -> bool:
-    """True for transformers' ``Conv1D`` (looked up only if transformers is already imported)."""
-    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-    return cls is not None and isinstance(m, cls)
 
 
 def _patch_views(gm: GrowModel, group: Group, g: list[int]) -> None:

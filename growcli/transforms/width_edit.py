@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from growcli.errors import NotGrowableError
-from growcli.inputs import make_batches
-from growcli.model import GrowModel
-from growcli.trace import METADATA_CHECKS, REINDEX, UNARY, VIEW, trace_model
+from growcli.core.errors import NotGrowableError
+from growcli.core.inputs import make_batches
+from growcli.core.model import GrowModel
+from growcli.analysis.trace import METADATA_CHECKS, REINDEX, UNARY, VIEW, trace_model
 from growcli.transforms.registry import StepReport
-from growcli.transforms.widen import sync_attributes
+from growcli.transforms.resize import sync_attributes
 
 
 # --------------------------------------------------------------------------- how one dimension changes

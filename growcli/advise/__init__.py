@@ -1,0 +1,1 @@
+"""Where to grow: scores from calibration data (GradMax, Firefly, NeST)."""

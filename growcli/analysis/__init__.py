@@ -1,0 +1,3 @@
+"""Reading a traced model: coupled channels, the residual stream, attention sites, residual writers.
+
+Analyses decide what may grow and how; they change nothing."""

@@ -1,0 +1,236 @@
+"""The traced graph: tracing a model with ``torch.export`` and reading its ATen nodes.
+
+Holds the ATen op vocabulary the analyses dispatch on (``UNARY``, ``BINARY``, ``CONV``, …),
+:class:`Trace` and :func:`trace_model`, and helpers over single nodes: their shapes, names and
+modules for messages, and how a view or an op that only moves dimensions maps an output
+dimension back to an input one. No analysis happens here; see :mod:`growcli.analysis.coupling`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from growcli.core.errors import NotGrowableError
+from growcli.core.inputs import Batch
+
+aten = torch.ops.aten
+
+# Element-wise ops with one tensor input: positions pass through unchanged.
+UNARY = {
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.sigmoid.default, aten.tanh.default, aten.hardtanh.default, aten.hardtanh_.default, aten.relu6.default,
+    aten.leaky_relu.default, aten.elu.default, aten.hardswish.default, aten.hardsigmoid.default,
+    aten.mish.default, aten.softplus.default, aten.dropout.default, aten.feature_dropout.default,
+    aten.alpha_dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.detach.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default,
+    aten.neg.default, aten.abs.default, aten.exp.default, aten.sqrt.default, aten.square.default,
+    aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar,
+    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.erf.default,
+    aten.log_sigmoid.default if hasattr(aten, "log_sigmoid") else aten.sigmoid.default,
+}
+# Element-wise ops over several tensors (broadcasting): other full-size operands are coupled.
+BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
+          aten.minimum.default, aten.where.self, aten.add_.Tensor, aten.mul_.Tensor}
+# Reductions with explicit dims.
+REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.sum.default,
+          aten.mean.default, aten.max.default, aten.min.default}
+# Pooling over trailing spatial dims: (op, number of spatial dims).
+POOL = {aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2,
+        aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1,
+        aten.max_pool3d.default: 3, aten.avg_pool3d.default: 3, aten.adaptive_avg_pool3d.default: 3,
+        aten.max_pool2d_with_indices.default: 2, aten.adaptive_max_pool2d.default: 2,
+        aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2}
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+PAD = {aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.default, aten.replication_pad2d.default}
+BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+# ``addmm(bias, x, W) = bias + x @ W``: Hugging Face's Conv1D (GPT-2) is a view → addmm → view.
+ADDMM = aten.addmm.default
+# Ops that only move dimensions around; used to follow a tensor back to what produced it.
+REINDEX = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+           aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor}
+# Assertions the exporter adds about a tensor's dtype/device; they read a tensor but compute nothing.
+METADATA_CHECKS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
+
+
+# --------------------------------------------------------------------------- trace
+@dataclass
+class Trace:
+    """An ATen-level graph of the model with parameters as ``get_attr`` nodes."""
+
+    gm: fx.GraphModule
+    is_model: bool  # True when ``gm`` is the user's model itself (a loaded .pt2 program)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def weight_users(self) -> dict[str, list[fx.Node]]:
+        """FQN of every parameter/buffer → the op nodes using it."""
+        out: dict[str, list[fx.Node]] = {}
+        for n in self.graph.nodes:
+            if n.op == "get_attr":
+                out[str(n.target)] = [u for u in n.users]
+        return out
+
+
+def trace_model(module: nn.Module, batch: Batch) -> Trace:
+    """Trace ``module`` on ``batch``; a loaded ``.pt2`` program is its own trace.
+
+    Raises :class:`NotGrowableError` when ``torch.export`` cannot trace the model.
+    """
+    if isinstance(module, fx.GraphModule) and any(
+            n.op == "get_attr" and "val" in n.meta for n in module.graph.nodes):
+        return Trace(module, True)
+    args, kwargs = batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
+        except Exception as exc:
+            # Fallback: draft_export specialises data-dependent control flow on these inputs; the
+            # values that steer it (e.g. a sum over channels) stay in the graph, so the analysis
+            # refuses any growth that could flip a branch.
+            try:
+                ep = torch.export.draft_export(module, tuple(args), dict(kwargs))
+            except Exception:
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise NotGrowableError(f"torch.export cannot trace the model, so its channels cannot be analysed ({first})") from None
+    return Trace(ep.module(), False)
+
+
+def module_of(node: fx.Node) -> str:
+    """The innermost module a node was computed in (``""`` for the root or when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def in_scope(node: fx.Node, name: str) -> bool:
+    """Whether ``node`` was computed inside a call of module ``name`` (from the trace's module stack)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(v[0] == name for v in stack.values())
+
+
+def attr_of(arg: Any) -> str | None:
+    """The parameter or buffer name an argument reads, if it is a ``get_attr`` node; else ``None``."""
+    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def where(node: fx.Node) -> str:
+    """The module a node was called in, as `` in 'path'`` for messages (empty for the root)."""
+    path = module_of(node)
+    return f" in '{path}'" if path else ""
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", str(t)) if node.op == "call_function" else f"{node.op} {t}"
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _source_dim(node: fx.Node, dim: int) -> int | None:
+    """The dimension of ``node``'s input that becomes its output dimension ``dim`` (a view that
+    neither splits nor merges it, or an op that only moves dimensions); None if there is none."""
+    src = node.args[0]
+    ins, outs, t = shape(src), shape(node), node.target
+    if ins is None or outs is None:
+        return None
+    rank = len(ins)
+    if t in VIEW:
+        for (a, b), (c, d) in _merge_groups(ins, outs) or []:
+            if c <= dim < d:
+                big_in = [k for k in range(a, b) if ins[k] > 1]
+                big_out = [k for k in range(c, d) if outs[k] > 1]
+                return big_in[0] if big_out == [dim] and len(big_in) == 1 and ins[big_in[0]] == outs[dim] else None
+        return None
+    if t == aten.permute.default:
+        return [d % rank for d in node.args[1]][dim]
+    if t in (aten.transpose.int, aten.t.default):
+        a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
+        return b if dim == a else a if dim == b else dim
+    if t == aten.unsqueeze.default:
+        k = node.args[1] % (rank + 1)
+        return None if dim == k else dim - (1 if k < dim else 0)
+    if t in (aten.squeeze.dim, aten.squeeze.dims):
+        ds = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        kept = [k for k in range(rank) if not (k in [d % rank for d in ds] and ins[k] == 1)]
+        return kept[dim]
+    if t == aten.expand.default:
+        k = dim - (len(outs) - rank)
+        return k if k >= 0 else None
+    if t == aten.select.int:
+        d = node.args[1] % rank
+        return dim + (1 if d <= dim else 0)
+    if t == aten.slice.Tensor:
+        d = node.args[1] % rank if len(node.args) > 1 else 0
+        return None if d == dim and ins[dim] != outs[dim] else dim
+    return None
+
+
+def _conv_groups(node: fx.Node) -> int:
+    if node.target == aten.convolution.default:
+        return int(node.args[8]) if len(node.args) > 8 else 1
+    if len(node.args) > 6:
+        return int(node.args[6])
+    return int(node.kwargs.get("groups", 1))
+
+
+def _prod(xs: Sequence[int]) -> int:
+    p = 1
+    for x in xs:
+        p *= x
+    return p
+
+
+def _merge_groups(ins: Sequence[int], outs: Sequence[int]):
+    """Pair runs of input dims with runs of output dims of equal product (a view's structure)."""
+    groups = []
+    i = j = 0
+    while i < len(ins) or j < len(outs):
+        a, c = i, j
+        p, q = 1, 1
+        if i < len(ins):
+            p *= ins[i]
+            i += 1
+        if j < len(outs):
+            q *= outs[j]
+            j += 1
+        while p != q:
+            if p < q and i < len(ins):
+                p *= ins[i]
+                i += 1
+            elif q < p and j < len(outs):
+                q *= outs[j]
+                j += 1
+            else:
+                return None
+        # absorb trailing size-1 dims into this run
+        groups.append(((a, i), (c, j)))
+    return groups
+
+
+def flat_args(args) -> list:
+    """Every leaf of nested argument lists/tuples, in order."""
+    items = []
+    for a in args:
+        items += flat_args(a) if isinstance(a, (list, tuple)) else [a]
+    return items
+
+
+def reduce_dims(node: fx.Node, rank: int) -> list[int]:
+    """The dimensions a reduction node (mean/sum/amax…) reduces over; all of them when none are given."""
+    dims = node.args[1] if len(node.args) > 1 else None
+    if dims is None or dims == []:
+        return list(range(rank))
+    return [d % rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]

@@ -1,0 +1,103 @@
+"""growcli stack MODEL -o OUT: progressive stacking of repeated blocks, in memory or streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, console, emit_json, handle_errors,
+                         render_grow_report, verify_settings)
+from growcli.core.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("stack")
+    @handle_errors
+    def stack_cmd(
+        model: Model,
+        blocks: Annotated[Optional[str], typer.Option("--blocks", help="The ModuleList of blocks (default: the longest "
+                                                      "list of same-typed blocks).")] = None,
+        factor: Annotated[Optional[int], typer.Option("--factor", help="Multiply the number of blocks by K (default 2).")] = None,
+        to: Annotated[Optional[int], typer.Option("--to", help="Grow the stack to N blocks.")] = None,
+        order: Annotated[str, typer.Option("--order", help="stack (1..L, 1..L) or interleave (1,1,2,2,…).")] = "stack",
+        layers: Annotated[Optional[str], typer.Option("--layers", help="Explicit source block per new position, "
+                                                      "e.g. 0-11,4-11 (depth up-scaling).")] = None,
+        init: Annotated[str, typer.Option("--init", help="copy (progressive stacking; changes the function) or identity "
+                                          "(new copies' residual writers zeroed; exact for pre-LN).")] = "copy",
+        streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Stack a Hugging Face "
+                             "directory tensor by tensor without loading it (default: above 1 GiB).")] = None,
+        shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard when streaming.")] = "5GB",
+        output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
+        trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,
+    ) -> None:
+        """Duplicate a model's stack of repeated blocks (progressive stacking, depth up-scaling).
+
+        Example: growcli stack fixtures/llama-tiny --factor 2 --init identity -o llama-4-layers/
+        """
+        from growcli.run.streaming import choose_streaming, parse_size, stack_streaming
+        from growcli.run.runner import Output, Source, Step, grow
+        from growcli.transforms.catalog import build_spec
+
+        if not output:
+            raise UsageError("stack needs an output: -o OUTPUT")
+        options = {k: v for k, v in {"blocks": blocks, "factor": factor, "to": to, "order": order, "layers": layers,
+                                     "init": init, "allow_inexact": allow_mismatch}.items() if v is not None}
+        spec = build_spec("stack", options)  # every option problem is reported before anything is loaded
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
+        if not choose_streaming(model, list(output), format, streaming):
+            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("stack", options)],
+                          [Output(p, format) for p in output], seed=seed, settings=settings, overwrite=overwrite)
+            render_grow_report(report, json_out)
+            return
+        from growcli.io.atomic import check_output_path
+
+        check_output_path(Path(output[0]), (model, inputs), overwrite=overwrite, directory=True)
+        if inputs is not None:  # the in-memory path reads it in runner.grow
+            from growcli.io.formats import load_inputs_file
+
+            settings.inputs = [load_inputs_file(inputs)]
+        with _progress(console(quiet, json_out)) as advance:
+            report = stack_streaming(model, Path(output[0]), spec, shard_size=parse_size(shard_size), settings=settings,
+                                     seed=seed, progress=advance)
+        _render_streaming(report, json_out)
+
+
+class _progress:
+    """A rich progress bar in bytes on stderr; a no-op callback when the console is quiet."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def __enter__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("stacking"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("stack", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _render_streaming(report: dict, json_out: bool) -> None:
+    if json_out:
+        emit_json(report)
+        return
+    step = report["steps"][0]
+    status = "exact" if step["exact"] else "not function-preserving by design"
+    typer.echo(f"step 1: stack {', '.join(step['matched'])} (streaming) — {status}; "
+               f"params {step['params_before']:,} → {step['params_after']:,}")
+    for note in step["notes"]:
+        typer.echo(f"  note: {note}")
+    for line in report["checked"]:
+        typer.echo(f"checked: {line}")
+    for out in report["outputs"]:
+        typer.echo(f"wrote {out['path']} [hf, {out['shards']} shard(s), {out['bytes']:,} bytes] in {report['seconds']:.1f} s")

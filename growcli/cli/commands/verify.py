@@ -1,0 +1,43 @@
+"""growcli verify ORIGINAL GROWN: the check CI scripts call (exit 0 equal, 3 not equal)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from growcli.cli.app import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
+                         TrustPickle, emit_json, handle_errors, status, verify_settings)
+from growcli.core.errors import EXIT_MISMATCH
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("verify")
+    @handle_errors
+    def verify_cmd(original: Annotated[Path, typer.Argument(help="The checkpoint before growth.")],
+                   grown: Annotated[Path, typer.Argument(help="The grown checkpoint (any format growcli writes).")],
+                   arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
+                   input_shape: InputShape = None, inputs: InputsFile = None, batches: Batches = 3, seq_len: SeqLen = None,
+                   dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None, json_out: Json = False,
+                   quiet: Quiet = False) -> None:
+        """Run both models on the same inputs and compare every output.
+
+        Example: growcli verify model.pt2 grown.pt2 --json
+        """
+        from growcli.run.compare import compare_checkpoints
+        from growcli.run.runner import Source
+
+        settings = verify_settings(batches, dtype, atol, rtol, seq_len=seq_len)
+        src = Source(original, arch, arch_kwargs, trust_pickle, input_shape, inputs)
+        with status(f"comparing {original} and {grown}", quiet, json_out):
+            report = compare_checkpoints(src, grown, settings)
+        if json_out:
+            emit_json(report.to_dict())
+        else:
+            for o in report.outputs:
+                typer.echo(f"{o.name} {o.shape}: max abs diff {o.max_abs_diff:.3g}, max rel diff {o.max_rel_diff:.3g}, "
+                           f"tolerance {o.tolerance:.3g} — {'pass' if o.passed else 'FAIL'}{' (' + o.note + ')' if o.note else ''}")
+            typer.echo(report.summary() + (f" ({report.note})" if report.note else ""))
+        if not report.passed:
+            raise typer.Exit(EXIT_MISMATCH)

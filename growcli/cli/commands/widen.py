@@ -1,0 +1,97 @@
+"""growcli widen MODEL --layer NAME --to N: exact Net2WiderNet; --heads N / --hidden N|2x for transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+from growcli.core.errors import UsageError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("widen")
+    @handle_errors
+    def widen_cmd(
+        model: Model,
+        layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help="Module name, dotted suffix, glob or regex; "
+                                                           "repeatable.")] = None,
+        to: Annotated[Optional[int], typer.Option("--to", help="New number of units/channels.")] = None,
+        by: Annotated[Optional[int], typer.Option("--by", help="Number of units/channels to add.")] = None,
+        factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the number of units by F.")] = None,
+        init: Annotated[str, typer.Option("--init", help="net2net (copy units, split outgoing weights), zero "
+                                          "(random incoming, zero outgoing weights) or gradmax (zero incoming, "
+                                          "outgoing from the gradient on --data).")] = "net2net",
+        split: Annotated[str, typer.Option("--split", help="asymmetric (random shares summing to 1) or uniform.")] = "asymmetric",
+        noise: Annotated[float, typer.Option("--noise", help="Net2Net noise on the copies' incoming weights "
+                                             "(relative to the weights' std); makes the step approximate.")] = 0.0,
+        scale: Annotated[Optional[float], typer.Option("--scale", help="gradmax: new outgoing weights' norm relative to "
+                                                       "the mean of the existing ones (default 0.5).")] = None,
+        data: Annotated[Optional[Path], typer.Option("--data", help="gradmax: calibration data, .safetensors/.pt with "
+                                                     "'input' and 'target' (see growcli suggest --help).")] = None,
+        loss: Annotated[Optional[str], typer.Option("--loss", help="gradmax: auto, cross_entropy, mse or model.")] = None,
+        data_batches: Annotated[Optional[int], typer.Option("--data-batches", min=1, help="gradmax: use only the first "
+                                                            "N calibration batches.")] = None,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="gradmax: samples per "
+                                                          "calibration batch (default 32).")] = None,
+        heads: Annotated[Optional[int], typer.Option("--heads", help="Transformers: grow every attention to N query heads "
+                                                     "(whole heads, head_dim kept; with --hidden: heads after it).")] = None,
+        hidden: Annotated[Optional[str], typer.Option("--hidden", help="Transformers: grow the hidden size to N, or by a "
+                                                      "factor like 2x (every embedding, norm and projection on the "
+                                                      "residual stream).")] = None,
+        pair_noise: Annotated[float, typer.Option("--pair-noise", help="With --hidden: +N/-N noise on paired tiles of the "
+                                                  "matrices reading the hidden states (exact; breaks symmetry).")] = 0.0,
+        output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
+        trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
+        quiet: Quiet = False,  # accepted everywhere; this command shows no progress
+    ) -> None:
+        """Widen a layer's units or channels; the grown model computes the same function.
+
+        Example: growcli widen model.pt2 --layer fc1 --to 512 -o grown.safetensors
+        (transformers: growcli widen llama/ --hidden 2x --heads 16 -o grown/ ; growcli widen llama/ --heads 8 -o grown/)
+        (gradmax: growcli widen model.pt2 --layer fc1 --by 8 --init gradmax --data calib.safetensors -o grown.safetensors)
+        """
+        from growcli.run.runner import Output, Source, Step, grow
+
+        if not output:
+            raise UsageError("widen needs at least one -o OUTPUT")
+        if not layer and heads is None and hidden is None:
+            raise UsageError("widen needs --layer NAME, --heads N or --hidden N")
+        if not layer and (to, by, factor) != (None, None, None):
+            raise UsageError("--to, --by and --factor size the --layer; --heads and --hidden take their own sizes")
+        steps = _transformer_steps(heads, hidden, pair_noise, split)
+        selector = (layer[0] if len(layer) == 1 else list(layer)) if layer else None
+        options = {"layer": selector, "to": to, "by": by, "factor": factor,
+                   "init": init, "split": split, "noise": noise, "scale": scale,
+                   "data": str(data) if data is not None else None, "loss": loss, "data_batches": data_batches,
+                   "batch_size": batch_size}
+        report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
+                      ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
+                      [Output(p, format) for p in output], seed=seed,
+                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite,
+                      protect=(data,) if data is not None else ())
+        render_grow_report(report, json_out)
+
+
+def _transformer_steps(heads: int | None, hidden: str | None, pair_noise: float, split: str) -> list:
+    """The ``hidden``/``heads`` steps for ``--hidden N|Fx`` and ``--heads N``."""
+    from growcli.run.runner import Step
+
+    if hidden is None:
+        if pair_noise:
+            raise UsageError("--pair-noise applies to --hidden")
+        return [Step("heads", {"to": heads, "split": split})] if heads is not None else []
+    text = hidden.strip().lower()
+    try:
+        size = {"factor": float(text[:-1])} if text.endswith("x") else {"to": int(text)}
+    except ValueError:
+        raise UsageError(f"--hidden {hidden!r}: expected a size like 1024 or a factor like 2x") from None
+    options = {**size, "noise": pair_noise, "split": split}
+    if heads is not None:
+        options["heads"] = heads
+    return [Step("hidden", options)]

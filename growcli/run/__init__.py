@@ -1,0 +1,1 @@
+"""Orchestration: steps, plans and the one runner (load, transform, verify, save)."""

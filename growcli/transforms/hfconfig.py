@@ -1,0 +1,189 @@
+"""Keeping a Hugging Face config and the model it describes in agreement after growth.
+
+A transform that changes sizes updates config keys (``hidden_size``, ``num_attention_heads``…)
+and then asks: would a model built from this config be the grown model? Models are built on the
+meta device (no memory, no weights) and compared with the grown one: parameter shapes, and the
+size attributes of every module (``GPT2Attention.split_size``, ``LlamaAttention.num_key_value_groups``,
+``nn.LayerNorm.normalized_shape``, a norm's ``eps``…), which the in-memory model must share so that it
+computes what ``from_pretrained`` of the saved directory computes. Unset sizes the model derives
+(GPT-2's ``n_inner``) get the value the weights have; values that must not change (``head_dim``)
+are refused when the config would change them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from growcli.core.errors import NotGrowableError
+from growcli.core.model import GrowModel
+
+
+def fresh_model(module: nn.Module) -> nn.Module:
+    """``type(module)(module.config)`` on the meta device: shapes and attributes, no memory."""
+    with torch.device("meta"):
+        return type(module)(module.config)
+
+
+def mismatches(module: nn.Module) -> list[str]:
+    """Parameters whose shape differs from a model built from the (edited) config, as messages."""
+    try:
+        want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
+    except Exception as exc:  # the config no longer builds a model
+        return [f"the config does not build a model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"]
+    have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return [f"{k} {list(have[k])} vs config {list(want[k])}" for k in have if k in want and want[k] != have[k]]
+
+
+def mismatched_sizes(module: nn.Module) -> set[int]:
+    """The grown sizes along dimensions where the weights and a model built from the config disagree."""
+    try:
+        want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
+    except Exception:  # the config no longer builds a model: nothing to offer
+        return set()
+    out = set()
+    for k, v in module.state_dict().items():
+        if k in want and len(want[k]) == v.dim():
+            out |= {h for h, w in zip(v.shape, want[k]) if h != w}
+    return out
+
+
+def sync_config(gm: GrowModel, updates: dict[str, int], sizes: dict[int, set[int]], protected: dict[int, str],
+                eps: list, notes: list[str]) -> None:
+    """Update config keys and module attributes so that a model built from the config equals ``gm.module``.
+
+    ``sizes`` maps old size values to new ones (attributes holding an old value take the new);
+    ``protected`` names values that must not change (``head_dim``): a config that would change them
+    cannot describe the grown model, which is refused.
+    """
+    module = gm.module
+    config = getattr(module, "config", None)
+    if not gm.is_hf or config is None:
+        return
+    # Attributes that already disagree with the config (say an earlier widen step left LlamaMLP's unused
+    # intermediate_size behind) are not this step's business.
+    stale = set(attr_diffs(module))
+    for key, value in updates.items():
+        if getattr(config, key, None) is not None and getattr(config, key) != value:
+            notes.append(f"config {key}: {getattr(config, key)} → {value}")
+            gm.edits.config(module, key, value)
+    factors = {fix.old: fix.new for fix in eps}
+    for key, value in sorted(config.to_dict().items()):
+        if isinstance(value, float) and any(math.isclose(value, old, rel_tol=1e-12) for old in factors):
+            new = next(factors[o] for o in factors if math.isclose(value, o, rel_tol=1e-12))
+            notes.append(f"config {key}: {value:g} → {new:g}")
+            gm.edits.config(module, key, new)
+    _fit_unset_keys(gm, notes)
+    for name, attr, value, want in attr_diffs(module):
+        if (name, attr, value, want) not in stale:
+            _sync_attr(gm, name, attr, value, want, sizes, protected)
+    try:
+        validate_config(config)
+    except Exception as exc:  # transformers refuses to save it, though the model itself is fine
+        notes.append(f"transformers' checks reject the updated config ({config_error(exc)}): a Hugging Face "
+                     "directory cannot be written; write .safetensors and load it with growcli.load_grown")
+    bad = mismatches(module)
+    if bad:
+        notes.append(f"the Hugging Face config cannot describe the grown model ({bad[0]}); "
+                     "write .safetensors and load it with growcli.load_grown")
+
+
+def attr_diffs(module: nn.Module) -> list[tuple]:
+    """``(module name, attribute, value, value in a model built from the config)`` for every size-like
+    attribute (ints, floats, tuples) that differs."""
+    fresh = dict(fresh_model(module).named_modules())
+    out = []
+    for name, m in module.named_modules():
+        f = fresh.get(name)
+        if f is None or type(f) is not type(m):
+            continue
+        for attr, value in list(vars(m).items()):
+            if attr.startswith("_") or attr == "training" or isinstance(value, bool):
+                continue
+            want = getattr(f, attr, None)
+            if isinstance(value, (int, float, tuple)) and type(want) is type(value) and value != want:
+                out.append((name, attr, value, want))
+    return out
+
+
+def _sync_attr(gm: GrowModel, name: str, attr: str, value, want, sizes: dict[int, set[int]],
+               protected: dict[int, str]) -> None:
+    """Set ``name.attr`` to the config's ``want`` if every changed entry is an expected size change, else refuse."""
+    where = f"{type(gm.module.get_submodule(name)).__name__} '{name}'"
+    olds = list(value) if isinstance(value, (tuple, list)) else [value]
+    news = list(want) if isinstance(want, (tuple, list)) else [want]
+    if len(olds) != len(news):
+        raise NotGrowableError(f"{where}.{attr} would change from {value} to {want} with the new config")
+    for old, new in zip(olds, news):
+        if old == new or isinstance(old, int) and new in sizes.get(old, ()):
+            continue
+        if isinstance(old, int) and old in protected:
+            raise NotGrowableError(f"{where}.{attr} would change from {old} to {new} with the new config: the model derives "
+                                   f"{protected[old]} from the config, so it cannot stay {old}")
+        if isinstance(old, float):
+            raise NotGrowableError(f"{where}.{attr} would change from {old:g} to {new:g} with the new config (one config "
+                                   "key sets it and a value this growth changes), so no config describes the grown model")
+        raise NotGrowableError(f"{where}.{attr} would change from {value} to {want} with the new config, "
+                               "which growcli does not expect")
+    gm.edits.attr(gm.module, name, attr, want)
+
+
+def _fit_unset_keys(gm: GrowModel, notes: list[str]) -> None:
+    """Give unset config sizes (GPT-2's ``n_inner``, derived from the hidden size) the value the weights have."""
+    module, config = gm.module, gm.module.config
+    bad = mismatches(module)
+    if not bad:
+        return
+    candidates = sorted(mismatched_sizes(module))
+    for key, value in sorted(config.to_dict().items()):
+        if value is not None:
+            continue
+        for new in candidates:
+            before = len(bad)
+            try:
+                setattr(config, key, new)
+                after = mismatches(module)
+            except Exception:  # typed config fields and model constructors reject values that do not fit
+                after = bad
+            setattr(config, key, value)
+            if len(after) < before:
+                gm.edits.config(module, key, new)
+                notes.append(f"config {key}: None → {new}")
+                bad = after
+                break
+        if not bad:
+            return
+
+
+def with_config(gm: GrowModel, updates: dict[str, int], validate: bool = False) -> nn.Module:
+    """A meta-device model built from the config with ``updates`` applied (the config itself is restored).
+
+    With ``validate``, raises what the config's own validators raise (Llama wants ``hidden_size``
+    divisible by the heads, although its explicit ``head_dim`` makes the model work either way).
+    """
+    config = gm.module.config
+    saved = {k: getattr(config, k) for k in updates if getattr(config, k, None) is not None}
+    try:
+        for k in saved:
+            setattr(config, k, updates[k])
+        if validate:
+            validate_config(config)
+        return fresh_model(gm.module)
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
+def validate_config(config) -> None:
+    """Run the config's validators (transformers' strict configs run them only when saving)."""
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+
+
+def config_error(exc: Exception) -> str:
+    """The informative last line of a config validation error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__

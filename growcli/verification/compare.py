@@ -1,0 +1,214 @@
+"""Equivalence checking: run two models on the same inputs and report every output.
+
+The check is scale-relative: an output passes when ``max|a - b| <= atol + rtol * max|a|``.
+Differences are measured element-wise as absolute values (never a signed sum, where
+errors could cancel). All outputs are compared before a verdict; a shape or name
+mismatch is a failure, not a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from growcli.core.errors import InputsError
+from growcli.core.inputs import Batch, cast_batch
+from growcli.core.model import eval_mode
+
+# (atol, rtol) by the precision the weights are stored in: a float32 model compared in float64
+# still carries float32 rounding of its (split) weights, so float32 tolerances apply to it.
+DEFAULT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 1e-5),
+               torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-3, 2e-2)}
+
+
+def storage_precision(*modules: Any, compute: torch.dtype = torch.float64) -> torch.dtype:
+    """The least precise of ``compute`` and the floating-point parameter dtypes of ``modules``."""
+    dtypes = {compute}
+    for m in modules:
+        if isinstance(m, nn.Module):
+            dtypes |= {p.dtype for p in m.parameters() if p.is_floating_point()}
+            dtypes |= {b.dtype for b in m.buffers() if b.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: list[int]
+    max_abs_diff: float
+    max_rel_diff: float
+    scale: float
+    tolerance: float
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    passed: bool
+    dtype: str
+    batches: int
+    atol: float
+    rtol: float
+    max_abs_diff: float
+    outputs: list[OutputCheck] = field(default_factory=list)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return _finite(d)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VerifyReport":
+        """Inverse of :meth:`to_dict` (non-finite numbers come back from their string form)."""
+        num = lambda v: float(v) if isinstance(v, str) else v  # noqa: E731
+        fields = {k: num(v) if k in ("max_abs_diff", "atol", "rtol") else v for k, v in data.items() if k != "outputs"}
+        outputs = [OutputCheck(**{k: num(v) if k in ("max_abs_diff", "max_rel_diff", "scale", "tolerance") else v
+                                  for k, v in o.items()}) for o in data.get("outputs", [])]
+        return cls(outputs=outputs, **fields)
+
+    def summary(self) -> str:
+        worst = max(self.outputs, key=lambda o: o.max_abs_diff / max(o.tolerance, 1e-300), default=None)
+        where = f" (worst: {worst.name}, {worst.max_abs_diff:.3g} > {worst.tolerance:.3g})" if worst and not self.passed else ""
+        return (f"{'equal' if self.passed else 'NOT equal'} in {self.dtype} over {self.batches} batches: "
+                f"max abs diff {self.max_abs_diff:.3g}{where}")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def flatten_outputs(out: Any, prefix: str = "output") -> dict[str, torch.Tensor]:
+    """Name every tensor in a model's output: tensors, tuples, dicts and HF ModelOutputs."""
+    if isinstance(out, torch.Tensor):
+        return {prefix: out}
+    result: dict[str, torch.Tensor] = {}
+    if isinstance(out, dict) or hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        for k in out.keys():
+            result.update(flatten_outputs(out[k], str(k) if prefix == "output" else f"{prefix}.{k}"))
+    elif isinstance(out, (list, tuple)):
+        for i, v in enumerate(out):
+            result.update(flatten_outputs(v, f"{prefix}[{i}]"))
+    return result
+
+
+def run_model(module: nn.Module, batch: Batch, who: str = "the model") -> dict[str, torch.Tensor]:
+    """Run ``module`` on one batch without gradients and name its output tensors.
+
+    Raises :class:`InputsError` naming ``who`` and the input shapes when the model rejects
+    the batch (wrong shape for a fixed-shape ``.pt2`` program, wrong dtype...).
+    """
+    args, kwargs = batch
+    try:
+        with torch.no_grad():
+            return flatten_outputs(module(*args, **kwargs))
+    except Exception as exc:
+        shapes = ", ".join([str(list(t.shape)) for t in args] + [f"{k}={list(v.shape)}" for k, v in kwargs.items()])
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise InputsError(f"{who} failed on inputs of shape {shapes} ({type(exc).__name__}: {detail})") from None
+
+
+def as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """An eval-mode copy of ``module`` in ``dtype`` (the original is untouched)."""
+    twin = copy.deepcopy(module)
+    eval_mode(twin)
+    return twin.to(dtype)
+
+
+def compare_outputs(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], atol: float, rtol: float,
+                    into: dict[str, OutputCheck] | None = None) -> dict[str, OutputCheck]:
+    """Fold one batch's outputs into per-output checks (the worst case is kept across batches)."""
+    checks = into if into is not None else {}
+    for name in list(ref) + [n for n in cand if n not in ref]:
+        check = _check_one(name, ref.get(name), cand.get(name), atol, rtol)
+        prev = checks.get(name)
+        if prev is not None and (prev.note or check.note):
+            check = prev if prev.note else check
+        elif prev is not None:
+            scale = max(prev.scale, check.scale)
+            max_abs = max(prev.max_abs_diff, check.max_abs_diff)
+            tol = atol + rtol * scale
+            check = OutputCheck(name, check.shape, max_abs, max(prev.max_rel_diff, check.max_rel_diff),
+                                scale, tol, prev.passed and check.passed)
+        checks[name] = check
+    return checks
+
+
+def _check_one(name: str, a: torch.Tensor | None, b: torch.Tensor | None, atol: float, rtol: float) -> OutputCheck:
+    if a is None or b is None:
+        present = a if a is not None else b
+        return OutputCheck(name, list(present.shape), math.inf, math.inf, 0.0, 0.0, False,
+                           "missing from the grown model" if b is None else "not in the original model")
+    if a.shape != b.shape:
+        return OutputCheck(name, list(a.shape), math.inf, math.inf, 0.0, 0.0, False,
+                           f"shape {list(a.shape)} vs {list(b.shape)}")
+    a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    same = (a64 == b64) | (torch.isnan(a64) & torch.isnan(b64))
+    # A NaN or infinity on one side only is an infinite difference (nan_to_num would otherwise
+    # also clamp +inf to the largest finite float and report a number).
+    diff = torch.nan_to_num(torch.where(same, torch.zeros_like(a64), (a64 - b64).abs()), nan=math.inf, posinf=math.inf)
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    finite = a64[torch.isfinite(a64)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    tol = atol + rtol * scale
+    return OutputCheck(name, list(a.shape), max_abs, max_rel, scale, tol, max_abs <= tol)
+
+
+def _run_both(ref: nn.Module, cand, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    a = run_model(ref, batch, "the original model")
+    c = run_model(cand, batch, "the grown model") if isinstance(cand, nn.Module) else cand(batch)
+    return a, c
+
+
+def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype):
+    """Both models in ``dtype`` and their outputs on the first batch (raises if either cannot run)."""
+    ref = as_dtype(reference, dtype)
+    cand = as_dtype(candidate, dtype) if isinstance(candidate, nn.Module) else candidate
+    return ref, cand, _run_both(ref, cand, cast_batch(batch, dtype))
+
+
+def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch], dict[str, torch.Tensor]],
+                  batches: list[Batch], *, dtype: torch.dtype = torch.float64,
+                  atol: float | None = None, rtol: float | None = None) -> VerifyReport:
+    """Run both models in eval mode on ``batches`` in ``dtype`` and compare every output.
+
+    ``dtype=float64`` falls back to float32 (said in ``note``) when a model cannot run in
+    float64. ``candidate`` may also be a callable from batch to named outputs (ONNX).
+    """
+    note = ""
+    try:
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
+    except Exception as exc:
+        if dtype == torch.float32:
+            raise
+        note = f"float64 not supported by this model ({type(exc).__name__}); checked in float32"
+        dtype = torch.float32
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
+    precision = storage_precision(reference, candidate, compute=dtype)
+    d_atol, d_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    checks: dict[str, OutputCheck] = {}
+    compare_outputs(*first, atol, rtol, checks)
+    for batch in batches[1:]:
+        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype)), atol, rtol, checks)
+    outputs = list(checks.values())
+    passed = bool(outputs) and all(o.passed for o in outputs)
+    if not outputs:
+        note = (note + "; " if note else "") + "the model returned no tensors"
+    if precision != dtype:
+        note = (note + "; " if note else "") + f"weights stored in {str(precision).removeprefix('torch.')}: its tolerances apply"
+    return VerifyReport(passed, str(dtype).removeprefix("torch."), len(batches), atol, rtol,
+                        max((o.max_abs_diff for o in outputs), default=0.0), outputs, note)
