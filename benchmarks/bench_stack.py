@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--generate-into", type=Path, help=argparse.SUPPRESS)  # the generating child process
     args = ap.parse_args()
     if args.generate_into:
-        from growcli.run.streaming import parse_size
+        from growcli.run.streaming import parse_shard_size as parse_size
 
         args.shard_bytes = parse_size(args.shard_size)
         print(generate(args.generate_into, args))

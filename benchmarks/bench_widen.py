@@ -26,7 +26,7 @@ def child(mode: str, layers: int, hidden: int, factor: float) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from growcli.io.load import hf_input_spec
+    from growcli.io.hf_dir import hf_input_spec
     from growcli.core.model import GrowModel
     from growcli.run.steps import VerifySettings, run_step
     from growcli.transforms.registry import Context

@@ -11,29 +11,32 @@ Python API::
 ``import growcli`` does not import torch: the API functions are looked up in
 :mod:`growcli.api` the first time one is used.
 
-The package is layered; each layer imports only from the ones before it:
-``core`` (errors, model, edits, inputs) → ``verification`` (running and comparing models) →
-``analysis`` (traces, coupled channels, residual stream) → ``transforms`` (the registry) →
-``io`` (formats in and out) → ``run`` (steps, plans, the runner) → ``advise`` (suggest) →
+The package is layered; each layer imports only from the ones before it (tests/test_layout.py
+checks this): ``core`` (errors, model, edits, inputs) → ``io`` (formats in and out) →
+``verification`` (running and comparing models) → ``analysis`` (traces, coupled channels,
+residual stream, residual writers) → ``transforms`` (the registry) → ``run`` (steps, plans, the
+one runner) → ``advise`` (suggest, inspect) → ``api`` →
 ``cli``. ``nn`` (growcli's own modules) and ``zoo`` (reference models) are public modules.
 """
 
 from growcli.core.version import __version__
 
-__all__ = ["__version__", "apply", "load_grown", "load_model", "save_model", "verify"]
+__all__ = ["__version__", "apply", "load_grown", "load_model", "save_model", "save_models", "verify"]
 
-_API = {"apply", "load_grown", "load_model", "save_model", "verify"}
+# Public name → the module that defines it (imported on first use, so `import growcli` stays light).
+_API = {"apply": "growcli.api", "load_grown": "growcli.api", "load_model": "growcli.api", "save_model": "growcli.api",
+        "save_models": "growcli.api", "verify": "growcli.api"}
 
 
 def __getattr__(name: str):
     if name in _API:
-        from growcli import api
+        import importlib
 
-        value = getattr(api, name)
+        value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'growcli' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _API)
+    return sorted(set(globals()) | set(_API))

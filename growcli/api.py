@@ -1,4 +1,9 @@
-"""The small Python API: load, apply a transform, verify, save, reload a grown checkpoint."""
+"""The small Python API: load, apply a transform, verify, save, reload a grown checkpoint.
+
+Saving is transactional as on the command line: :func:`save_model` and :func:`save_models`
+(several outputs) read every written file back from disk and run it before renaming anything
+into place; a failure leaves no output behind (see :mod:`growcli.run.outputs`).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.core.edits import replay
+from growcli.core.replay import replay
 from growcli.core.errors import FormatError
 from growcli.core.inputs import Batch, make_batches
 from growcli.io.formats import read_safetensors, require_exists, safetensors_metadata
-from growcli.io.load import load_model, load_state_dict_strict
-from growcli.io.save import save_model
+from growcli.io.load import load_model
+from growcli.io.weights import load_state_dict_strict
 from growcli.core.model import GrowModel, eval_mode
+from growcli.run.outputs import save_model, save_models
 from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.registry import Context, StepReport
 from growcli.verification.compare import VerifyReport, verify_models
 
-__all__ = ["apply", "load_grown", "load_model", "save_model", "verify"]
+__all__ = ["apply", "load_grown", "load_model", "save_model", "save_models", "verify"]
 
 
 def apply(gm: GrowModel, transform: str, *, seed: int = 0, allow_mismatch: bool = False, **options: Any) -> StepReport:

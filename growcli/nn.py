@@ -1,8 +1,8 @@
 """growcli's own modules and initialisers for layers that start as the identity.
 
-Everything here is recordable by :func:`growcli.core.edits.module_spec` (plain ``torch.nn``
+Everything here is recordable by :func:`growcli.core.module_specs.module_spec` (plain ``torch.nn``
 modules, or a ``growcli_spec()`` method), so a grown architecture can be rebuilt by
-:func:`growcli.load_grown`. Recipes: docs/recipes.md section 2.
+:func:`growcli.load_grown`. Recipes: docs/recipes.md#deepen.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ IDENTITY_BN_EPS = 2.0 ** -16  # about PyTorch's 1e-5, and a power of two so that
 def identity_batch_norm(dims: int, channels: int, *, dtype: torch.dtype, device: torch.device | None = None) -> nn.Module:
     """A BatchNorm that is exactly the identity in eval mode.
 
-    Eval mode computes ``γ·(x − mean)/sqrt(var + eps) + β``. GROWTH.md's recipe
-    (``var = 1``, ``γ = sqrt(1 + eps)``) is the identity in real arithmetic but rounds twice in
+    Eval mode computes ``γ·(x − mean)/sqrt(var + eps) + β``. The textbook recipe (``var = 1``,
+    ``γ = sqrt(1 + eps)``; docs/recipes.md#deepen-identity-batchnorm) is the identity in real arithmetic but rounds twice in
     floating point; here ``eps = 2⁻¹⁶`` and ``var = 1 − eps`` (exact in float32 and float64),
     so ``var + eps = 1``, ``γ = 1``, ``mean = β = 0``: every step is exact. Where the dtype
     cannot hold ``1 − eps`` (float16), ``γ = sqrt(var + eps)`` as in the recipe. In training

@@ -173,7 +173,7 @@ def _hf(family: str) -> GrowModel:
     m.eval()
     if hasattr(m.config, "use_cache"):
         m.config.use_cache = False
-    from growcli.io.load import hf_input_spec
+    from growcli.io.hf_dir import hf_input_spec
 
     return GrowModel(m, "hf", Path(family), "", hf_input_spec(m), hf_class=type(m).__name__)
 
@@ -219,7 +219,7 @@ def test_block_copy_resnet_fixture(bases, block):
 
 REFUSALS = [
     # (source or hf family, options, error type, message pattern)
-    ("bert", {"after": "encoder.layer.0", "block": True}, NotGrowableError, r"post-LN.*layer_norm.*GROWTH.md section 3"),
+    ("bert", {"after": "encoder.layer.0", "block": True}, NotGrowableError, r"post-LN.*layer_norm.*docs/recipes.md#deepen-residual-blocks"),
     ("resnet.pt", {"after": "layer2.0", "block": True}, NotGrowableError, r"both inputs of the add.*projection shortcut"),
     ("llama", {"after": "model.layers.0.mlp.gate_proj"}, NotGrowableError, r"silu.*not idempotent.*--init morph"),
     ("llama", {"after": "model.layers.0.mlp.up_proj", "bn": True}, NotGrowableError, r"--bn after a Linear needs a \[batch, features\]"),

@@ -14,7 +14,7 @@ from torch import nn
 
 from growcli.core.errors import UsageError
 from growcli.core.inputs import InputSpec, TensorSpec, make_batches, parse_input_shape, seq_lengths, spec_from_batch
-from growcli.io.load import hf_input_spec
+from growcli.io.hf_dir import hf_input_spec
 from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings, verification_batches
 from growcli.verification.compare import verify_models
@@ -223,7 +223,8 @@ def test_change_only_on_padded_positions_is_caught():
 def test_cli_commands_take_seq_len():
     from typer.testing import CliRunner
 
-    from growcli.cli.app import get_app, verify_settings
+    from growcli.cli.app import get_app
+    from growcli.cli.options import verify_settings
 
     assert verify_settings(3, "float64", None, None, seq_len=12).seq_len == 12
     for command in ("widen", "deepen", "stack", "convert", "verify"):

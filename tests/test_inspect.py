@@ -7,15 +7,24 @@ import json
 import pytest
 from conftest import FIXTURES
 
-# fixture argv → (kind, class, block stacks as {name: (type, length)})
+# fixture argv → (kind, class, block stacks as {name: (type, length)}, some growable verdicts:
+# {(transform, layer): growable?})
 CASES = {
-    "bert-tiny": (["bert-tiny"], "hf", "BertModel", {"encoder.layer": ("BertLayer", 2)}),
-    "llama-tiny": (["llama-tiny"], "hf", "LlamaForCausalLM", {"model.layers": ("LlamaDecoderLayer", 2)}),
+    "bert-tiny": (["bert-tiny"], "hf", "BertModel", {"encoder.layer": ("BertLayer", 2)},
+                  {("widen", "encoder.layer.0.intermediate.dense"): True, ("widen", "pooler.dense"): False,
+                   ("stack", "encoder.layer"): True, ("heads", "encoder.layer.0.attention.self"): False,
+                   ("deepen", "encoder.layer.0 (--block)"): False}),
+    "llama-tiny": (["llama-tiny"], "hf", "LlamaForCausalLM", {"model.layers": ("LlamaDecoderLayer", 2)},
+                   {("heads", "model.layers.0.self_attn"): True, ("hidden", "model.embed_tokens"): True,
+                    ("widen", "lm_head"): False, ("deepen", "model.layers.1 (--block)"): True}),
     "resnet.pt": (["resnet.pt", "--arch", "growcli.zoo:resnet"], "state_dict", "ResNetTiny",
-                  {"layer1": ("BasicBlock", 2), "layer2": ("BasicBlock", 2)}),
-    "mlp_module.pt": (["mlp_module.pt", "--trust-pickle"], "pickle", "MLP", {}),
+                  {"layer1": ("BasicBlock", 2), "layer2": ("BasicBlock", 2)},
+                  {("widen", "stem"): True, ("widen", "fc"): False, ("deepen", "layer2.0 (--block)"): False,
+                   ("stack", "layer2"): True}),
+    "mlp_module.pt": (["mlp_module.pt", "--trust-pickle"], "pickle", "MLP", {},
+                      {("widen", "fc1"): True, ("widen", "fc3"): False, ("deepen", "fc3"): True}),
 }
-
+TRANSFORMS = {"deepen", "heads", "hidden", "stack", "widen"}
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +51,15 @@ def reports(cli, _cache):
 @pytest.mark.parametrize("case", CASES)
 def test_inspect_json(reports, case):
     data = reports(case)
-    _, kind, cls, stacks = CASES[case]
+    _, kind, cls, stacks, verdicts = CASES[case]
     assert data["kind"] == kind and data["class"] == cls
     assert {s["name"]: (s["type"], s["length"]) for s in data["block_stacks"]} == stacks
     assert sum(m["count"] for m in data["modules"]) == data["total_parameters"] > 0
-    assert isinstance(data["growable"], dict)
-    for layers in data["growable"].values():
-        assert all(reason is None or isinstance(reason, str) for reason in layers.values())
+    assert set(data["growable"]) == TRANSFORMS  # every transform gives a verdict per candidate
+    assert {key: data["growable"][key[0]][key[1]] is None for key in verdicts} == verdicts
+    for layers in data["growable"].values():  # a refusal says why, in words
+        assert all(reason is None or (isinstance(reason, str) and len(reason) > 10) for reason in layers.values())
+    assert bool(data["growable"]["stack"]) == bool(stacks)
 
 
 def test_bert_block_stack_and_parameters(reports):

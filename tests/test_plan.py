@@ -2,10 +2,9 @@
 
 Two small transforms registered only for this module (and removed after it) exercise the
 plan machinery on a real model without depending on the built-in transforms: ``tpad``
-grows a convolution's kernel by zero-padding it (exact, GROWTH.md section 2) and
-``tscale`` scales a layer's weights and adds seeded noise (not exact, or falsely claimed
-exact to provoke a verification failure). The acceptance tests with the built-in widen,
-deepen and stack run as soon as those are registered.
+grows a convolution's kernel by zero-padding it (exact) and ``tscale`` scales a layer's
+weights and adds seeded noise (not exact, or falsely claimed exact to provoke a verification
+failure). The acceptance tests use the built-in widen, deepen and stack; a missing one fails them.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ import growcli
 from growcli.core.errors import NotGrowableError
 from growcli.io.formats import read_safetensors, safetensors_metadata
 from growcli.core.units import parse_size
-from growcli.run.plan import PlanError, load_plan, parse_plan, read_plan
+from growcli.run.plan import load_plan, parse_plan, read_plan
+from growcli.run.planschema import PlanError
 from growcli.core.safeyaml import MAX_BYTES
 from growcli.core.select import select
 from growcli.transforms.registry import REGISTRY, Context, StepReport, register
@@ -106,15 +106,6 @@ def test_transforms():
 def transforms_in(example: Path) -> set[str]:
     """The transform names an example plan uses (read without validating it)."""
     return {next(iter(s)) if isinstance(s, dict) else s for s in yaml.safe_load(example.read_text())["steps"]}
-
-
-def needs(*names: str) -> None:
-    """Skip until the built-in transforms (and their commands) named here exist."""
-    from growcli.cli.commands import COMMAND_MODULES
-
-    missing = [n for n in names if n not in all_transforms() or n not in COMMAND_MODULES]
-    if missing:
-        pytest.skip(f"transform or command {', '.join(sorted(missing))} is not available yet")
 
 
 def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> Path:
@@ -314,7 +305,6 @@ def test_validate_with_model_finds_missing_layers_and_shrinking_sizes(cli, tmp_p
 
 
 def test_validate_with_model_real_widen_refuses_a_smaller_size(cli, tmp_path):
-    needs("widen")
     path = write(tmp_path, P + "  - widen: {layer: fc1, to: 48}\n  - widen:\n      layer: fc1\n      to: 40\n")
     r = cli("validate", path, "--model", FIXTURES / "mlp.pt", "--arch", "growcli.zoo:mlp")
     assert r.code == 2
@@ -511,13 +501,18 @@ def _flags(options: dict) -> list[str]:
     return args
 
 
+def test_the_examples_are_found():
+    """The example test below is parametrised over examples/*.yaml; an empty glob would run nothing."""
+    assert {"bert", "cnn", "mlp"} <= {e.stem for e in EXAMPLES}
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
 def test_example_plan_runs_and_equals_its_steps_run_as_commands(example, cli, tmp_path, monkeypatch):
     """Every example runs as its ``# run:`` line documents, and gives the same tensors as its
     steps run one by one as commands with the plan's seed (the acceptance test: bert.yaml is
     widen FFN + stack + deepen on the tiny BERT, cnn.yaml widen + deepen on the CNN)."""
     monkeypatch.chdir(ROOT)
-    needs(*transforms_in(example))
+    assert transforms_in(example) <= set(all_transforms())  # a missing transform fails here, by name
     plan = load_plan(example.relative_to(ROOT))
     args = _run_line(example)
     assert args[0] == "grow"
@@ -543,12 +538,15 @@ def test_example_plan_runs_and_equals_its_steps_run_as_commands(example, cli, tm
     assert same_tensors(out, current[0]) == 0.0
 
 
-def test_readme_plan_is_valid():
-    needs("widen", "deepen")
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Growth plans", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    plan, problems = parse_plan(block, "README.md")
-    assert problems == [] and [s.transform for s in plan.steps] == ["widen", "deepen"]
+def test_the_documented_plans_are_valid():
+    """The plans docs/plans.md shows parse with no problem and hold the steps the text says."""
+    blocks = [b.split("```", 1)[0] for b in (ROOT / "docs" / "plans.md").read_text().split("```yaml\n")[1:]]
+    parsed = [parse_plan(b, "docs/plans.md") for b in blocks]
+    assert [problems for _, problems in parsed] == [[]] * len(blocks)
+    steps = [[(s.transform, s.options) for s in plan.steps] for plan, _ in parsed]
+    assert steps[0] == [("widen", {"layer": "conv1", "to": 12}), ("deepen", {"after": "conv1"}), ("stack", {})]
+    assert steps[1] == [("widen", {"layer": "fc1", "factor": 2, "split": "uniform"}),
+                        ("widen", {"layer": "fc2", "factor": 2, "split": "uniform"})]  # anchors and merge keys
 
 
 def test_ci_recipe_grow_then_verify(cli, tmp_path):

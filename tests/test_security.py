@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import growcli
 from growcli import zoo
-from growcli.core.edits import replay
+from growcli.core.replay import replay
 from growcli.core.errors import FormatError, GrowError
 from growcli.core.inputs import InputSpec
 

@@ -11,6 +11,7 @@ deviation, and streaming == in-memory tensor for tensor.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -24,13 +25,16 @@ import growcli
 from growcli import zoo
 from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import make_batches
-from growcli.io.load import hf_input_spec, infer_input_spec, load_model
-from growcli.run.streaming import OutTensor, choose_streaming, parse_size, read_tensors, stack_streaming, write_shard
+from growcli.io.hf_dir import hf_input_spec
+from growcli.io.load import load_model
+from growcli.io.weights import infer_input_spec
+from growcli.io.shards import OutTensor, read_tensors, write_shard
+from growcli.run.streaming import choose_streaming, parse_shard_size as parse_size
 from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings
 from growcli.run.runner import Output, Source, Step, grow
-from growcli.transforms.stack import StackSpec, describe_order, layout
-from growcli.analysis.stack_writers import stack_residuals
+from growcli.transforms.stack import StackSpec, describe_order, layout, trace_for_writers
+from growcli.analysis.residual import stack_writers
 from growcli.verification.compare import flatten_outputs
 
 SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -129,7 +133,8 @@ def stacked(hf_dir, tmp_path_factory):
             if mode == "memory":
                 report = grow(Source(hf_dir(arch)), [Step("stack", spec)], [Output(out)], settings=settings)
             else:
-                report = stack_streaming(hf_dir(arch), out, StackSpec(**spec), shard_size=40_000, settings=settings)
+                report = grow(Source(hf_dir(arch)), [Step("stack", spec)], [Output(out, shard_size=40_000)], settings=settings,
+                              streaming=True)
             done[key] = (out, report)
         return done[key]
 
@@ -179,7 +184,8 @@ def max_rel_diff(a: list[dict], b: list[dict]) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_residual_writers_are_found_without_names(arch, hf_dir):
     gm = load_model(hf_dir(arch))
-    found = stack_residuals(gm.module, CASES[arch].container, make_batches(gm.inputs, 1)[0])
+    trace = trace_for_writers(gm.module, make_batches(gm.inputs, 1)[0])
+    found = stack_writers(trace, gm.module, CASES[arch].container)
     assert set(found) == {0, 1}
     for r in found.values():
         assert set(r.writers) == CASES[arch].writers
@@ -261,8 +267,8 @@ def test_streaming_checkpoint_without_base_model_prefix(hf_dir, tmp_path):
     state = load_file(str(src / "model.safetensors"))
     save_file({k.removeprefix("transformer."): v for k, v in state.items()}, str(src / "model.safetensors"),
               metadata={"format": "pt"})
-    report = stack_streaming(src, tmp_path / "out", StackSpec(init="identity"), shard_size=10**9,
-                             settings=VerifySettings(**SETTINGS))
+    report = grow(Source(src), [Step("stack", {"init": "identity"})], [Output(tmp_path / "out", shard_size=10**9)],
+                  settings=VerifySettings(**SETTINGS), streaming=True)
     got = tensors(tmp_path / "out")
     assert "h.3.mlp.c_proj.weight" in got and not any(k.startswith("transformer.") for k in got)
     assert torch.count_nonzero(got["h.3.mlp.c_proj.weight"]) == 0
@@ -432,15 +438,185 @@ def test_describe_order():
     assert describe_order([0, 1, 2, 3, 0, 1]) == "0-3,0,1"
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"blocks": "layer2"}, r"not repeats of one another \(layer2.1.conv1.weight \[16, 16, 3, 3\] vs layer2.0"),
-    ({"blocks": "layer1", "init": "identity"}, r"block layer1.0: no residual stream .* aten.relu in layer1.0"),
+def _resnet_gm(model: torch.nn.Module) -> GrowModel:
+    """``model`` in float64 with non-trivial BatchNorm statistics, so a zeroed BN must really write zero."""
+    torch.manual_seed(7)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model = model.double().eval()
+    return GrowModel(model, "state_dict", Path("x"), "", infer_input_spec(model))
+
+
+def _stack_exactly(model: torch.nn.Module, blocks: str, **options) -> tuple[GrowModel, float]:
+    gm = _resnet_gm(model)
+    before = copy.deepcopy(gm.module)
+    report = growcli.apply(gm, "stack", blocks=blocks, init="identity", **options)
+    assert report.exact and report.verification["dtype"] == "float64"
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = float((before(x) - gm.module(x)).abs().max())
+    assert diff <= 1e-12 and report.verification["max_abs_diff"] <= 1e-12, diff
+    stage = before.get_submodule(blocks)
+    grown = len(gm.module.get_submodule(blocks)) - len(stage)
+    assert report.params_after - report.params_before == grown * sum(p.numel() for p in stage[0].parameters())
+    return gm, diff
+
+
+@pytest.mark.parametrize("options,copies", [({}, [2, 3]), ({"order": "interleave", "to": 3}, [2])])
+def test_resnet_relu_blocks_stack_exactly(options, copies):
+    gm, _ = _stack_exactly(zoo.ResNetTiny(), "layer1", **options)
+    stage = gm.module.layer1
+    assert len(stage) == 2 + len(copies)
+    for p in copies:  # the new copies: last BatchNorm zero, the rest copied
+        assert torch.count_nonzero(stage[p].bn2.weight) == 0 and torch.count_nonzero(stage[p].bn2.bias) == 0
+        assert torch.count_nonzero(stage[p].conv1.weight) > 0
+
+
+def test_resnet_stack_cli(cli, tmp_path):
+    from conftest import FIXTURES
+
+    out = tmp_path / "grown.safetensors"
+    r = cli("stack", FIXTURES / "resnet.pt", "--arch", "growcli.zoo:resnet", "--blocks", "layer1", "--init", "identity",
+            "-o", out, "--json")
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    step = report["steps"][0]
+    assert report["function_preserving"] is True and report["verification"]["passed"]
+    assert report["verification"]["max_abs_diff"] <= 1e-12 and report["verification"]["dtype"] == "float64"
+    assert step["params_after"] - step["params_before"] == 2 * 1184  # two BasicBlock(8, 8) copies
+    assert "identity init: zeroed residual writers bn2.bias, bn2.weight in every new copy" in step["notes"]
+    assert any(n.startswith("the blocks end in aten.relu after their residual add; exact") for n in step["notes"])
+    grown = growcli.load_grown(zoo.ResNetTiny(), out)
+    assert len(grown.layer1) == 4 and torch.count_nonzero(grown.layer1[3].bn2.weight) == 0
+
+
+class TVBasicBlock(torch.nn.Module):
+    """torchvision's BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + identity), in-place relu and +=."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TVBottleneck(torch.nn.Module):
+    """torchvision's Bottleneck (1x1 → 3x3 → 1x1 with expansion 4)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None):
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class TVResNet(torch.nn.Module):
+    """torchvision's ResNet layout: conv-bn-relu-maxpool stem, stages built by ``_make_layer``, avgpool, fc."""
+
+    def __init__(self, block, layers: list[int], width: int = 8, classes: int = 5):
+        super().__init__()
+        nn = torch.nn
+        self.inplanes = width * block.expansion  # so layer1 needs no downsample, as in resnet18
+        self.conv1 = nn.Conv2d(3, self.inplanes, 3, 1, 1, bias=False)
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(self.inplanes), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.fc = nn.Linear(2 * width * block.expansion, classes)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1):
+        nn = torch.nn
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    def example_inputs(self):
+        return (torch.randn(2, 3, 16, 16),)
+
+
+@pytest.mark.parametrize("block,last_bn", [(TVBasicBlock, "bn2"), (TVBottleneck, "bn3")])
+def test_torchvision_style_stage_stacks_exactly(block, last_bn):
+    gm, _ = _stack_exactly(TVResNet(block, [2, 3]), "layer1")
+    new = gm.module.layer1[3]
+    for name, p in new.named_parameters():
+        assert (torch.count_nonzero(p) == 0) == name.startswith(last_bn + "."), name
+
+
+def test_torchvision_style_deepen_block_unchanged():
+    gm = _resnet_gm(TVResNet(TVBottleneck, [2, 3]))
+    report = growcli.apply(gm, "deepen", after="layer2.1", block=True)
+    assert report.verification["max_abs_diff"] <= 1e-12 and len(gm.module.layer2) == 4
+    assert any("ends in aten.relu after its residual add" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("model,options,message", [
+    (lambda: zoo.ResNetTiny(), {"blocks": "layer2"},
+     r"not repeats of one another \(layer2.1.conv1.weight \[16, 16, 3, 3\] vs layer2.0"),
+    (lambda: TVResNet(TVBottleneck, [2, 3]), {"blocks": "layer2", "layers": "0,1,2,2"},
+     r"not repeats of one another \(layer2.1.conv1.weight \[16, 64, 1, 1\] vs layer2.0.conv1.weight \[16, 32, 1, 1\]"),
 ])
-def test_resnet_stages_that_cannot_be_stacked(options, message):
-    model = zoo.ResNetTiny().eval()
-    gm = GrowModel(model, "state_dict", Path("x"), "", infer_input_spec(model))
+def test_resnet_stages_that_cannot_be_stacked(model, options, message):
+    """A stage's first block downsamples (a projection shortcut, other shapes): a copy could not follow the others."""
+    gm = _resnet_gm(model())
     with pytest.raises(NotGrowableError, match=message):
-        growcli.apply(gm, "stack", **options)
+        growcli.apply(gm, "stack", init="identity", **options)
+
+
+def test_projection_shortcut_block_refusal_is_structured():
+    """A block whose shortcut is a projection (downsample) has no identity path: named op, module and reason."""
+    gm = _resnet_gm(TVResNet(TVBasicBlock, [2, 2]))
+    with pytest.raises(NotGrowableError) as err:
+        growcli.apply(gm, "deepen", after="layer2.0", block=True)
+    r = err.value.refusal
+    assert (r.block, r.op, r.module) == ("layer2.0", "aten.add", "layer2.0")
+    assert str(err.value) == ("block layer2.0: both inputs of the add (aten.add in layer2.0) are computed by layers "
+                              "(aten.batch_norm in layer2.0.bn2 and aten.batch_norm in layer2.0.downsample.1), so the "
+                              "block has no identity path (a projection shortcut changes the stream)")
 
 
 def test_shared_parameters_are_refused():

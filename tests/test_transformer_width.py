@@ -172,6 +172,19 @@ def test_growth_is_exact(models, case, dtype):
     assert {k: tuple(v.shape) for k, v in gm.module.state_dict().items()} == want
 
 
+def test_one_config_fitter_gives_unset_sizes_the_weights_value(models):
+    """widen and hidden share one fitter (growcli.transforms.hfconfig.fit_sizes): GPT-2's unset n_inner
+    (derived as 4 · n_embd) takes the grown MLP width, or keeps the old one when only the hidden size grows."""
+    gm = as_model(models("gpt2"), torch.float64)
+    report = run_step(gm, "widen", {"layer": "mlp.c_fc", "factor": 2.0}, Context(seed=3), VerifySettings(batches=1))
+    assert report.notes == ["config n_inner: None → 256"]
+    gm = as_model(models("gpt2"), torch.float64)
+    report = run_step(gm, "hidden", {"factor": 2.0}, Context(seed=3), VerifySettings(batches=1))
+    assert report.notes[-3:] == ["config hidden_size: 32 → 64", "config num_attention_heads: 4 → 8",
+                                 "config n_inner: None → 128"]
+    assert gm.module.config.n_inner == 128 and gm.module.config.n_embd == 64
+
+
 # ---------------------------------------------------------------------------- what the recipes do
 def test_new_heads_copy_a_source_head_and_keep_its_key_value_head(models):
     gm = as_model(models("llama"), torch.float64)

@@ -214,3 +214,15 @@ def test_verify_leaves_the_models_untouched():
     assert report.passed  # eval mode: dropout off, so the same model equals itself
     assert a.training and a[0].weight.dtype == torch.float32
     assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items())
+
+
+def test_module_edits_are_not_replayed_onto_a_pt2_program(cli, tmp_path):
+    # grown from the eager module (a deepen inserts a module): its original is cnn.pt, not cnn.pt2
+    grown = tmp_path / "cnn.safetensors"
+    plan = FIXTURES.parent / "examples" / "cnn.yaml"
+    assert cli("grow", FIXTURES / "cnn.pt", "--arch", "growcli.zoo:cnn", "--plan", plan, "-o", grown).code == 0
+    r = cli("verify", FIXTURES / "cnn.pt2", grown)
+    assert r.code == 2 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    assert "cannot be replayed onto the torch.export program cnn.pt2" in r.err
+    ok = cli("verify", FIXTURES / "cnn.pt", grown, "--arch", "growcli.zoo:cnn")
+    assert ok.code == 0, ok.err

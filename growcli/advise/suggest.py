@@ -2,7 +2,7 @@
 
 One forward/backward pass per calibration batch observes, for every layer GradMax applies to,
 its input ``h`` and the gradient ``δ`` at its consumer's output, and from them three scores
-(docs/recipes.md section 6):
+(docs/recipes.md#suggest):
 
 - **GradMax**: the singular values ``σ_i`` of ``M = Σ δ hᵀ``. A new unit with zero incoming
   weights and outgoing weights ``r·u_i`` (``r`` = ``scale`` × the mean norm of the existing
@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from growcli.analysis.calibration import Calibration, DataRequest
+from growcli.analysis.coupling import analyze, producer_layers
+from growcli.analysis.trace import trace_model
 from growcli.core.errors import NotGrowableError
-from growcli.analysis.coupling import analyze, producer_layers, trace_model
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
-from growcli.transforms.gradmax import (EPS_REL, Probe, Site, consumer_taps, find_site, measure, new_unit_value,
-                                        outgoing_norm, plan_activation, value_and_slope)
+from growcli.transforms.gradmax import EPS_REL, new_unit_value, outgoing_norm, plan_activation, value_and_slope
+from growcli.transforms.gradmax_measure import Probe, consumer_taps, measure
+from growcli.transforms.gradmax_site import Site, find_site
 
 
 @dataclass

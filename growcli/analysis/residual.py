@@ -1,285 +1,313 @@
-"""Residual blocks: which layers write into the residual stream, and the bookkeeping of depth.
+"""Residual writers: the operations through which a block writes into its residual stream.
 
-A block computes ``x + F(x)`` (possibly several times, and possibly followed by an
-idempotent activation as in ResNets). A copy of it is the identity when the last layer of
-every ``F`` — its *residual writer* — outputs zero. :func:`residual_writers` finds those
-layers from the ``torch.export`` trace, never from module names: it walks the residual
-stream backwards from the block's output, and at every add follows the other operand back
-through zero-preserving operations (views, dropout, casts) to the operation whose
-parameters produce it (a linear, conv, ``addmm``, norm affine or a scaling parameter).
-Zeroing those parameters makes the branch write exactly zero. Recipe: GROWTH.md section 3.
-
-Also here, for every transform that changes a stack's depth (``deepen --block``,
-``stack``): :func:`renumber_layer_idx` and :func:`depth_config_changes` keep per-layer
-indices and a Hugging Face config consistent with the new depth.
+A block's *stream* runs from its input to its output through adds (or ``x - F``), value-
+preserving ops (dropout, views, widening casts), normalisations after an add (post-LN,
+reported) and, after the last add, idempotent activations (ResNet's ``relu(x + F(x))``). Each
+add brings in a *branch*; its *writers* are the parameters of its last parametric op (linear,
+conv, ``addmm``, matmul, a norm's ``γ, β``, a learned scale) plus biases added after it, over
+parallel sub-branches. Zeroed, the branch writes exactly zero and a copy computes ``post(x)``:
+the identity without post-LN when ``x`` is a fixed point of ``post`` (:func:`follows`).
+Recipes: docs/recipes.md#deepen-residual-blocks and #stack-identity-init. Read from a trace of real or meta-device weights,
+with blocks found by the trace's module stack, never from names; an op without a rule makes
+the block not growable, and :class:`Refusal` names the block, the op and the module.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
+from growcli.analysis.trace import METADATA_CHECKS, Trace, attr_of, in_scope, module_of, shape
 from growcli.core.errors import NotGrowableError
-from growcli.analysis.coupling import Trace, op_name, shape, where
-from growcli.core.model import GrowModel
 
-aten = torch.ops.aten
-
-# Operations that map a zero tensor to a zero tensor with one tensor input: a residual
-# branch may pass through them between its writer and the add.
-ZERO_PRESERVING = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
-    aten.dropout.default, aten.feature_dropout.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
-    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.flatten.using_ints, aten.expand.default,
-    aten.mul.Scalar, aten.div.Scalar,
-}
-# Operations that are the identity in eval mode, allowed on the residual stream itself.
-STREAM_IDENTITY = {
-    aten.dropout.default, aten.feature_dropout.default, aten.clone.default, aten.contiguous.default,
-    aten.alias.default, aten.detach.default,
-}
-# Writers: operations whose output is zero when all their parameter inputs are zero.
-WRITERS = {
-    aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
-    aten.addmm.default, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
-    aten.layer_norm.default, aten.group_norm.default,
-}
-if hasattr(aten, "rms_norm"):
-    WRITERS.add(aten.rms_norm.default)
-ADDS = {aten.add.Tensor, aten.add_.Tensor}
-IDEMPOTENT = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
-if hasattr(aten, "relu6"):
-    IDEMPOTENT.add(aten.relu6.default)
-NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.group_norm.default,
-         aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
-if hasattr(aten, "rms_norm"):
-    NORMS.add(aten.rms_norm.default)
-CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
-# Assertions the exporter adds; they read a tensor but are not part of the computation.
-IGNORED_USERS = {aten._assert_tensor_metadata.default}
+# Ops whose output equals their input's values (casts are checked separately: only widening ones).
+VALUE_PRESERVING = {"clone", "contiguous", "dropout", "native_dropout", "feature_dropout", "alpha_dropout", "alias",
+                    "detach", "view", "_unsafe_view", "reshape", "lift_fresh_copy"}
+CASTS = {"to", "_to_copy", "type_as"}
+# Ops that map an all-zero input to an all-zero output (layout changes, slicing, negation).
+ZERO_PRESERVING = VALUE_PRESERVING | CASTS | {
+    "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice", "split",
+    "split_with_sizes", "chunk", "unbind", "narrow", "neg", "repeat"}
+NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
+            "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+            "instance_norm"}
+# Batch norm also reads running statistics (buffers); they stay, γ and β are zeroed.
+STATS_OPS = {op for op in NORM_OPS if "batch_norm" in op}
+LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "conv1d", "conv2d", "conv3d", "convolution", "_convolution",
+              "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+# Idempotent activations, φ(φ(x)) = φ(x): allowed after a block's last add.
+IDEMPOTENT = {"relu", "relu6", "hardtanh"}
+# dtype → the dtypes whose every value it represents exactly.
+_HOLDS = {torch.float64: {torch.float64, torch.float32, torch.float16, torch.bfloat16},
+          torch.float32: {torch.float32, torch.float16, torch.bfloat16}}
 
 
-@dataclass
-class Branch:
-    """One residual branch: the add it enters and the parameters that make it write zero."""
+@dataclass(frozen=True)
+class Refusal:
+    """Why block ``block`` cannot start as the identity: ``op`` (``aten.relu``) in ``module`` and the reason."""
 
-    add: str
-    writer_op: str
-    params: list[str]  # FQNs in the traced model
-
-
-@dataclass
-class BlockAnalysis:
-    """How block ``name`` writes into its residual stream."""
-
-    name: str
-    branches: list[Branch] = field(default_factory=list)
-    post: list[str] = field(default_factory=list)  # idempotent activations after the last add
-
-    def zeroed(self) -> list[str]:
-        """Parameter names relative to the block that a copy must zero to start as the identity."""
-        prefix = self.name + "."
-        return [p[len(prefix):] for b in self.branches for p in b.params]
+    block: str
+    op: str
+    module: str
+    reason: str
 
 
-def data_users(node: fx.Node) -> list[fx.Node]:
-    """``node``'s users that compute something (the exporter's metadata assertions excluded)."""
-    return [u for u in node.users if u.target not in IGNORED_USERS]
+class ResidualRefusal(NotGrowableError):
+    """A :class:`NotGrowableError` carrying its :class:`Refusal`; the message is ``block B: reason`` by default."""
+
+    def __init__(self, refusal: Refusal, message: str | None = None):
+        super().__init__(message or f"block {refusal.block}: {refusal.reason}")
+        self.refusal = refusal
 
 
-def in_scope(node: fx.Node, name: str) -> bool:
-    """Whether ``node`` was computed inside a call of module ``name`` (from the trace's module stack)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(v[0] == name for v in stack.values())
+@dataclass(frozen=True)
+class BlockWriters:
+    """One block's residual structure; parameter and module names are relative to the block."""
+
+    block: str
+    writers: tuple[str, ...]  # parameters a copy zeroes to write nothing into the stream
+    post_norms: tuple[str, ...] = ()  # modules normalising the stream after an add (post-LN: inexact)
+    norm_sites: tuple[tuple[str, str], ...] = ()  # those norms as (op, module), e.g. ("aten.layer_norm", "enc.0.ln")
+    post: tuple[tuple, ...] = ()  # idempotent activations after the last add, as (op, lower, upper)
+    post_sites: tuple[tuple[str, str], ...] = ()  # those activations as (op, module), e.g. ("aten.relu", "layer1.0")
+    source: fx.Node | None = field(default=None, compare=False, repr=False)  # where the stream enters
+    output: fx.Node | None = field(default=None, compare=False, repr=False)  # the stream's last node
 
 
-def _param_args(node: fx.Node, params: set[str]) -> list[str]:
-    return [str(a.target) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target) in params]
+def op_of(node: fx.Node) -> str:
+    """``aten.linear.default`` → ``"linear"``; in-place variants by their functional name (``add_`` → ``add``)."""
+    packet = getattr(node.target, "overloadpacket", None)
+    name = packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
 
 
-def _writer(node: Any, block: str, params: set[str]) -> tuple[fx.Node, list[str]] | None:
-    """Follow ``node`` back through zero-preserving ops to a writer inside ``block``, or ``None``."""
-    cur = node
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and in_scope(cur, block):
-        if cur.target in WRITERS:
-            found = _param_args(cur, params)
-            return (cur, found) if found else None
-        if cur.target in (aten.mul.Tensor, aten.mul_.Tensor):  # a learnable scale (ReZero α, layer scale)
-            found = _param_args(cur, params)
-            return (cur, found) if found else None
-        if cur.target is operator.getitem and cur.args[1] == 0 and isinstance(cur.args[0], fx.Node) \
-                and cur.args[0].target in WRITERS:
-            cur = cur.args[0]
-            continue
-        if cur.target in ZERO_PRESERVING:
-            cur = cur.args[0]
-            continue
-        return None
-    return None
+def at(node: fx.Node) -> str:
+    """``aten.relu in layer1.0`` for messages."""
+    return f"aten.{op_of(node)} in {module_of(node) or '(root)'}"
 
 
-def _behind_add(node: fx.Node, block: str) -> bool:
-    """Whether ``node`` reads, through one-input ops inside ``block``, the result of an add (a residual sum)."""
-    cur = node
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and in_scope(cur, block):
-        if cur.target in ADDS:
-            return True
-        tensors = [a for a in cur.args if isinstance(a, fx.Node) and a.op != "get_attr"]
-        if len(tensors) != 1:
-            return False
-        cur = tensors[0]
-    return False
+def _tensors(node: fx.Node) -> list[fx.Node]:
+    return [a for a in tree_leaves((node.args, node.kwargs)) if isinstance(a, fx.Node)]
 
 
-def _same_dtype(node: fx.Node) -> bool:
-    src = node.args[0] if node.args else None
-    a = node.meta.get("val")
-    b = src.meta.get("val") if isinstance(src, fx.Node) else None
-    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+def _resolve(node: fx.Node) -> fx.Node:
+    """``getitem(op, k)`` stands for ``op`` (native_layer_norm, native_dropout, split…)."""
+    while node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
-def block_output(trace: Trace, block: str) -> fx.Node:
-    """The one node computed in ``block`` that is read outside it; :class:`NotGrowableError` otherwise."""
-    inside = [n for n in trace.graph.nodes if n.op == "call_function" and in_scope(n, block)]
-    if not inside:
-        raise NotGrowableError(f"'{block}' is never called in the traced forward pass")
-    outputs = [n for n in inside if any(u.op == "output" or not in_scope(u, block) for u in data_users(n))]
-    if len(outputs) != 1:
-        raise NotGrowableError(f"'{block}' returns {len(outputs)} tensors that are used outside it; "
-                               "a residual block returns one (its residual stream)")
-    return outputs[0]
+def _clamp(node: fx.Node) -> tuple:
+    """An idempotent activation as ``(kind, lower, upper)``: ReLU6 and hardtanh(0, 6) are the same map."""
+    if op_of(node) in ("relu", "relu6"):
+        return ("clamp", 0.0, 6.0 if op_of(node) == "relu6" else None)
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    return ("clamp", float(lo), float(hi))
 
 
-def residual_writers(trace: Trace, root: nn.Module, block: str) -> BlockAnalysis:
-    """Find every residual branch of ``block`` and the parameters that make it write zero.
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    return getattr(node.meta.get("val"), "dtype", None)
 
-    Walks the stream backwards from the block's output. Allowed on the stream: residual adds,
-    eval-mode identities (dropout), and idempotent activations after the last add (ResNet's
-    ``relu(x + F(x))``: a copy inserted after a block of the same kind receives ``relu``'s
-    output, on which ``relu`` is the identity). Raises :class:`NotGrowableError` naming the
-    operation that makes a copy differ from the identity: a norm on the stream (post-LN),
-    an add of two computed branches (a projection shortcut), a branch that does not end in
-    a layer with parameters, or a shape change.
-    """
-    params = {n for n, _ in root.named_parameters(remove_duplicate=False)}
-    prefix = block + "."
-    out = block_output(trace, block)
-    analysis = BlockAnalysis(block)
-    cur, seen_add = out, False
-    while isinstance(cur, fx.Node) and cur.op == "call_function" and in_scope(cur, block):
-        if cur.target in ADDS and len(cur.args) >= 2 and all(isinstance(a, fx.Node) for a in cur.args[:2]):
-            found = [_writer(a, block, params) for a in cur.args[:2]]
-            if all(found):
-                raise NotGrowableError(
-                    f"'{block}': both inputs of the add{where(cur)} are computed by layers "
-                    f"({op_name(found[0][0])}{where(found[0][0])} and {op_name(found[1][0])}{where(found[1][0])}), "
-                    "so the block has no identity path (a projection shortcut changes the stream)")
-            if not any(found):
-                raise NotGrowableError(
-                    f"'{block}': neither input of the add{where(cur)} ends in a layer whose parameters can be "
-                    "zeroed (it is reached through an operation that does not map zero to zero)")
-            k = 0 if found[0] else 1
-            node, names = found[k]
-            outside = [n for n in names if not n.startswith(prefix)]
+
+class _Block:
+    """The analysis of one block of a trace (see the module docstring)."""
+
+    def __init__(self, trace: Trace, params: set[str], block: str):
+        self.block, self.params = block, params
+        self.nodes = {n for n in trace.graph.nodes if n.op == "call_function" and in_scope(n, block)}
+        self.order = {n: k for k, n in enumerate(trace.graph.nodes)}
+        self.memo: dict[fx.Node, tuple | None] = {}
+
+    def refuse(self, node: fx.Node | None, reason: str) -> ResidualRefusal:
+        site = (f"aten.{op_of(node)}", module_of(node)) if node is not None else ("", self.block)
+        return ResidualRefusal(Refusal(self.block, *site, reason))
+
+    def relative(self, path: str) -> str:
+        return path[len(self.block) + 1:] if path.startswith(self.block + ".") else path
+
+    def run(self) -> BlockWriters:
+        if not self.nodes:
+            raise self.refuse(None, "the trace shows no operation of this block (is it called in forward?)")
+        outputs = sorted((n for n in self.nodes if any(u not in self.nodes for u in n.users
+                                                       if u.target not in METADATA_CHECKS)), key=self.order.get)
+        found = [(n, r) for n in outputs if (r := self.stream(n)) is not None and r[1]]
+        if not found:
+            raise self.diagnose(outputs[-1] if outputs else None)
+        out, (source, adds, norms, posts, casts) = found[-1]
+        if shape(source) != shape(out):
+            raise self.refuse(_resolve(out), f"the stream changes shape from {list(shape(source) or [])} to "
+                                             f"{list(shape(out) or [])}, so a copy of it cannot follow it")
+        for cast in casts:
+            if _dtype(source) not in _HOLDS.get(_dtype(cast), {_dtype(cast)}):
+                raise self.refuse(cast, f"{at(cast)} casts the residual stream from {_dtype(source)} to "
+                                        f"{_dtype(cast)}, which is not exact")
+        writers, visited = {}, set()
+        for _add, branch in adds:
+            self.branch(branch, writers, visited)
+        for name, node in writers.items():
+            outside = [u for u in node.users if u not in visited and u.target not in METADATA_CHECKS]
             if outside:
-                raise NotGrowableError(f"'{block}': the residual writer {op_name(node)}{where(node)} uses {outside[0]}, "
-                                       "a parameter outside the block (shared weights)")
-            analysis.branches.insert(0, Branch(cur.name, f"{op_name(node)}{where(node)}", names))
-            seen_add = True
-            cur = cur.args[1 - k]
-        elif cur.target in STREAM_IDENTITY or cur.target in CASTS and _same_dtype(cur):
-            # A cast to the dtype a tensor already has returns that tensor, and the tracer then
-            # attributes every later use of it to the cast (e.g. inside an RMSNorm): skip it.
-            cur = cur.args[0]
-        elif cur.target in IDEMPOTENT and not seen_add:
-            analysis.post.insert(0, op_name(cur))
-            cur = cur.args[0]
-        elif cur.target in IDEMPOTENT:
-            raise NotGrowableError(
-                f"'{block}': {op_name(cur)}{where(cur)} sits between two residual adds; {op_name(cur)}(x + 0) = x "
-                "only for x it leaves unchanged, which the stream inside the block need not be")
-        elif not analysis.branches and not _behind_add(cur, block):
-            raise NotGrowableError(f"'{block}' is not a residual block: its output comes from {op_name(cur)}{where(cur)}, "
-                                   "not from a residual add (x + F(x))")
-        elif cur.target in NORMS:
-            raise NotGrowableError(
-                f"'{block}' is a post-LN block: the residual sum goes through {op_name(cur)}{where(cur)}, so a copy "
-                "with zeroed writers computes norm(x + 0) with its own weights, which re-normalises x instead of "
-                "passing it through (GROWTH.md section 3); only pre-LN blocks (x + F(norm(x))) can start as the identity")
-        else:
-            raise NotGrowableError(f"'{block}': {op_name(cur)}{where(cur)} acts on the residual stream, so a copy "
-                                   "with zeroed writers would not be the identity")
-    if not analysis.branches:
-        raise NotGrowableError(f"'{block}' has no residual add (x + F(x)) on its output path; a copy of it "
-                               "cannot start as the identity")
-    if shape(cur) != shape(out):
-        raise NotGrowableError(f"'{block}' changes the stream's shape from {list(shape(cur) or [])} to "
-                               f"{list(shape(out) or [])}; a copy of it cannot follow it")
-    return analysis
+                raise self.refuse(outside[0], f"parameter {name} is also read by {at(outside[0])}; zeroing it "
+                                              "would change more than the residual branch")
+            if not name.startswith(self.block + "."):
+                raise self.refuse(next(iter(node.users), None), f"its residual writer {name} belongs to another "
+                                  "module (shared weights)")
+        norms_named = tuple(dict.fromkeys(self.relative(module_of(n)) or f"aten.{op_of(n)}" for n in norms))
+        return BlockWriters(self.block, tuple(sorted(self.relative(w) for w in writers)), norms_named,
+                            tuple(dict.fromkeys((f"aten.{op_of(n)}", module_of(n)) for n in norms)),
+                            tuple(_clamp(p) for p in posts), tuple((f"aten.{op_of(p)}", module_of(p)) for p in posts),
+                            source, out)
 
+    def stream(self, node: fx.Node) -> tuple | None:
+        """``(source, [(add, branch)], norms, posts, casts)`` when ``node`` is on the residual stream, else None."""
+        if node not in self.nodes:
+            return None if node.op == "get_attr" else (node, [], [], [], [])
+        if node in self.memo:
+            return self.memo[node]
+        self.memo[node] = None  # guards against revisiting while the answer is being computed
+        base = _resolve(node)
+        op, tensors = op_of(base), _tensors(base)
+        result = None
+        if op in VALUE_PRESERVING | CASTS and tensors:
+            r = self.stream(tensors[0])
+            result = r and (r[0], r[1], r[2], r[3], r[4] + ([base] if op in CASTS else []))
+        elif op in ("add", "sub") and len(tensors) == 2:
+            a, b = tensors
+            ra = self.stream(a)
+            rb = self.stream(b) if op == "add" else None  # for sub only x - F(x) keeps x
+            if ra is not None and rb is not None:
+                raise self.refuse(base, f"both operands of {at(base)} come from the residual stream")
+            r, branch = (ra, b) if ra is not None else (rb, a)
+            if r is not None:
+                if r[3]:
+                    post = r[3][-1]
+                    raise self.refuse(post, f"{at(post)} sits between two residual adds; {op_of(post)}(x + 0) = x "
+                                            f"only for x it leaves unchanged, which the stream inside the block need "
+                                            "not be")
+                result = (r[0], r[1] + [(base, branch)], r[2], r[3], r[4])
+        elif op in NORM_OPS | IDEMPOTENT and tensors:  # after an add: a post-LN norm, or a post activation
+            r = self.stream(tensors[0])
+            if r is not None and r[1]:
+                norm = op in NORM_OPS
+                result = (r[0], r[1], r[2] + [base] * norm, r[3] + [base] * (not norm), r[4])
+        self.memo[node] = result
+        return result
 
-def renumber_layer_idx(gm: GrowModel, container: str, start: int) -> list[str]:
-    """Add 1 to every integer ``layer_idx`` attribute of the blocks at ``start`` and after in ``container``.
-
-    Hugging Face attention modules index their cache by ``layer_idx``; after inserting a
-    block at ``start`` the ones from there on moved down by one. Returns the modules changed.
-    """
-    root = gm.module
-    seq = root.get_submodule(container)
-    changed = []
-    for j in range(start, len(seq)):
-        for sub, m in seq[j].named_modules():
-            value = m.__dict__.get("layer_idx")
-            if isinstance(value, int) and not isinstance(value, bool):
-                name = ".".join(p for p in (container, str(j), sub) if p)
-                gm.edits.attr(root, name, "layer_idx", value + 1)
-                changed.append(name)
-    return changed
-
-
-def depth_config_changes(root: nn.Module, container: str, index: int, old_len: int) -> dict[str, Any] | None:
-    """Config values that describe ``root`` after a block was inserted at ``index`` of ``container``.
-
-    Hugging Face models rebuild their layers from the config (``num_hidden_layers``, a
-    per-stage ``depths`` list, per-layer lists such as ``layer_types``). Candidates are the
-    config's integers equal to the old length and list entries equal to it; each is tried by
-    building the model from the changed config on the meta device, and the first whose
-    parameter names and shapes equal the grown model's is returned. ``{}`` when the model
-    has no config, ``None`` when no candidate describes the new structure.
-    """
-    config = getattr(root, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return {}
-    want = {k: tuple(v.shape) for k, v in root.state_dict().items()}
-    values = config.to_dict()
-    candidates: list[dict[str, Any]] = []
-    for key, value in values.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value == old_len:
-            change: dict[str, Any] = {key: value + 1}
-            for other, items in values.items():  # per-layer lists follow the layer count
-                if other != "architectures" and isinstance(items, list) and len(items) == old_len \
-                        and all(isinstance(v, (str, int, float, bool)) or v is None for v in items):
-                    change[other] = items[:index] + [items[index - 1]] + items[index:]
-            candidates.append(change)
-        elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            for j, v in enumerate(value):
-                if v == old_len:
-                    candidates.append({key: value[:j] + [v + 1] + value[j + 1:]})
-    for change in candidates:
-        trial = copy.deepcopy(config)
+    def zeroable(self, node: fx.Node) -> fx.Node | None:
+        """The op reading the first writer of branch ``node`` if :meth:`branch` accepts it, else ``None``."""
         try:
-            for key, value in change.items():
-                setattr(trial, key, value)
-            with torch.device("meta"):
-                fresh = type(root)(trial)
-        except Exception:  # a candidate the model cannot even be built from is simply not it
-            continue
-        if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == want:
-            return change
-    return None
+            found: dict[str, fx.Node] = {}
+            self.branch(node, found, set())
+        except NotGrowableError:
+            return None
+        return next((u for p in found.values() for u in p.users if u.op == "call_function"), None)
+
+    def diagnose(self, last: fx.Node | None) -> ResidualRefusal:
+        """Why no residual stream runs through the block: the first op back from ``last`` that breaks it."""
+        cur = _resolve(last) if last is not None else None
+        while cur is not None and cur in self.nodes:
+            op, tensors = op_of(cur), _tensors(cur)
+            if op in ("add", "sub") and len(tensors) == 2:
+                found = [self.zeroable(t) for t in tensors]
+                if all(found):
+                    return self.refuse(cur, f"both inputs of the add ({at(cur)}) are computed by layers ({at(found[0])} and "
+                                            f"{at(found[1])}), so the block has no identity path (a projection "
+                                            "shortcut changes the stream)")
+                return self.refuse(cur, f"no operand of {at(cur)} reaches the block's input through the residual "
+                                        "stream, so a copy with zeroed writers would not be the identity")
+            if op in VALUE_PRESERVING | CASTS | NORM_OPS | IDEMPOTENT and tensors:
+                cur = _resolve(tensors[0])
+                continue
+            break
+        inside = cur is not None and cur in self.nodes
+        return self.refuse(cur if inside else None, "no residual stream runs from its input to its output through "
+                           "adds" + (f": its output comes from {at(cur)}, not from a residual add (x + F(x))" * inside))
+
+    def branch(self, node: fx.Node, writers: dict[str, fx.Node], visited: set[fx.Node]) -> None:
+        """Collect the parameters whose zeroing makes ``node`` (a residual branch) exactly zero."""
+        if node.op == "get_attr" and attr_of(node) in self.params:
+            writers[attr_of(node)] = node
+            return
+        if node not in self.nodes:
+            raise self.refuse(node if node.op == "call_function" else None,
+                              f"a residual branch adds {node.name}, which is computed outside the block")
+        visited.add(node)
+        base = _resolve(node)
+        visited.add(base)
+        op, tensors = op_of(base), _tensors(base)
+        params = [t for t in tensors if t.op == "get_attr" and attr_of(t) in self.params]
+        others = [t for t in tensors if t not in params]
+        if op in ZERO_PRESERVING and tensors:
+            self.branch(tensors[0], writers, visited)
+        elif op in ("mul", "div") and len(tensors) == 1 and base.args and base.args[0] is tensors[0]:
+            self.branch(tensors[0], writers, visited)  # scaled by a constant: zero stays zero
+        elif op == "mul" and len(params) == 1 and len(others) == 1:
+            writers[attr_of(params[0])] = params[0]  # a learned scale (ReZero α, layer scale) is the last writer
+        elif op in ("add", "sub") and tensors:
+            for t in tensors:
+                self.branch(t, writers, visited)  # a bias added after the layer, or parallel branches
+        elif op in LINEAR_OPS or op in NORM_OPS:
+            data = [t for t in others if not (op in STATS_OPS and t.op == "get_attr")]
+            if not params or len(data) != 1:
+                raise self.refuse(base, f"{at(base)} writes to the residual stream but its weights are not "
+                                        "parameters of the block")
+            for p in params:
+                writers[attr_of(p)] = p
+        else:
+            raise self.refuse(base, f"{at(base)} sits on a residual branch and growcli has no rule to make it "
+                                    "write zero")
+
+
+def block_writers(trace: Trace, root: nn.Module, block: str) -> BlockWriters:
+    """Analyse block ``block`` (a module path) of ``trace``; :class:`ResidualRefusal` when it has no exact writers."""
+    return _Block(trace, {n for n, _ in root.named_parameters(remove_duplicate=False)}, block).run()
+
+
+def stack_writers(trace: Trace, root: nn.Module, container: str) -> dict[int, BlockWriters]:
+    """Analyse every block of ``container``; each must read its stream from the block before it (:func:`chains`)."""
+    found = {i: block_writers(trace, root, f"{container}.{i}") for i in range(len(root.get_submodule(container)))}
+    for i in range(1, len(found)):
+        refusal = chains(found[i], found[i - 1].block)
+        if refusal is not None:
+            raise ResidualRefusal(refusal)
+    return found
+
+
+def chains(block: BlockWriters, previous: str) -> Refusal | None:
+    """``None`` when ``block``'s stream starts (through value-preserving ops) in block ``previous``, else why not.
+
+    A zeroed copy passes its stream's source on, so that must be the previous block's output
+    (a block adding a tensor from elsewhere, say the embeddings, is refused).
+    """
+    src = block.source
+    while src.op == "call_function" and not in_scope(src, previous) and op_of(_resolve(src)) in VALUE_PRESERVING:
+        src = _resolve(src).args[0]
+    if src.op == "call_function" and in_scope(src, previous):
+        return None
+    call = src.op == "call_function"
+    return Refusal(block.block, f"aten.{op_of(src)}" if call else "", module_of(src) if call else "",
+                   f"its residual stream starts at {at(src) if call else src.name}, not at the output of block "
+                   f"{previous}, so a copy would pass that tensor on")
+
+
+def follows(block: BlockWriters, previous: BlockWriters) -> Refusal | None:
+    """``None`` when a zeroed copy of ``block`` right after ``previous`` is the identity, else why not.
+
+    The copy computes ``post(x)`` on ``previous``'s output ``x``: the identity when ``post`` is
+    empty or each of its activations is the one ``previous`` ends in (``φ(φ(y)) = φ(y)``).
+    """
+    if not block.post:
+        return None
+    last = previous.post[-1] if previous.post else None
+    if all(p == last for p in block.post):
+        return None
+    op, module = block.post_sites[0]
+    ends = f"ends in {previous.post_sites[-1][0]}" if last is not None else "does not end in it"
+    return Refusal(block.block, op, module, f"{op} in {module} after its residual add is the identity only on its own "
+                                            f"outputs, but a copy of {block.block} would follow {previous.block}, "
+                                            f"which {ends}, so the copy would change its input")

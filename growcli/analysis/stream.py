@@ -1,6 +1,6 @@
 """The residual stream: every tensor that carries a transformer's hidden size, and how it grows.
 
-Growing the hidden size from ``d`` to ``d' = k·d + r`` (GROWTH.md section 6) makes every
+Growing the hidden size from ``d`` to ``d' = k·d + r`` (docs/recipes.md#hidden) makes every
 hidden vector ``x`` the vector ``[x, …, x, p]``: ``k`` tiles of ``x`` and ``r`` padded entries
 ``p``. The padded entries are the per-token mean of ``x`` when the model normalises with
 LayerNorm (LEMON's mean padding) and zero with RMSNorm; with ``r = 0`` there are none.
@@ -21,8 +21,9 @@ naming the op and the module — e.g. post-LN with a size that is not a multiple
 LayerNorm's output is the stream, and its padded entries cannot stay the per-token mean.
 
 The two phases live in :mod:`growcli.analysis.stream_tensors` (which tensors) and
-:mod:`growcli.analysis.stream_plan` (how each grows); :func:`plan_stream` runs both, and their names are
-re-exported here, where the rest of growcli imports them from.
+:mod:`growcli.analysis.stream_plan` with :mod:`growcli.analysis.stream_rules` (how each grows);
+this module finds where the stream starts (:func:`stream_start`) and runs both
+(:func:`plan_stream`).
 """
 
 from __future__ import annotations
@@ -30,16 +31,38 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from growcli.analysis.stream_plan import MEAN, StreamPlan, ZERO
+from growcli.analysis.stream_rules import Planner
+from growcli.analysis.stream_tensors import PRODUCERS, StreamAnalysis
+from growcli.analysis.trace import Trace, module_of, weight_of
 from growcli.core.errors import NotGrowableError
-# Re-exported: growcli.analysis.stream stays the one import for the residual-stream analysis.
-from growcli.analysis.stream_tensors import (NORMS, PRODUCERS, RMS_NORM, STAT_POWER, StreamAnalysis, _attr,  # noqa: F401
-                                     _data_of, _flat, _module_of, _reduce_dims, _weight_of, stream_start)
-from growcli.analysis.stream_plan import (FINITE, LINEAR_UNARY, MEAN, MEANS, POSITIVE_HOMOGENEOUS, SUMS, ZERO,  # noqa: F401
-                                 ZERO_TO_ZERO, Constant, EpsFix, ParamPlan, StreamPlan, _owner_name, _param_dim,
-                                 _param_dim_of, _Planner, _scalar_buffer, _St, _Stat)
-from growcli.analysis.trace import Trace
 
 aten = torch.ops.aten
+
+
+def stream_start(trace: Trace, layer: str | None = None) -> fx.Node:
+    """The op that starts the residual stream: the first embedding (or, failing that, the first
+    Linear/Conv) in graph order, or the one in module ``layer``.
+
+    Raises :class:`NotGrowableError` when there is none.
+    """
+    candidates = [n for n in trace.graph.nodes if n.op == "call_function" and n.target in PRODUCERS and weight_of(n)]
+    if layer is not None:
+        hits = [n for n in candidates if module_of(n) == layer]
+        if not hits:
+            raise NotGrowableError(f"hidden size: '{layer}' is not a Linear, Conv or Embedding in the traced model")
+        return hits[0]
+    embeddings = [n for n in candidates if n.target == aten.embedding.default]
+    if embeddings:
+        return embeddings[0]
+    if not candidates:
+        raise NotGrowableError("hidden size: the traced model has no Embedding, Linear or Conv to start the hidden states from")
+    return candidates[0]
+
+
+def stream_size(trace: Trace, start: fx.Node) -> int:
+    """The hidden size: the size of the stream that ``start`` writes into."""
+    return StreamAnalysis(trace, start).run().size
 
 
 def plan_stream(root: nn.Module, trace: Trace, start: fx.Node, new_size: int, pad: str | None = None) -> StreamPlan:
@@ -58,4 +81,4 @@ def plan_stream(root: nn.Module, trace: Trace, start: fx.Node, new_size: int, pa
     elif pad is None:
         has_ln = any(n.target == aten.layer_norm.default and n.args[0] in analysis.core for n in analysis.core)
         pad = MEAN if has_ln else ZERO
-    return _Planner(root, analysis, new_size, pad).run()
+    return Planner(root, analysis, new_size, pad).run()

@@ -1,10 +1,12 @@
 """Phase 1 of the residual-stream analysis: which tensors carry the hidden size.
 
-:class:`StreamAnalysis` is the coupled-channel analysis of :mod:`growcli.analysis.coupling` in *stream
-mode*, started at the op that writes the stream first (:func:`stream_start`): LayerNorm and
-RMSNorm ops join the stream instead of stopping it, and a mean or sum over the hidden dimension
-becomes a per-token statistic that is followed until it multiplies the stream again. How each of
-these tensors grows is phase 2, :mod:`growcli.analysis.stream_plan`; :mod:`growcli.analysis.stream` has the overview.
+:class:`StreamAnalysis` is the coupled-channel analysis of :mod:`growcli.analysis.coupling` in
+*stream mode*, started at the op that writes the stream first
+(:func:`growcli.analysis.stream.stream_start`): LayerNorm and RMSNorm ops join the stream instead
+of stopping it, and a mean or sum over the hidden dimension becomes a per-token statistic that is
+followed until it multiplies the stream again. How each of these tensors grows is phase 2,
+:mod:`growcli.analysis.stream_plan` and :mod:`growcli.analysis.stream_rules`;
+:mod:`growcli.analysis.stream` has the overview.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from growcli.core.errors import NotGrowableError
-from growcli.analysis.trace import flat_args as _flat, reduce_dims as _reduce_dims
-from growcli.analysis.coupling import Analysis, Group, TensorUse, _Refuse
+from growcli.analysis.coupled_group import Group, TensorUse
+from growcli.analysis.coupling import Analysis
 from growcli.analysis.layouts import CORE, Layout
-from growcli.analysis.trace import ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, Trace, op_name, shape, where
+from growcli.analysis.trace import (ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, Refuse, Trace, UNARY, VIEW,
+                                    attr_of, flat_args, module_of, op_name, reduce_dims, shape, weight_of, where)
+from growcli.core.errors import NotGrowableError
 
 aten = torch.ops.aten
 RMS_NORM = aten.rms_norm.default if hasattr(aten, "rms_norm") else None
@@ -36,19 +39,19 @@ class StreamAnalysis(Analysis):
     """
 
     def __init__(self, trace: Trace, start: fx.Node):
-        super().__init__(trace, _module_of(start))
+        super().__init__(trace, module_of(start))
         self.start = start
         self.stats: dict[fx.Node, None] = {}
 
     def run(self) -> Group:
         self.group = Group(self.layer, 0)
         try:
-            weight = _weight_of(self.start)
+            weight = weight_of(self.start)
             dim = self._producer(self.start, weight)
             self.group.size = shape(self.start)[dim]
             self._mark(self.start, dim, backward=False)
             self._drain()
-        except _Refuse as exc:
+        except Refuse as exc:
             raise NotGrowableError(f"hidden size: {exc}") from None
         self.group.uses = list(self._uses.values())
         return self.group
@@ -56,15 +59,15 @@ class StreamAnalysis(Analysis):
     def _use(self, fqn: str, dim: int, role: str, layout: Layout = CORE, groups: int = 1) -> None:
         # Shared (tied) weights and roles are resolved per use in plan_stream; only layouts matter here.
         if layout is not CORE:
-            raise _Refuse(f"parameter {fqn} reads the hidden dimension concatenated or flattened with another")
+            raise Refuse(f"parameter {fqn} reads the hidden dimension concatenated or flattened with another")
         self._uses.setdefault(fqn, TensorUse(fqn, dim, role))
 
     def _mark_derived(self, node: fx.Node, dim: int, layout: Layout) -> None:
-        raise _Refuse(f"{op_name(node)}{where(node)} concatenates or flattens the hidden dimension with another one")
+        raise Refuse(f"{op_name(node)}{where(node)} concatenates or flattens the hidden dimension with another one")
 
     def _stat(self, node: fx.Node) -> None:
         if node in self.core:
-            raise _Refuse(f"{op_name(node)}{where(node)} mixes a statistic over the hidden dimension with the hidden states")
+            raise Refuse(f"{op_name(node)}{where(node)} mixes a statistic over the hidden dimension with the hidden states")
         if node not in self.stats:
             self.stats[node] = None
             self.work.append(("fwd", node))
@@ -74,8 +77,8 @@ class StreamAnalysis(Analysis):
             return
         if node.op == "output":
             what = "a statistic over the hidden dimension" if src in self.stats else "the hidden states"
-            raise _Refuse(f"{what} reach the model's output (e.g. last_hidden_state), whose shape would change; "
-                          "grow a model with a head (…ForCausalLM, …ForMaskedLM, …ForImageClassification…)")
+            raise Refuse(f"{what} reach the model's output (e.g. last_hidden_state), whose shape would change; "
+                         "grow a model with a head (…ForCausalLM, …ForMaskedLM, …ForImageClassification…)")
         if src in self.stats:
             return self._stat_user(src, node)
         dim, _ = self._state(src)
@@ -86,23 +89,23 @@ class StreamAnalysis(Analysis):
             if dim < rank - norm_dims:
                 return super()._forward(src, node) if t == aten.layer_norm.default else self._propagate(src, node, dim)
             if node.args[0] is not src or norm_dims != 1:
-                raise _Refuse(f"{op_name(node)}{where(node)} normalises the hidden dimension together with others")
+                raise Refuse(f"{op_name(node)}{where(node)} normalises the hidden dimension together with others")
             for i, role in ((2, "norm_weight"), (3, "norm_bias")):
-                fqn = self._attr(node.args[i]) if len(node.args) > i else None
+                fqn = attr_of(node.args[i]) if len(node.args) > i else None
                 if fqn is not None and not (t == RMS_NORM and i == 3):
                     self._use(fqn, 0, role)
             self._propagate(src, node, dim)
             return
-        if t in REDUCE and dim in _reduce_dims(node, rank):
+        if t in REDUCE and dim in reduce_dims(node, rank):
             self._stat(node)
             return
         super()._forward(src, node)
 
     def _stat_user(self, src: fx.Node, node: fx.Node) -> None:
         if node.op != "call_function":
-            raise _Refuse(f"{node.op} {node.target} uses a statistic over the hidden dimension")
+            raise Refuse(f"{node.op} {node.target} uses a statistic over the hidden dimension")
         t = node.target
-        tensors = [a for a in _flat(node.args) if isinstance(a, fx.Node)]
+        tensors = [a for a in flat_args(node.args) if isinstance(a, fx.Node)]
         if any(a in self.core for a in tensors) and t in BINARY:
             self._binary(node, None, backward=False)  # x · rsqrt(mean(x²) + eps): back on the stream
             return
@@ -110,44 +113,5 @@ class StreamAnalysis(Analysis):
                                                       or t in VIEW):
             self._stat(node)
             return
-        raise _Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
-                      "and growcli has no rule for it")
-
-
-def _module_of(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
-def _attr(arg) -> str | None:
-    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-
-
-def _weight_of(node: fx.Node) -> str | None:
-    t = node.target
-    return _attr(node.args[0] if t == aten.embedding.default else node.args[2] if t == ADDMM else node.args[1])
-
-
-def _data_of(node: fx.Node) -> fx.Node:
-    t = node.target
-    return node.args[1] if t in (aten.embedding.default, ADDMM) else node.args[0]
-
-
-def stream_start(trace: Trace, layer: str | None = None) -> fx.Node:
-    """The op that starts the residual stream: the first embedding (or, failing that, the first
-    Linear/Conv) in graph order, or the one in module ``layer``.
-
-    Raises :class:`NotGrowableError` when there is none.
-    """
-    candidates = [n for n in trace.graph.nodes if n.op == "call_function" and n.target in PRODUCERS and _weight_of(n)]
-    if layer is not None:
-        hits = [n for n in candidates if _module_of(n) == layer]
-        if not hits:
-            raise NotGrowableError(f"hidden size: '{layer}' is not a Linear, Conv or Embedding in the traced model")
-        return hits[0]
-    embeddings = [n for n in candidates if n.target == aten.embedding.default]
-    if embeddings:
-        return embeddings[0]
-    if not candidates:
-        raise NotGrowableError("hidden size: the traced model has no Embedding, Linear or Conv to start the hidden states from")
-    return candidates[0]
+        raise Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
+                     "and growcli has no rule for it")

@@ -1,13 +1,15 @@
 """The traced graph: tracing a model with ``torch.export`` and reading its ATen nodes.
 
 Holds the ATen op vocabulary the analyses dispatch on (``UNARY``, ``BINARY``, ``CONV``, …),
-:class:`Trace` and :func:`trace_model`, and helpers over single nodes: their shapes, names and
-modules for messages, and how a view or an op that only moves dimensions maps an output
+:class:`Trace` and :func:`trace_model` (which first refreshes the recorded shapes of a loaded
+``.pt2`` program edited in memory), and helpers over single nodes: their shapes, names,
+parameters and modules, and how a view or an op that only moves dimensions maps an output
 dimension back to an input one. No analysis happens here; see :mod:`growcli.analysis.coupling`.
 """
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -58,6 +60,11 @@ REINDEX = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsque
 METADATA_CHECKS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
 
 
+class Refuse(Exception):
+    """Raised inside a graph walk; the walk's entry point turns it into a :class:`NotGrowableError`
+    that names what the walk was about (a layer, the hidden size, an attention)."""
+
+
 # --------------------------------------------------------------------------- trace
 @dataclass
 class Trace:
@@ -82,10 +89,15 @@ class Trace:
 def trace_model(module: nn.Module, batch: Batch) -> Trace:
     """Trace ``module`` on ``batch``; a loaded ``.pt2`` program is its own trace.
 
+    A program's recorded shapes go stale once an earlier edit (a previous step, or an earlier
+    layer of the same widen) has changed its weights, and the analyses would then compute
+    offsets (concatenation, flattening) from the old sizes: they are refreshed first.
     Raises :class:`NotGrowableError` when ``torch.export`` cannot trace the model.
     """
     if isinstance(module, fx.GraphModule) and any(
             n.op == "get_attr" and "val" in n.meta for n in module.graph.nodes):
+        if _stale_shapes(module):
+            _refresh_shapes(module, batch)
         return Trace(module, True)
     args, kwargs = batch
     with warnings.catch_warnings():
@@ -104,6 +116,42 @@ def trace_model(module: nn.Module, batch: Batch) -> Trace:
     return Trace(ep.module(), False)
 
 
+def _stale_shapes(module: fx.GraphModule) -> bool:
+    for node in module.graph.nodes:
+        val = node.meta.get("val") if node.op == "get_attr" else None
+        if isinstance(val, torch.Tensor):
+            try:
+                actual = operator.attrgetter(node.target)(module)
+            except AttributeError:
+                continue
+            if isinstance(actual, torch.Tensor) and tuple(actual.shape) != tuple(val.shape):
+                return True
+    return False
+
+
+def _refresh_shapes(module: fx.GraphModule, batch: Batch) -> None:
+    """Re-run the program on fake copies of ``batch`` to record every node's current shape (best effort)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.utils import _pytree as pytree
+
+    args, kwargs = batch
+    kwargs = dict(kwargs)
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    spec = getattr(info, "in_spec", None)
+    try:
+        if spec is not None and kwargs and len(spec.children_specs) == 2 and spec.children_specs[1].context:
+            kwargs = {k: kwargs[k] for k in spec.children_specs[1].context if k in kwargs}
+        flat = pytree.tree_leaves((tuple(args), kwargs))
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        prop = FakeTensorProp(module, mode)
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in flat]
+        with mode:
+            prop.run(*fake, enable_io_processing=False)
+    except Exception:  # noqa: BLE001 — the old shapes stay; verification still catches a wrong offset
+        pass
+
+
 def module_of(node: fx.Node) -> str:
     """The innermost module a node was computed in (``""`` for the root or when unknown)."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -119,6 +167,17 @@ def in_scope(node: fx.Node, name: str) -> bool:
 def attr_of(arg: Any) -> str | None:
     """The parameter or buffer name an argument reads, if it is a ``get_attr`` node; else ``None``."""
     return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+def weight_of(node: fx.Node) -> str | None:
+    """The parameter a Linear/Conv/Embedding/``addmm`` node reads as its weight; ``None`` if it is computed."""
+    t = node.target
+    return attr_of(node.args[0] if t == aten.embedding.default else node.args[2] if t == ADDMM else node.args[1])
+
+
+def data_of(node: fx.Node) -> fx.Node:
+    """The data input of a Linear/Conv/Embedding/``addmm`` node (an embedding's indices)."""
+    return node.args[1] if node.target in (aten.embedding.default, ADDMM) else node.args[0]
 
 
 def where(node: fx.Node) -> str:
@@ -139,7 +198,7 @@ def shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _source_dim(node: fx.Node, dim: int) -> int | None:
+def source_dim(node: fx.Node, dim: int) -> int | None:
     """The dimension of ``node``'s input that becomes its output dimension ``dim`` (a view that
     neither splits nor merges it, or an op that only moves dimensions); None if there is none."""
     src = node.args[0]
@@ -148,7 +207,7 @@ def _source_dim(node: fx.Node, dim: int) -> int | None:
         return None
     rank = len(ins)
     if t in VIEW:
-        for (a, b), (c, d) in _merge_groups(ins, outs) or []:
+        for (a, b), (c, d) in merge_groups(ins, outs) or []:
             if c <= dim < d:
                 big_in = [k for k in range(a, b) if ins[k] > 1]
                 big_out = [k for k in range(c, d) if outs[k] > 1]
@@ -178,7 +237,7 @@ def _source_dim(node: fx.Node, dim: int) -> int | None:
     return None
 
 
-def _conv_groups(node: fx.Node) -> int:
+def conv_groups(node: fx.Node) -> int:
     if node.target == aten.convolution.default:
         return int(node.args[8]) if len(node.args) > 8 else 1
     if len(node.args) > 6:
@@ -186,14 +245,7 @@ def _conv_groups(node: fx.Node) -> int:
     return int(node.kwargs.get("groups", 1))
 
 
-def _prod(xs: Sequence[int]) -> int:
-    p = 1
-    for x in xs:
-        p *= x
-    return p
-
-
-def _merge_groups(ins: Sequence[int], outs: Sequence[int]):
+def merge_groups(ins: Sequence[int], outs: Sequence[int]):
     """Pair runs of input dims with runs of output dims of equal product (a view's structure)."""
     groups = []
     i = j = 0

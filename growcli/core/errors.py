@@ -1,6 +1,6 @@
 """The exception tree and the one table that turns errors into exit codes and messages.
 
-Library code raises these; only the CLI boundary (``growcli.cli.app``) formats them. Every
+Library code raises these; only the CLI boundary (``growcli.cli.render.handle_errors``) formats them. Every
 message is written to stand alone on one line: it names the file or option involved and
 what was expected.
 """

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 from growcli.core.errors import GrowError, OutputError, UsageError
 
-# Keys every growth report has (runner.grow and the streaming stack write them).
+# Keys every growth report has (growcli.run.runner.grow writes them, in either execution mode).
 REPORT_KEYS = frozenset({"input", "steps", "function_preserving", "params_before", "params_after", "outputs"})
 _TEMP = re.compile(r"\.growcli-(?:tmp|old)-(\d+)")
 

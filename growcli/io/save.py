@@ -1,4 +1,9 @@
-"""Write a model in the format its user asked for, atomically, with provenance."""
+"""Write a model in the format its user asked for, with provenance: formats only.
+
+:func:`check_output` validates an output before any work; :func:`write_output` writes one
+format at a temporary path. Committing outputs together and reading each back is
+:func:`growcli.run.outputs.save_models`'s job.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,12 @@ import torch
 from torch import nn
 
 from growcli.core.version import __version__
-from growcli.core.errors import FormatError, MissingDependencyError, UsageError, VerificationFailed
+from growcli.core.errors import FormatError, UsageError
 from growcli.core.inputs import Batch, make_batches
-from growcli.io.atomic import atomic_output, check_output_path
+from growcli.core.model import GrowModel, eval_mode
+from growcli.io.atomic import check_output_path
 from growcli.io.formats import write_safetensors
 from growcli.io.sidefiles import copy_side_files
-from growcli.core.model import GrowModel, eval_mode
-from growcli.verification.compare import VerifyReport, compare_outputs, flatten_outputs, run_model
 
 FORMATS = ("safetensors", "pt2", "onnx", "hf", "pt")
 _SUFFIX = {".safetensors": "safetensors", ".pt2": "pt2", ".onnx": "onnx", ".pt": "pt", ".pth": "pt"}
@@ -83,7 +87,7 @@ def check_output(gm: GrowModel, out: str | Path, fmt: str | None, *, overwrite: 
     return fmt
 
 
-def provenance(gm: GrowModel, verification: VerifyReport | None, plan: str | None) -> dict[str, str]:
+def provenance(gm: GrowModel, verification: dict[str, Any] | None, plan: str | None) -> dict[str, str]:
     """The safetensors ``__metadata__`` (all values are strings)."""
     meta = {
         "format": "pt",
@@ -94,7 +98,7 @@ def provenance(gm: GrowModel, verification: VerifyReport | None, plan: str | Non
         "growcli.edits": json.dumps(gm.all_edits(), separators=(",", ":")),
         "growcli.inputs": gm.inputs.to_json(),
         "growcli.steps": json.dumps(gm.steps, separators=(",", ":")),
-        "growcli.verification": json.dumps(verification.to_dict() if verification else None, separators=(",", ":")),
+        "growcli.verification": json.dumps(verification, separators=(",", ":")),
     }
     if gm.arch:
         meta["growcli.arch"] = json.dumps(gm.arch)
@@ -110,63 +114,26 @@ def owned_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_model(gm: GrowModel, out: str | Path, *, fmt: str | None = None, verification: VerifyReport | None = None,
-               plan: str | None = None, batches: list[Batch] | None = None,
-               shard_size: int | None = None) -> dict[str, Any]:
-    """Write ``gm`` to ``out``; returns ``{"path", "format", "check"?}``.
+def write_output(gm: GrowModel, out: Path, fmt: str, tmp: Path, *, verification: dict[str, Any] | None = None,
+                 plan: str | None = None, sample: Batch | None = None, output_names: list[str] | None = None,
+                 shard_size: int | None = None) -> None:
+    """Write ``gm`` as ``fmt`` at ``tmp`` (the temporary path of ``out``); nothing is checked or committed here.
 
-    ``shard_size`` (bytes) caps each weights file of a Hugging Face directory output.
-
-    The written file is loaded back and run on ``batches`` against ``gm`` (ONNX with
-    onnxruntime); a mismatch raises :class:`VerificationFailed` without leaving the file.
+    ``verification`` (a report as a dict) and ``plan`` go into the safetensors metadata; an
+    ONNX export traces ``sample`` and names the graph's outputs ``output_names`` (the names
+    its read-back compares); ``shard_size`` (bytes) caps each weights file of a Hugging Face
+    directory.
     """
-    return save_models(gm, [(out, fmt, shard_size)], verification=verification, plan=plan, batches=batches)[0]
-
-
-def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int | None]], *,
-                verification: VerifyReport | None = None, plan: str | None = None,
-                batches: list[Batch] | None = None) -> list[dict[str, Any]]:
-    """Write every ``(path, format, shard_size)`` output, or none of them.
-
-    Each output is written to a temporary sibling, then loaded back from it the way its user
-    would load it, run on ``batches`` and compared with ``gm`` (see :mod:`growcli.verification.readback`;
-    each result gains ``loaded_with``, ``max_abs_diff`` and ``readback``). They are renamed into
-    place together only after all of them were written and read back, so a failing check
-    (:class:`VerificationFailed`) leaves no output and no temporary.
-    """
-    from growcli.verification.readback import Readback
-
-    if batches is None:
-        batches = make_batches(gm.inputs, 2, seed=1) if not gm.inputs.empty else []
-    readback = Readback(gm, batches, verification)
-    results: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as pending:
-        for out, fmt, shard_size in outputs:
-            out = Path(out)
-            fmt = check_output(gm, out, fmt)
-            tmp = pending.enter_context(atomic_output(out, directory=(fmt == "hf")))
-            result = _write(gm, out, fmt, tmp, verification, plan, batches, shard_size)
-            # Inside the stack: a failure here discards every temporary, nothing is committed.
-            result.update(readback.check(fmt, tmp, out, result.get("check")))
-            results.append(result)
-        del readback
-    return results
-
-
-def _write(gm: GrowModel, out: Path, fmt: str, tmp: Path, verification: VerifyReport | None, plan: str | None,
-           batches: list[Batch] | None, shard_size: int | None) -> dict[str, Any]:
-    result: dict[str, Any] = {"path": str(out), "format": fmt}
     if fmt == "safetensors":
         write_safetensors(owned_state_dict(gm.module), tmp, provenance(gm, verification, plan))
     elif fmt == "pt2":
         _save_pt2(gm, tmp)
     elif fmt == "onnx":
-        result["check"] = _save_onnx(gm, tmp, out.name, batches or make_batches(gm.inputs, 2, seed=1)).to_dict()
+        _save_onnx(gm, tmp, out.name, sample or make_batches(gm.inputs, 1, seed=1)[0], output_names)
     elif fmt == "hf":
         _save_hf(gm, tmp, shard_size)
     elif fmt == "pt":
         torch.save(gm.module, tmp)
-    return result
 
 
 def batch_dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
@@ -237,32 +204,28 @@ def _save_pt2(gm: GrowModel, tmp: Path) -> None:
 ONNX_INLINE_LIMIT = 1_800_000_000
 
 
-def _save_onnx(gm: GrowModel, tmp: Path, final_name: str, batches: list[Batch]) -> VerifyReport:
-    """Export to ``tmp``, check it with ``onnx.checker`` and compare onnxruntime with torch on ``batches``.
+def _save_onnx(gm: GrowModel, tmp: Path, final_name: str, sample: Batch, output_names: list[str] | None) -> None:
+    """Export to ``tmp`` (traced on ``sample``) and check it with ``onnx.checker``.
 
     Weights are stored inside the ``.onnx`` file, so the output is one self-contained file;
     only a model too large for protobuf gets ``<final_name>.data`` beside it (removed again
-    if the export or its check fails).
+    if the export or its check fails). Running it is the read-back's job
+    (:mod:`growcli.verification.onnxrun`).
     """
     data_file = tmp.parent / f"{final_name}.data"
     try:
-        return _export_and_check_onnx(gm, tmp, data_file, batches)
+        _export_onnx(gm, tmp, data_file, sample, output_names)
     except BaseException:
         if data_file.exists():
             data_file.unlink()
         raise
 
 
-def _export_and_check_onnx(gm: GrowModel, tmp: Path, data_file: Path, batches: list[Batch]) -> VerifyReport:
+def _export_onnx(gm: GrowModel, tmp: Path, data_file: Path, batch: Batch, names: list[str] | None) -> None:
     import onnx
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingDependencyError("checking ONNX outputs needs onnxruntime: pip install onnxruntime") from None
     module = eval_mode(gm.module)
-    args, kwargs = batches[0]
-    names = list(flatten_outputs(run_model(module, batches[0])))
+    args, kwargs = batch
     input_names = [f"input_{i}" for i in range(len(args))] + list(kwargs)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -284,48 +247,8 @@ def _export_and_check_onnx(gm: GrowModel, tmp: Path, data_file: Path, batches: l
                 raise FormatError(f"ONNX export failed ({type(first).__name__}: {str(first).splitlines()[0][:200]})") from None
     try:
         onnx.checker.check_model(str(tmp))
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise FormatError(f"the exported ONNX model is invalid ({type(exc).__name__}: {_first_line(exc)})") from None
-    ort_inputs = [i.name for i in session.get_inputs()]
-    ort_outputs = [o.name for o in session.get_outputs()]
-
-    # The graph fixes every dimension the exporter could not keep symbolic (e.g. a sequence
-    # length): it is run on the batches whose shapes it accepts (batches[0] was exported).
-    fixed = {i.name: i.shape for i in session.get_inputs()}
-
-    def feed_of(batch: Batch) -> dict | None:
-        a, kw = batch
-        # By name: the exporter may drop an input the graph does not use.
-        values = dict(zip(input_names, [t.detach().numpy() for t in a] + [v.detach().numpy() for v in kw.values()]))
-        feed = {n: values[n] for n in ort_inputs}
-        for n, v in feed.items():
-            dims = fixed.get(n) or []
-            if len(dims) != v.ndim or any(isinstance(d, int) and d != s for d, s in zip(dims, v.shape)):
-                return None
-        return feed
-
-    runnable = [(b, f) for b, f in ((b, feed_of(b)) for b in batches) if f is not None] or [(batches[0], feed_of(batches[0]) or {})]
-    checks: dict = {}
-    for batch, feed in runnable:
-        try:
-            got = session.run(None, feed)
-        except Exception as exc:
-            raise VerificationFailed(f"the written ONNX file, loaded back with onnxruntime, does not run "
-                                     f"({type(exc).__name__}: {_first_line(exc)})") from None
-        ref = run_model(module, batch)
-        cand = {n: torch.from_numpy(v) for n, v in zip(ort_outputs, got)}
-        compare_outputs({f"onnx:{k}": v for k, v in ref.items()}, {f"onnx:{k}": v for k, v in cand.items()}, 1e-5, 1e-4, checks)
-    outputs = list(checks.values())
-    note = "onnxruntime vs torch"
-    if len(runnable) != len(batches):
-        note += f"; {len(runnable)} of {len(batches)} batches have shapes the graph accepts"
-    report = VerifyReport(bool(outputs) and all(o.passed for o in outputs), "float32", len(runnable), 1e-5, 1e-4,
-                          max((o.max_abs_diff for o in outputs), default=0.0), outputs, note)
-    if not report.passed:
-        raise VerificationFailed(f"the written ONNX file, loaded back with onnxruntime, differs from the torch model: "
-                                 f"{report.summary()}", report)
-    return report
 
 
 def _onnx_program(module: nn.Module, args: tuple, kwargs: dict, input_names: list[str], output_names: list[str]):

@@ -22,7 +22,8 @@ from growcli.io.formats import load_inputs_file
 from growcli.io.save import check_output
 from growcli.core.model import GrowModel, eval_mode
 from growcli.run.steps import VerifySettings, run_step
-from growcli.run.plan import Plan, PlanStep, Problem
+from growcli.run.planblame import blame
+from growcli.run.planschema import Plan, PlanStep, Problem
 from growcli.run.runner import Output, Source, Step, grow
 from growcli.transforms.registry import Context
 from growcli.transforms.catalog import build_spec, get_transform
@@ -226,11 +227,9 @@ def check_against_model(plan: Plan, gm: GrowModel, seed: int = 0) -> list[Proble
     """Problems only a model reveals: layers that do not exist, sizes that shrink, steps that cannot apply.
 
     Each is placed at the option the error is about when it can tell (see
-    :func:`growcli.run.plan.blame`), else at the step. Also checks that the plan's output
+    :func:`growcli.run.planblame.blame`), else at the step. Also checks that the plan's output
     format suits the model.
     """
-    from growcli.run.plan import blame
-
     problems: list[Problem] = []
     if plan.output.path is not None and _format_known(plan):  # else the schema check has reported it
         try:

@@ -1,8 +1,16 @@
 """load → transform steps (each verified) → overall verification → save: the one growth run.
 
-CLI commands and plans both call :func:`grow`; it does the I/O around the transforms and
+CLI commands and plans all call :func:`grow`; it does the I/O around the transforms and
 returns the report that is printed, embedded in safetensors metadata and written as
-``<output stem>.growth_report.json``.
+``<output stem>.growth_report.json``. A step is executed in memory (the model loaded and
+changed in place) or, for transforms that declare it in ``Transform.modes``, streaming
+(:mod:`growcli.run.streaming`: the checkpoint rewritten tensor by tensor); both modes give
+the same report schema, with ``execution`` saying which ran.
+
+What the report's ``verification`` is: for one step, that step's comparison with the input;
+for a chain, the input against the grown model (both in memory); for a conversion (no step),
+the read-back of the first output from disk against the input model as loaded (``against``
+says which). Every output is also read back from disk and run (``outputs[].readback``).
 """
 
 from __future__ import annotations
@@ -10,21 +18,25 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from growcli.analysis.calibration import attach as attach_calibration
-from growcli.core.errors import OutputError, VerificationFailed
-from growcli.io.formats import load_inputs_file
+from growcli.core.errors import OutputError, UsageError, VerificationFailed
+from growcli.core.model import GrowModel, eval_mode
 from growcli.io.atomic import (atomic_output, check_distinct, check_output_path, ensure_space, staged_path,
                                transaction)
+from growcli.io.formats import load_inputs_file
 from growcli.io.load import load_model
-from growcli.io.save import check_output, save_models
-from growcli.core.model import GrowModel, eval_mode
+from growcli.io.save import check_output
+from growcli.run.outputs import save_models
 from growcli.run.steps import VerifySettings, final_report, run_step, verification_batches
+from growcli.run.streaming import DEFAULT_SHARD_SIZE, EXECUTORS as STREAMING, choose_streaming, parse_shard_size
+from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
-from growcli.verification.compare import verify_models
+from growcli.verification.compare import VerifyReport, verify_models
 
 
 @dataclass
@@ -63,7 +75,8 @@ class Step:
 def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int = 0,
          settings: VerifySettings | None = None, plan_text: str | None = None,
          on_step: Callable[[int, Step], None] | None = None, overwrite: bool = False,
-         protect: tuple[Path, ...] = ()) -> dict[str, Any]:
+         protect: tuple[Path, ...] = (), streaming: bool | None = None,
+         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run ``steps`` on the model at ``source`` and write every output; returns the report.
 
     Outputs are validated before any work; nothing is written unless every exact step and
@@ -71,10 +84,20 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     lie inside an input (the model, ``--inputs``, ``protect``: a plan file); an existing one is
     refused unless ``overwrite`` (see :func:`growcli.io.atomic.check_output_path`). Outputs and
     the report are renamed into place together, or not at all.
+
+    ``streaming`` chooses the execution mode (see :func:`execution_mode`): ``None`` streams a
+    single streamable step of a large Hugging Face checkpoint, ``True`` forces it, ``False``
+    never streams. ``progress(done, total)`` follows the bytes a streaming step writes.
+    Both modes return the same report schema.
     """
+    started = time.perf_counter()
     settings = settings or VerifySettings()
     inputs = (source.inputs_file, *protect)
     check_distinct([o.path for o in outputs])
+    if execution_mode(source, steps, outputs, streaming) == "streaming":
+        return _grow_streaming(source, steps[0], outputs[0], seed, settings, plan_text, on_step, overwrite, inputs,
+                               progress, started)
+    timing: dict[str, float] = {}
     gm = source.load()
     formats = [check_output(gm, o.path, o.format, overwrite=overwrite, inputs=inputs) for o in outputs]
     if outputs and formats[0] != "hf":
@@ -82,41 +105,126 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
         check_distinct([o.path for o in outputs] + [report_path(outputs[0].path, formats[0])])
     if source.inputs_file is not None:
         settings.inputs = [load_inputs_file(source.inputs_file, gm.inputs)]
+    timing["load"] = time.perf_counter() - started
     ctx = Context(seed=seed)
     attach_calibration(ctx, gm, [step.options for step in steps])  # data for gradient-informed steps
-    # One step is already verified against the input on these batches; only chains need a copy.
-    original = eval_mode(copy.deepcopy(gm.module)) if len(steps) != 1 else None
+    # One step is already verified against the input on these batches; a chain needs a copy of
+    # the input; a conversion (no step) is verified by reading each output back against it.
+    original = eval_mode(copy.deepcopy(gm.module)) if len(steps) > 1 else None
     params_before = gm.num_parameters()
     for i, step in enumerate(steps):
         if on_step:
             on_step(i, step)
         run_step(gm, step.transform, step.options, ctx, settings)
     batches = verification_batches(gm, settings, seed)
-    if original is None:
+    overall = None
+    if len(steps) == 1:
         overall = final_report(gm)
-    else:
+    elif original is not None:
         overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
     del original
     all_exact = all(s["exact"] for s in gm.steps)
-    if all_exact and not overall.passed and not settings.allow_mismatch:
+    if overall is not None and all_exact and not overall.passed and not settings.allow_mismatch:
         raise VerificationFailed(f"the grown model differs from the input: {overall.summary()}", overall)
+    timing["steps"] = time.perf_counter() - started - timing["load"]
+    ensure_space([(o.path, weight_bytes(gm)) for o in outputs])
+    with transaction():  # the outputs and the report: all renamed into place at the end, or none
+        written = save_models(gm, [(o.path, fmt, o.shard_size) for o, fmt in zip(outputs, formats)],
+                              verification=overall, plan=plan_text, batches=batches, settings=settings)
+        verification = _overall(overall, written, steps)
+        checked = [f"step {i} ({s['transform']}): ran the model before and after the step: "
+                   f"{VerifyReport.from_dict(s['verification']).summary()}" for i, s in enumerate(gm.steps, 1)]
+        if len(steps) > 1:
+            checked.append(f"ran the input and the grown model: {overall.summary()}")
+        checked += [f"read back {o['path']} with {o['loaded_with']}: {VerifyReport.from_dict(o['readback']).summary()}"
+                    for o in written if o.get("readback")]
+        timing["save"] = time.perf_counter() - started - timing["load"] - timing["steps"]
+        report = _report(source, gm.steps, all_exact, verification, params_before, gm.num_parameters(), written,
+                         plan_text, "memory", checked, timing, started)
+        if outputs:
+            write_report(report, outputs[0].path, formats[0])
+    return report
+
+
+def execution_mode(source: Source, steps: list[Step], outputs: list[Output], streaming: bool | None) -> str:
+    """``"streaming"`` or ``"memory"``, from each step's ``Transform.modes`` and ``--streaming/--no-streaming``.
+
+    Forcing streaming on a transform that cannot stream, on a chain or on no step at all is a
+    :class:`UsageError`; so is forcing it on inputs or outputs it cannot handle (see
+    :func:`growcli.run.streaming.choose_streaming`). Unforced, a single streamable step
+    streams when the checkpoint is large.
+    """
+    if streaming is False:
+        return "memory"
+    for step in steps:
+        modes = get_transform(step.transform).modes
+        if streaming and "streaming" not in modes:
+            raise UsageError(f"--streaming: {step.transform} cannot run streaming (its execution modes: "
+                             f"{', '.join(modes)}); drop --streaming")
+    if len(steps) != 1 or "streaming" not in get_transform(steps[0].transform).modes:
+        if streaming:
+            raise UsageError(f"--streaming runs exactly one step; this run has {len(steps)}")
+        return "memory"
+    fmt = outputs[0].format if outputs else None
+    return "streaming" if choose_streaming(source.path, [o.path for o in outputs], fmt, streaming) else "memory"
+
+
+def _grow_streaming(source: Source, step: Step, output: Output, seed: int, settings: VerifySettings,
+                    plan_text: str | None, on_step, overwrite: bool, inputs: tuple, progress,
+                    started: float) -> dict[str, Any]:
+    """The streaming execution of one step, reported like an in-memory run."""
+    spec = build_spec(step.transform, dict(step.options))
+    check_output_path(output.path, (source.path, *inputs), overwrite=overwrite, directory=True)
+    if source.inputs_file is not None:
+        settings.inputs = [load_inputs_file(source.inputs_file)]
+    if on_step:
+        on_step(0, step)
+    shard_size = output.shard_size or parse_shard_size(DEFAULT_SHARD_SIZE)
+    with transaction():
+        run = STREAMING[step.transform](source.path, output.path, spec, shard_size=shard_size, settings=settings,
+                                        seed=seed, progress=progress)
+        verification = run.verification.to_dict() if run.verification is not None else None
+        if verification is not None:
+            verification["against"] = f"readback of {output.path}"
+        report = _report(source, [run.step], run.step["exact"], verification, run.params_before, run.params_after,
+                         [run.output], plan_text, "streaming", run.checked, run.timing, started)
+        write_report(report, output.path, "hf")
+    return report
+
+
+def _overall(overall: VerifyReport | None, written: list[dict[str, Any]], steps: list[Step]) -> dict[str, Any] | None:
+    """The report's verification: the run's own, or for a conversion the read-back of the first output."""
+    if overall is not None:
+        result = overall.to_dict()
+        result["against"] = ("the model before step 1 (the input), in memory" if len(steps) == 1
+                             else "a copy of the input model kept in memory")
+        return result
+    first = next((o for o in written if o.get("readback")), None)
+    if first is None:
+        return None
+    return {**first["readback"], "against": f"readback of {first['path']}"}
+
+
+def _report(source: Source, steps: list[dict], exact: bool, verification: dict[str, Any] | None, params_before: int,
+            params_after: int, outputs: list[dict], plan_text: str | None, mode: str, checked: list[str],
+            timing: dict[str, float], started: float) -> dict[str, Any]:
+    """The growth report; its keys are the same whichever mode executed the steps."""
     report: dict[str, Any] = {
         "input": str(source.path),
-        "steps": gm.steps,
-        "function_preserving": all_exact,
-        "verification": overall.to_dict(),
+        "steps": steps,
+        "function_preserving": exact,
+        "verification": verification,
         "params_before": params_before,
-        "params_after": gm.num_parameters(),
-        "outputs": [],
+        "params_after": params_after,
+        "outputs": outputs,
+        "execution": mode,
+        "streaming": mode == "streaming",
+        "checked": checked,
+        "seconds": round(time.perf_counter() - started, 3),
+        "timing": {k: round(v, 3) for k, v in timing.items()},
     }
     if plan_text is not None:  # provenance: the plan travels in the report as in the safetensors metadata
         report["plan"] = plan_text
-    ensure_space([(o.path, weight_bytes(gm)) for o in outputs])
-    with transaction():  # the outputs and the report: all renamed into place at the end, or none
-        report["outputs"] = save_models(gm, [(o.path, fmt, o.shard_size) for o, fmt in zip(outputs, formats)],
-                                        verification=overall, plan=plan_text, batches=batches)
-        if outputs:
-            write_report(report, outputs[0].path, formats[0])
     return report
 
 

@@ -1,6 +1,6 @@
 """``heads``: more attention heads, keeping ``head_dim`` and the function exact.
 
-Whole heads are added (GROWTH.md section 6). A new head copies the q, k and v rows of a
+Whole heads are added (docs/recipes.md#heads). A new head copies the q, k and v rows of a
 source head; the output projection's columns of a source and its copies split the source's
 columns (shares summing to 1). With grouped-query attention key/value heads grow by the same
 factor, each new one bringing copies of its source's query heads, so every query head keeps
@@ -18,12 +18,12 @@ import torch
 
 from growcli.analysis.attention import AttentionSite, attention_sites
 from growcli.core.errors import NotGrowableError
-from growcli.transforms.hfconfig import config_error, sync_config, with_config
 from growcli.core.model import GrowModel
+from growcli.transforms.hfconfig import config_error, sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.widen import split_factors
-from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _trace
+from growcli.transforms.width_edit import DimMap, Edit, apply_edit, check_shared, trace_width
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
     return out, new_kv
 
 
-def _plan_heads(edit: _Edit, sites: list[AttentionSite], new_heads: int, split: str, gen: torch.Generator,
+def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: str, gen: torch.Generator,
                 shapes: dict[str, tuple[int, ...]]) -> int:
     """Add the head maps of every attention to ``edit``; returns the new number of key/value heads."""
     segments: dict[tuple[str, int], list] = {}
@@ -107,7 +107,7 @@ def _plan_heads(edit: _Edit, sites: list[AttentionSite], new_heads: int, split: 
     return new_kv
 
 
-def _probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int],
+def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int],
                  validate: bool = False) -> tuple[int | None, str]:
     """The number of query features a model built from ``config + updates`` gives ``site``'s query projection,
     or None and the reason the config rejects these sizes."""
@@ -123,7 +123,7 @@ def _probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int],
     return (total // 3 if fused and site.kv_heads == site.heads else total), ""
 
 
-def _uniform(sites: list[AttentionSite]) -> tuple[int, int, int]:
+def uniform_shape(sites: list[AttentionSite]) -> tuple[int, int, int]:
     kinds = {(s.heads, s.kv_heads, s.head_dim) for s in sites}
     if len(kinds) != 1:
         raise NotGrowableError(f"the attentions differ in heads (heads, kv heads, head_dim: {sorted(kinds)}); "
@@ -134,8 +134,8 @@ def _uniform(sites: list[AttentionSite]) -> tuple[int, int, int]:
 def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
     """Every attention module → None if its heads can grow, else the reason."""
     try:
-        sites = attention_sites(_trace(gm))
-        h, kv, hd = _uniform(sites)
+        sites = attention_sites(trace_width(gm))
+        h, kv, hd = uniform_shape(sites)
     except NotGrowableError as exc:
         return {"attention": str(exc)}
     reason = None
@@ -144,7 +144,7 @@ def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
         reason = ("the config derives head_dim from hidden_size / num_attention_heads, so heads grow only with "
                   "the hidden size (widen --hidden)")
         for new_h in range(h + group, 4 * h + 1, group):
-            got, why = _probe_heads(gm, sites[0], {"num_attention_heads": new_h,
+            got, why = probe_heads(gm, sites[0], {"num_attention_heads": new_h,
                                                    "num_key_value_heads": 1 if kv == 1 else new_h // group}, True)
             if got == new_h * hd:
                 reason = None
@@ -158,25 +158,25 @@ def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
 def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
     """Grow every attention to ``spec.target(heads)`` query heads, keeping ``head_dim``."""
     report = StepReport("heads", dataclasses.asdict(spec), params_before=gm.num_parameters())
-    trace = _trace(gm)
+    trace = trace_width(gm)
     sites = attention_sites(trace)
-    h, kv, hd = _uniform(sites)
+    h, kv, hd = uniform_shape(sites)
     new_heads = spec.target(h)
-    edit = _Edit()
+    edit = Edit()
     shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
-    new_kv = _plan_heads(edit, sites, new_heads, spec.split, ctx.generator(salt=61), shapes)
+    new_kv = plan_heads(edit, sites, new_heads, spec.split, ctx.generator(salt=61), shapes)
     if gm.is_hf and getattr(gm.module, "config", None) is not None:
-        got, why = _probe_heads(gm, sites[0], {"num_attention_heads": new_heads, "num_key_value_heads": new_kv})
+        got, why = probe_heads(gm, sites[0], {"num_attention_heads": new_heads, "num_key_value_heads": new_kv})
         if got is None:
             raise NotGrowableError(f"a model with {new_heads} attention heads cannot be built from the config: {why}")
         if got != new_heads * hd:
             raise NotGrowableError(f"{type(gm.module).__name__}'s config derives head_dim from hidden_size / "
                                    f"num_attention_heads, so {new_heads} heads of {hd} cannot be described; grow the "
                                    f"hidden size with them (widen --hidden {new_heads * hd} --heads {new_heads})")
-    _check_shared(gm, trace, edit)
-    _apply(gm, edit, 0.0, ctx.generator(salt=62), report)
+    check_shared(gm, trace, edit)
+    apply_edit(gm, edit, 0.0, ctx.generator(salt=62), report)
     updates = {"num_attention_heads": new_heads, "num_key_value_heads": new_kv}
-    sync_config(gm, updates, _size_map(h, kv, hd, new_heads, new_kv), {hd: "head_dim"}, [], report.notes)
+    sync_config(gm, updates, size_map(h, kv, hd, new_heads, new_kv), {hd: "head_dim"}, [], report.notes)
     report.matched = [s.module for s in sites]
     report.notes.insert(0, f"{sites[0].kind} attention: heads {h} → {new_heads}, key/value heads {kv} → {new_kv}, "
                            f"head_dim {hd}")
@@ -184,7 +184,7 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
     return report
 
 
-def _size_map(h: int, kv: int, hd: int, new_h: int, new_kv: int) -> dict[int, set[int]]:
+def size_map(h: int, kv: int, hd: int, new_h: int, new_kv: int) -> dict[int, set[int]]:
     """Old size values → the new values an attribute holding them may take (several sizes can coincide)."""
     sizes: dict[int, set[int]] = {}
     for old, new in ((h, new_h), (kv, new_kv), (h * hd, new_h * hd), (kv * hd, new_kv * hd), (h // kv, new_h // new_kv)):

@@ -5,14 +5,16 @@ and then asks: would a model built from this config be the grown model? Models a
 meta device (no memory, no weights) and compared with the grown one: parameter shapes, and the
 size attributes of every module (``GPT2Attention.split_size``, ``LlamaAttention.num_key_value_groups``,
 ``nn.LayerNorm.normalized_shape``, a norm's ``eps``…), which the in-memory model must share so that it
-computes what ``from_pretrained`` of the saved directory computes. Unset sizes the model derives
-(GPT-2's ``n_inner``) get the value the weights have; values that must not change (``head_dim``)
+computes what ``from_pretrained`` of the saved directory computes. Config keys describing a grown
+size, and unset sizes the model derives (GPT-2's ``n_inner``), get the value the weights have
+(:func:`fit_sizes`, used by every width transform); values that must not change (``head_dim``)
 are refused when the config would change them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -30,9 +32,14 @@ def fresh_model(module: nn.Module) -> nn.Module:
 def mismatches(module: nn.Module) -> list[str]:
     """Parameters whose shape differs from a model built from the (edited) config, as messages."""
     try:
-        want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
+        return _shape_diffs(module)
     except Exception as exc:  # the config no longer builds a model
         return [f"the config does not build a model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"]
+
+
+def _shape_diffs(module: nn.Module) -> list[str]:
+    """:func:`mismatches`, raising what building the model raises when the config does not build one."""
+    want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     return [f"{k} {list(have[k])} vs config {list(want[k])}" for k in have if k in want and want[k] != have[k]]
 
@@ -75,7 +82,7 @@ def sync_config(gm: GrowModel, updates: dict[str, int], sizes: dict[int, set[int
             new = next(factors[o] for o in factors if math.isclose(value, o, rel_tol=1e-12))
             notes.append(f"config {key}: {value:g} → {new:g}")
             gm.edits.config(module, key, new)
-    _fit_unset_keys(gm, notes)
+    notes.extend(f"config {change}" for change in fit_sizes(gm, {}, sorted(mismatched_sizes(module))))
     for name, attr, value, want in attr_diffs(module):
         if (name, attr, value, want) not in stale:
             _sync_attr(gm, name, attr, value, want, sizes, protected)
@@ -130,31 +137,43 @@ def _sync_attr(gm: GrowModel, name: str, attr: str, value, want, sizes: dict[int
     gm.edits.attr(gm.module, name, attr, want)
 
 
-def _fit_unset_keys(gm: GrowModel, notes: list[str]) -> None:
-    """Give unset config sizes (GPT-2's ``n_inner``, derived from the hidden size) the value the weights have."""
-    module, config = gm.module, gm.module.config
-    bad = mismatches(module)
-    if not bad:
-        return
-    candidates = sorted(mismatched_sizes(module))
+def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> list[str]:
+    """Give config keys that describe a grown size the value the weights have; returns ``"key: old → new"`` per change.
+
+    A key holding an old size in ``sizes`` tries its new size; an unset key (``None``: a size the
+    model derives, GPT-2's ``n_inner = 4 · n_embd``) tries each value of ``unset`` in turn. A value
+    is kept when a model built from the config then builds and has fewer parameters whose shape
+    differs from the grown model's; typed config fields and constructors that reject it leave it out.
+    """
+    module = gm.module
+    config = getattr(module, "config", None)
+    if not gm.is_hf or config is None:
+        return []
+    bad = len(mismatches(module))
+    unset = list(unset)
+    changed = []
     for key, value in sorted(config.to_dict().items()):
-        if value is not None:
+        if not bad:
+            break
+        if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
+            tries = [sizes[value]]
+        elif value is None:
+            tries = unset
+        else:
             continue
-        for new in candidates:
-            before = len(bad)
+        for new in tries:
             try:
                 setattr(config, key, new)
-                after = mismatches(module)
+                after = len(_shape_diffs(module))
             except Exception:  # typed config fields and model constructors reject values that do not fit
                 after = bad
             setattr(config, key, value)
-            if len(after) < before:
+            if after < bad:
                 gm.edits.config(module, key, new)
-                notes.append(f"config {key}: None → {new}")
+                changed.append(f"{key}: {value} → {new}")
                 bad = after
                 break
-        if not bad:
-            return
+    return changed
 
 
 def with_config(gm: GrowModel, updates: dict[str, int], validate: bool = False) -> nn.Module:

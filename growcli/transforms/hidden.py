@@ -1,7 +1,7 @@
 """``hidden``: a larger hidden size, keeping the function exact.
 
 The hidden size grows from ``d`` to ``d' = k·d + r``; every hidden vector becomes
-``[x, …, x, p]`` (GROWTH.md section 6; see :mod:`growcli.analysis.stream` for the analysis and the
+``[x, …, x, p]`` (docs/recipes.md#hidden; see :mod:`growcli.analysis.stream` for the analysis and the
 padding rules). Where the model's config ties the attention width to the hidden size (BERT,
 GPT-2, ViT: ``heads × head_dim = hidden_size``), heads grow with it, planned by
 :mod:`growcli.transforms.heads`.
@@ -17,14 +17,17 @@ from typing import Literal
 import torch
 
 from growcli.analysis.attention import AttentionSite, attention_sites
+from growcli.analysis.stream import plan_stream, stream_size, stream_start
+from growcli.analysis.stream_plan import MEAN, StreamPlan
+from growcli.analysis.stream_tensors import PRODUCERS
+from growcli.analysis.trace import module_of, weight_of
 from growcli.core.errors import NotGrowableError, UsageError
-from growcli.transforms.hfconfig import sync_config, with_config
 from growcli.core.model import GrowModel
-from growcli.analysis.stream import MEAN, PRODUCERS, StreamAnalysis, StreamPlan, _weight_of, plan_stream, stream_start
-from growcli.transforms.sizes import check_one_size, target_size
-from growcli.transforms.heads import _plan_heads, _probe_heads, _size_map, _uniform
+from growcli.transforms.heads import plan_heads, probe_heads, size_map, uniform_shape
+from growcli.transforms.hfconfig import sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
-from growcli.transforms.width_edit import DimMap, _apply, _check_shared, _Edit, _module_name, _trace
+from growcli.transforms.sizes import check_one_size, target_size
+from growcli.transforms.width_edit import DimMap, Edit, apply_edit, check_shared, trace_width
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class HiddenSpec:
 PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}
 
 
-def _plan_stream(edit: _Edit, plan: StreamPlan, noise: float) -> None:
-    """Add the tiling maps of every parameter in ``plan`` to ``edit`` (see :class:`growcli.analysis.stream.ParamPlan`)."""
+def _plan_stream(edit: Edit, plan: StreamPlan, noise: float) -> None:
+    """Add the tiling maps of every parameter in ``plan`` to ``edit`` (see :class:`growcli.analysis.stream_plan.ParamPlan`)."""
     d, k, r = plan.size, plan.k, plan.r
     idx = list(range(d)) * k + [-1] * r
     stream_pad = "mean" if plan.pad == MEAN else "zero"
@@ -71,20 +74,20 @@ def _plan_stream(edit: _Edit, plan: StreamPlan, noise: float) -> None:
         tiles = k if p.kind == "consumer" and noise > 0 else 0
         edit.add(p.name, DimMap(p.dim, idx, [scale] * len(idx), pad, tiles, p.shift))
     for fqn, ops in plan.handled.items():
-        edit.planned_ops.setdefault(fqn, set()).update(_module_name(n) for n in ops)
+        edit.planned_ops.setdefault(fqn, set()).update(module_of(n) for n in ops)
     edit.eps += plan.eps
 
 
 def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
     """The module starting the residual stream → None if the hidden size can grow (×2), else the reason."""
     try:
-        trace = _trace(gm)
+        trace = trace_width(gm)
         start = stream_start(trace)
     except NotGrowableError as exc:
         return {"hidden size": str(exc)}
-    name = _module_name(start)
+    name = module_of(start)
     try:
-        plan_stream(gm.module, trace, start, 2 * _stream_size(trace, start))
+        plan_stream(gm.module, trace, start, 2 * stream_size(trace, start))
         return {name: None}
     except NotGrowableError as exc:
         return {name: str(exc)}
@@ -95,39 +98,39 @@ def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
 def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
     """Grow the hidden size of a transformer exactly, with every tensor that carries it."""
     report = StepReport("hidden", dataclasses.asdict(spec), params_before=gm.num_parameters())
-    trace = _trace(gm)
+    trace = trace_width(gm)
     start = stream_start(trace, spec.start)
-    d = _stream_size(trace, start)
+    d = stream_size(trace, start)
     new_d = spec.target(d)
     plan = plan_stream(gm.module, trace, start, new_d)
-    edit = _Edit()
+    edit = Edit()
     sites = attention_sites(trace, required=False)
     updates: dict[str, int] = {"hidden_size": new_d}
     sizes: dict[int, set[int]] = {d: {new_d}}
     protected: dict[int, str] = {}
     if sites:
-        h, kv, hd = _uniform(sites)
+        h, kv, hd = uniform_shape(sites)
         new_h = _heads_for_hidden(gm, sites[0], spec.heads, h, kv, hd, d, new_d)
         if new_h != h:
             shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
-            new_kv = _plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
+            new_kv = plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
             updates.update({"num_attention_heads": new_h, "num_key_value_heads": new_kv})
-            for old, new in _size_map(h, kv, hd, new_h, new_kv).items():
+            for old, new in size_map(h, kv, hd, new_h, new_kv).items():
                 sizes.setdefault(old, set()).update(new)
             report.notes.append(f"heads {h} → {new_h} (head_dim {hd} kept)")
         protected[hd] = "head_dim"
     constants = _hidden_constants(gm, plan, updates)
     _plan_stream(edit, plan, spec.noise)
     _extra_groups(gm, trace, edit, plan, updates, spec.noise)
-    _check_shared(gm, trace, edit)
-    _apply(gm, edit, spec.noise, ctx.generator(salt=72), report)
+    check_shared(gm, trace, edit)
+    apply_edit(gm, edit, spec.noise, ctx.generator(salt=72), report)
     for module, attr, old, new, buffer in constants:
         gm.edits.attr(gm.module, module, attr, new)
         gm.edits.param(gm.module, buffer, torch.full_like(gm.module.get_buffer(buffer), new))
         report.notes.append(f"{module}.{attr}: {old:.6g} → {new:.6g} (set by the new config); the layers writing what it "
                             f"scales are multiplied by {old / new:.6g}")
     sync_config(gm, updates, sizes, protected, plan.eps, report.notes)
-    report.matched = [f"{d} → {new_d} (the residual stream from '{_module_name(start)}')"]
+    report.matched = [f"{d} → {new_d} (the residual stream from '{module_of(start)}')"]
     k, r = plan.k, plan.r
     how = f"tiled ×{k}" + (f" + {r} padded ({'mean' if plan.pad == MEAN else 'zero'} padding, eps × {k * d / new_d:.6g}, "
                            f"γ × {math.sqrt(k * d / new_d):.6g})" if r else "")
@@ -166,10 +169,6 @@ def _hidden_constants(gm: GrowModel, plan: StreamPlan, updates: dict[str, int]) 
     return out
 
 
-def _stream_size(trace, start) -> int:
-    return StreamAnalysis(trace, start).run().size
-
-
 def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: int, kv: int, hd: int, d: int,
                       new_d: int) -> int:
     """The number of query heads after growing the hidden size: ``want``, else what the config allows.
@@ -190,7 +189,7 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
                 tried.append(f"{new_h} heads: not a multiple of the {group} query heads per key/value head")
                 continue
             new_kv = 1 if kv == 1 and h > 1 else new_h // group
-            got, why = _probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
+            got, why = probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
                                                "num_key_value_heads": new_kv}, validate)
             if got == new_h * hd:
                 return new_h
@@ -202,7 +201,7 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
                            f"({'; '.join(tried)})")
 
 
-def _extra_groups(gm: GrowModel, trace, edit: _Edit, plan: StreamPlan, updates: dict[str, int], noise: float) -> None:
+def _extra_groups(gm: GrowModel, trace, edit: Edit, plan: StreamPlan, updates: dict[str, int], noise: float) -> None:
     """Other hidden-size dimensions the config ties to ``hidden_size`` (a pooler, an MLM head's transform)."""
     if not gm.is_hf or getattr(gm.module, "config", None) is None:
         return
@@ -210,11 +209,11 @@ def _extra_groups(gm: GrowModel, trace, edit: _Edit, plan: StreamPlan, updates: 
     have = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
     done = set(plan.producers)
     for node in trace.graph.nodes:
-        if node.op != "call_function" or node.target not in PRODUCERS or _weight_of(node) is None:
+        if node.op != "call_function" or node.target not in PRODUCERS or weight_of(node) is None:
             continue
-        weight = _weight_of(node)
+        weight = weight_of(node)
         out_dim = 1 if node.target in (torch.ops.aten.addmm.default, torch.ops.aten.embedding.default) else 0
-        if _module_name(node) in done or weight not in have or weight not in want:
+        if module_of(node) in done or weight not in have or weight not in want:
             continue
         planned = [m for m in edit.maps.get(weight, []) if m.dim == out_dim]
         if planned or want[weight][out_dim] != plan.new_size or have[weight][out_dim] != plan.size:

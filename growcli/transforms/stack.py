@@ -1,17 +1,19 @@
-"""Progressive stacking: duplicate a model's stack of repeated blocks (GROWTH.md sections 3 and 4).
+"""Progressive stacking: duplicate a model's stack of repeated blocks (docs/recipes.md#stack).
 
 ``copy`` init is Gong et al.'s progressive stacking (not function-preserving). ``identity``
 init zeroes the *residual writers* of every new copy — the parameters of the last layer on
 each branch that is added to the block's residual stream (LLaMA-Pro's block expansion) —
-which is exact for pre-LN blocks. The writers are found from a ``torch.export`` trace of the
-whole model, never from a family's parameter names; a block whose stream passes through a
-normalisation after the add (post-LN, BERT) is reported, because zeroing cannot make it the
-identity there.
+which is exact for pre-LN blocks and for ResNet blocks ``relu(x + F(x))`` whose copy follows
+a block ending in the same relu. The writers are found from a ``torch.export`` trace of the
+whole model (:mod:`growcli.analysis.residual`), never from a family's parameter names; a
+block whose stream passes through a normalisation after the add (post-LN, BERT) is reported,
+because zeroing cannot make it the identity there.
 
-Everything that depends on depth follows the new layout: the ``ModuleList`` itself (one
-recorded ``insert`` per new copy, so ``load_grown`` replays it), integer index attributes
-such as ``layer_idx``, and the Hugging Face config's layer count and per-layer lists. The
-planning functions here are shared with the streaming path (``growcli.run.streaming``).
+Everything that depends on depth follows the new layout (:mod:`growcli.analysis.depth`): the
+``ModuleList`` itself (one recorded ``insert`` per new copy, so ``load_grown`` replays it),
+integer index attributes such as ``layer_idx``, and the Hugging Face config's layer count and
+per-layer lists. The planning functions here are shared with the streaming path
+(``growcli.run.streaming``).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from growcli.core.errors import NoMatchingModuleError, NotGrowableError, UsageError
+from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import Batch, cast_batch, make_batches
-from growcli.analysis.blocks import block_stacks
+from growcli.analysis.blocks import block_stacks, check_not_shared, check_repeated, find_stack
+from growcli.analysis.depth import depth_changes
+from growcli.analysis.residual import BlockWriters, ResidualRefusal, follows, stack_writers
+from growcli.analysis.trace import Trace, trace_model
 from growcli.core.model import GrowModel
 from growcli.transforms.registry import Context, StepReport, option, register
-from growcli.analysis.stack_writers import stack_residuals
 
 Order = Literal["stack", "interleave"]
 Init = Literal["copy", "identity"]
@@ -126,6 +130,8 @@ class StackPlan:
     writers: dict[int, tuple[str, ...]] = field(default_factory=dict)  # block → block-relative params to zero
     post_norms: list[str] = field(default_factory=list)  # modules normalising after a residual add
     config: dict[str, Any] = field(default_factory=dict)  # HF config key → new value
+    attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module, attribute, value) after stacking
+    post_acts: list[str] = field(default_factory=list)  # idempotent activations after the blocks' last add
 
     @property
     def copies(self) -> list[int]:
@@ -139,92 +145,32 @@ class StackPlan:
         return out
 
 
-def find_stack(module: nn.Module, blocks: str | None) -> str:
-    """The container to stack: ``blocks`` if given, else the longest list of same-typed blocks."""
-    if blocks is not None:
-        try:
-            container = module.get_submodule(blocks)
-        except AttributeError:
-            near = [s["name"] for s in block_stacks(module)]
-            hint = f"; stacks found: {', '.join(near)}" if near else ""
-            raise NoMatchingModuleError(f"--blocks {blocks!r}: no such module{hint}") from None
-        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 1:
-            raise NotGrowableError(f"stack: --blocks {blocks} is a {type(container).__name__}, not a ModuleList/Sequential of blocks")
-        if len({type(b) for b in container}) != 1:
-            raise NotGrowableError(f"stack: the blocks in {blocks} are of different types; stacking needs repeated blocks")
-        return blocks
-    stacks = block_stacks(module)
-    if not stacks:
-        raise NotGrowableError(f"stack: {type(module).__name__} has no ModuleList/Sequential of two or more same-typed "
-                               "blocks; name one with --blocks PATH")
-    return stacks[0]["name"]
+def trace_for_writers(module: nn.Module, batch: Batch) -> Trace:
+    """Trace ``module`` (real or meta weights) on ``batch``, moved to the module's device."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    args, kwargs = batch
+    try:
+        return trace_model(module, (tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}))
+    except NotGrowableError as exc:
+        raise NotGrowableError(f"stack --init identity: torch.export could not trace {type(module).__name__} to find "
+                               f"the blocks' residual writers ({exc}); use --init copy") from None
 
 
-def check_repeated(module: nn.Module, container: str) -> None:
-    """Refuse stacks whose blocks differ in parameter names or shapes (a stage's downsampling block…)."""
-    stack = module.get_submodule(container)
-    first = {k: tuple(v.shape) for k, v in stack[0].state_dict().items()}
-    for i, block in enumerate(stack):
-        shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-        if shapes != first:
-            diff = sorted(set(shapes.items()) ^ set(first.items()))[0][0]
-            raise NotGrowableError(f"stack: the blocks of {container} are not repeats of one another ({container}.{i}."
-                                   f"{diff} {list(shapes.get(diff, ()))} vs {container}.0.{diff} "
-                                   f"{list(first.get(diff, ()))}); a copy could not follow every block")
+def identity_writers(module: nn.Module, container: str, order: list[int], batch: Batch) -> dict[int, BlockWriters]:
+    """Every block's residual writers, checked so that each new copy is the identity where it lands.
 
-
-def check_not_shared(module: nn.Module, container: str) -> None:
-    """Refuse blocks that share parameters with modules outside the stack: a copy would break the tie."""
-    stack = module.get_submodule(container)
-    inside = {id(p) for p in stack.parameters()}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if id(p) in inside and not name.startswith(container + "."):
-            raise NotGrowableError(f"stack: {container} shares parameter {name} with a module outside the stack; "
-                                   "copies would either share it or silently untie it")
-
-
-def config_updates(config: Any, length: int, order: list[int]) -> dict[str, Any]:
-    """New values of a Hugging Face config's depth-dependent keys, or ``{}`` without a config.
-
-    The layer count key is ``num_hidden_layers`` or what the config class maps it to
-    (``n_layer`` for GPT-2); per-layer lists are the list values of length ``length`` whose
-    key names layers (``layer_types``…), remapped by ``order``. Raises
-    :class:`NotGrowableError` when the config's count is not this stack's length.
+    Raises :class:`NotGrowableError` (a :class:`ResidualRefusal`) naming the block, op and module.
     """
-    if config is None or not hasattr(config, "to_dict"):
-        return {}
-    key = getattr(type(config), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
-    values = config.to_dict()
-    if values.get(key) != length:
-        raise NotGrowableError(f"stack: the config's {key}={values.get(key)} does not count this stack of {length} "
-                               "blocks; growcli cannot keep the config in step with it")
-    updates: dict[str, Any] = {key: len(order)}
-    for k, v in values.items():
-        if "layer" in k and isinstance(v, (list, tuple)) and len(v) == length and k != key:
-            updates[k] = [v[i] for i in order]
-    return updates
-
-
-def index_attributes(stack: nn.Module) -> list[tuple[str, str, int]]:
-    """``(submodule, attribute, offset)`` of integer attributes equal to ``block index + offset``.
-
-    Found from the values themselves (``layer_idx`` in HF attention, 1-based ``layer_number``…):
-    an int attribute is an index when, across all blocks, it equals ``i`` (or ``i + 1``).
-    """
-    per_block = []
-    for block in stack:
-        values = {}
-        for sub, m in block.named_modules():
-            for attr, v in vars(m).items():
-                if type(v) is int and not attr.startswith("_"):
-                    values[(sub, attr)] = v
-        per_block.append(values)
-    found = []
-    for key in per_block[0]:
-        got = [vals.get(key) for vals in per_block]
-        for offset in (0, 1):
-            if got == [i + offset for i in range(len(per_block))]:
-                found.append((key[0], key[1], offset))
+    try:
+        found = stack_writers(trace_for_writers(module, batch), module, container)
+        seen: set[int] = set()
+        for p, i in enumerate(order):
+            refusal = follows(found[i], found[order[p - 1]]) if i in seen else None
+            if refusal is not None:
+                raise ResidualRefusal(refusal)
+            seen.add(i)
+    except ResidualRefusal as exc:
+        raise ResidualRefusal(exc.refusal, f"stack --init identity: {exc}; use --init copy") from None
     return found
 
 
@@ -240,11 +186,15 @@ def plan_stack(module: nn.Module, spec: StackSpec, batch: Callable[[], Batch]) -
     order = layout(spec, length)
     check_repeated(module, container)
     check_not_shared(module, container)
-    plan = StackPlan(container, length, order, config=config_updates(getattr(module, "config", None), length, order))
+    depth = depth_changes(module, container, order)
+    if depth.config is None:
+        raise NotGrowableError(f"stack: {depth.reason}; growcli cannot keep the config in step with it")
+    plan = StackPlan(container, length, order, config=depth.config, attrs=depth.attrs)
     if spec.init == "identity":
-        found = stack_residuals(module, container, batch())
+        found = identity_writers(module, container, order, batch())
         plan.writers = {i: r.writers for i, r in found.items()}
         plan.post_norms = sorted({n for r in found.values() for n in r.post_norms})
+        plan.post_acts = sorted({op for r in found.values() for op, _ in r.post_sites})
     return plan
 
 
@@ -258,7 +208,6 @@ def apply_plan(gm: GrowModel, plan: StackPlan) -> None:
     """Carry out ``plan`` on ``gm`` through ``gm.edits``: inserts, zeroed writers, index attributes, config."""
     root = gm.module
     stack = root.get_submodule(plan.container)
-    indices = index_attributes(stack) if plan.length > 1 else []
     config = getattr(root, "config", None)
     first: dict[int, int] = {}
     for p, i in enumerate(plan.order):
@@ -269,16 +218,14 @@ def apply_plan(gm: GrowModel, plan: StackPlan) -> None:
         # Share the HF config object instead of cloning it into every copy.
         new = copy.deepcopy(stack[q], memo={id(config): config} if config is not None else None)
         gm.edits.insert(root, plan.container, p, new, {"type": "copy", "name": f"{plan.container}.{q}"})
-    stack = root.get_submodule(plan.container)
+        for made, source in zip(new.parameters(), stack[q].parameters() if q < p else ()):
+            gm.edits.derive(made, source)
     for p in plan.copies:
         for name in plan.writers.get(plan.order[p], ()):
             full = f"{plan.container}.{p}.{name}"
             gm.edits.param(root, full, torch.zeros_like(root.get_parameter(full)))
-    for p in range(len(plan.order)):
-        for sub, attr, offset in indices:
-            path = f"{plan.container}.{p}" + (f".{sub}" if sub else "")
-            if getattr(root.get_submodule(path), attr) != p + offset:
-                gm.edits.attr(root, path, attr, p + offset)
+    for path, attr, value in plan.attrs:
+        gm.edits.attr(root, path, attr, value)
     for key, value in plan.config.items():
         gm.edits.config(root, key, value)
 
@@ -338,6 +285,10 @@ def step_report(spec: StackSpec, plan: StackPlan, params_before: int, params_aft
     if spec.init == "identity":
         zeroed = sorted({w for p in plan.copies for w in plan.writers.get(plan.order[p], ())})
         report.notes.append(f"identity init: zeroed residual writers {', '.join(zeroed)} in every new copy")
+        if plan.post_acts:
+            report.notes.append(f"the blocks end in {', '.join(plan.post_acts)} after their residual add; exact "
+                                "because every copy follows a block ending in the same activation, on whose outputs "
+                                "it is the identity")
     else:
         report.notes.append("copy init: every new block duplicates its source (progressive stacking)")
     return report

@@ -3,7 +3,7 @@
 The coupled group from :mod:`growcli.analysis.coupling` says which parameter dimensions follow the
 layer's channels; this module chooses the channel map ``g`` (new unit → source unit) and
 the split of each consumer column among a source's replicas, and rewrites the tensors.
-Recipes: GROWTH.md section 1.
+Recipes: docs/recipes.md#widen.
 """
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from growcli.analysis.coupled_group import Group
+from growcli.analysis.coupling import analyze, producer_layers
+from growcli.analysis.layouts import Layout
+from growcli.analysis.trace import trace_model
 from growcli.core.errors import NotGrowableError, UsageError
-from growcli.analysis.coupling import Group, Layout, analyze, producer_layers, trace_model
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
-from growcli.transforms.resize import sync_attributes
+from growcli.core.origins import AxisMap, Origin
 from growcli.core.select import select
+from growcli.transforms.gradmax import widen_gradmax
+from growcli.transforms.hfconfig import fit_sizes
 from growcli.transforms.registry import Context, StepReport, option, register
+from growcli.transforms.resize import sync_attributes
 from growcli.transforms.sizes import check_one_size, target_size
 
 INITS = ("net2net", "zero", "gradmax")
@@ -39,7 +45,7 @@ class WidenSpec:
     split: Literal["asymmetric", "uniform"] = option("asymmetric", "asymmetric (random shares summing to 1) or uniform.")
     noise: float = option(0.0, "Net2Net noise on the copies' incoming weights (relative to the weights' std); makes "
                                "the step approximate.")
-    # init gradmax (GROWTH.md section 7): outgoing norm relative to the existing units', and the
+    # init gradmax (docs/recipes.md#widen-gradmax-init): outgoing norm relative to the existing units', and the
     # calibration data the gradient comes from (see growcli.analysis.calibration; loaded by the runner).
     scale: float = option(0.5, "gradmax: new outgoing weights' norm relative to the mean of the existing ones.")
     data: str | None = option(None, "gradmax: calibration data, .safetensors/.pt with 'input' and 'target'.")
@@ -134,25 +140,35 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
     g_t = torch.tensor(g)
     for use in group.uses:
         old = _get(root, use.fqn).detach()
+        origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
         if use.role == "producer":
             new = old.index_select(use.dim, g_t).clone()
             if fresh.any():
                 new = _init_new_units(new, old, use, fresh, spec, gen)
+            random = fresh & torch.tensor(spec.init == "zero")
+            origin = axis_origin(use.dim, torch.where(random, -1, g_t), torch.ones(len(g), dtype=torch.float64))
         elif use.role == "grouped_consumer":
             new = _grouped_consumer(old, g, factors, group, use.groups)
         else:
             idx, chan = remap(use.layout, g, group.size)
             new = old.index_select(use.dim, idx)
+            scale = torch.ones(len(chan), dtype=torch.float64)
             if use.role == "consumer":
-                scale = torch.where(chan >= 0, factors[chan.clamp(min=0)], torch.ones(len(chan), dtype=torch.float64))
+                scale = torch.where(chan >= 0, factors[chan.clamp(min=0)], scale)
                 new = new * _along(new, use.dim, scale)
-        gm.edits.param(root, use.fqn, new.to(old.dtype))
+            origin = axis_origin(use.dim, idx, scale)
+        gm.edits.param(root, use.fqn, new.to(old.dtype), origin)
         report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
     for name in group.depthwise:
         gm.edits.attr(root, name, "groups", new_size)
     for name in sorted({u.fqn.rpartition(".")[0] for u in group.uses}):
         sync_attributes(gm, name)
     _patch_views(gm, group, g)
+
+
+def axis_origin(dim: int, index: torch.Tensor, scale: torch.Tensor) -> Origin:
+    """The origin of a tensor whose positions along ``dim`` are ``old[index] · scale`` (-1: fresh)."""
+    return Origin((AxisMap(dim, tuple(int(i) for i in index), tuple(float(x) for x in scale)),))
 
 
 def _init_new_units(new: torch.Tensor, old: torch.Tensor, use, fresh: torch.Tensor, spec: WidenSpec,
@@ -200,44 +216,6 @@ def _patch_views(gm: GrowModel, group: Group, g: list[int]) -> None:
             gm.edits.graph_arg(gm.module, patch.node, 1, sizes)
 
 
-def _sync_hf_config(gm: GrowModel, sizes: dict[int, int]) -> list[str]:
-    """Update the HF config keys that describe a grown size, when that makes config and weights agree."""
-    module = gm.module
-    config = getattr(module, "config", None)
-    if not gm.is_hf or config is None:
-        return []
-
-    def mismatches() -> int:
-        with torch.device("meta"):
-            fresh = type(module)(config)
-        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        return sum(1 for k, v in module.state_dict().items() if k in want and want[k] != tuple(v.shape))
-
-    if mismatches() == 0:
-        return []
-    changed = []
-    for key, value in sorted(config.to_dict().items()):
-        if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
-            tries = [sizes[value]]
-        elif value is None:  # an unset size the model derives (GPT-2's n_inner = 4 · n_embd) may now need a value
-            tries = sorted(set(sizes.values()))
-        else:
-            continue
-        for new in tries:
-            before = mismatches()
-            try:
-                setattr(config, key, new)
-                better = mismatches() < before
-            except Exception:  # typed config fields and model constructors reject values that do not fit
-                better = False
-            setattr(config, key, value)
-            if better:
-                gm.edits.config(module, key, new)
-                changed.append(f"{key}: {value} → {new}")
-                break
-    return changed
-
-
 # --------------------------------------------------------------------------- the transform
 def widen_candidates(gm: GrowModel) -> dict[str, str | None]:
     """Every Linear/Conv/Embedding layer → None if widenable, else the reason."""
@@ -281,14 +259,12 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
         if new_size <= group.size:
             raise NotGrowableError(f"'{layer}' has {group.size} units; the new size {new_size} is not larger")
         if spec.init == "gradmax":
-            from growcli.transforms.gradmax import widen_gradmax
-
             widen_gradmax(gm, trace, group, new_size, spec, ctx, report)
         else:
             widen_group(gm, group, new_size, spec, gen, report)
         sizes[group.size] = new_size
         report.matched.append(layer if len(group.producers) == 1 else f"{layer} (with {', '.join(p for p in group.producers if p != layer)})")
-    for change in _sync_hf_config(gm, sizes):
+    for change in fit_sizes(gm, sizes, sorted(set(sizes.values()))):
         report.notes.append(f"config {change}")
     if spec.noise > 0:
         report.notes.append(f"noise {spec.noise} on the copies' incoming weights makes the step approximate")

@@ -1,10 +1,11 @@
 """The planned edit of a transformer-width step and how it is written into the model.
 
-A width step (:mod:`growcli.transforms.heads`, :mod:`growcli.transforms.hidden`) plans, per
-parameter, one :class:`DimMap` per grown dimension, collected in an :class:`_Edit` with the
-``eps`` fixes; :func:`_apply` rewrites every planned tensor (in float64) and records it through
-``gm.edits``, unties tied weights that now differ and keeps module attributes in step.
-:func:`_check_shared` refuses a plan that misses a use of a weight it changes.
+A width step (:mod:`growcli.transforms.heads`, :mod:`growcli.transforms.hidden`) plans, on the
+trace of :func:`trace_width`, one :class:`DimMap` per grown dimension of each parameter,
+collected in an :class:`Edit` with the ``eps`` fixes; :func:`apply_edit` rewrites every planned
+tensor (in float64) and records it through ``gm.edits``, unties tied weights that now differ and
+keeps module attributes in step. :func:`check_shared` refuses a plan that misses a use of a
+weight it changes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from growcli.analysis.trace import METADATA_CHECKS, REINDEX, UNARY, VIEW, module_of, trace_model
 from growcli.core.errors import NotGrowableError
+from growcli.core.origins import AxisMap, Origin
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
-from growcli.analysis.trace import METADATA_CHECKS, REINDEX, UNARY, VIEW, trace_model
 from growcli.transforms.registry import StepReport
 from growcli.transforms.resize import sync_attributes
 
@@ -38,7 +40,7 @@ class DimMap:
 
 
 @dataclass
-class _Edit:
+class Edit:
     """All planned changes of a step: parameter name → dimension maps, and ``eps`` fixes."""
 
     maps: dict[str, list[DimMap]] = field(default_factory=dict)
@@ -54,11 +56,6 @@ class _Edit:
                                    "(is it shared between layers?)")
         if not same:
             maps.append(m)
-
-
-def _module_name(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float, gen: torch.Generator) -> torch.Tensor:
@@ -80,6 +77,12 @@ def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float, gen: torch.Gen
     return t.to(old.dtype)
 
 
+def map_origin(maps: list[DimMap]) -> Origin:
+    """The origin of a tensor rewritten by ``maps``: padded positions are fresh, shifts and noise ignored."""
+    return Origin(tuple(AxisMap(m.dim, tuple(m.idx), tuple(float(x) for x in m.scale))
+                              for m in sorted(maps, key=lambda m: m.dim)))
+
+
 def _paired_noise(t: torch.Tensor, m: DimMap, std: float, gen: torch.Generator) -> torch.Tensor:
     """+N on tile 2i, −N on tile 2i+1: their sum, hence the function, is unchanged (HyperCloning)."""
     size = sum(1 for i in m.idx if i >= 0) // m.noise_tiles
@@ -94,7 +97,7 @@ def _paired_noise(t: torch.Tensor, m: DimMap, std: float, gen: torch.Generator) 
 
 
 # --------------------------------------------------------------------------- applying
-def _apply(gm: GrowModel, edit: _Edit, noise: float, gen: torch.Generator, report: StepReport) -> None:
+def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, report: StepReport) -> None:
     """Write every planned tensor through ``gm.edits``; unties tied weights that now differ."""
     root = gm.module
     named = dict(root.named_parameters(remove_duplicate=False))
@@ -117,7 +120,7 @@ def _apply(gm: GrowModel, edit: _Edit, noise: float, gen: torch.Generator, repor
             (still_tied if equal else untied).add(siblings)
     for name, new in new_tensors.items():
         old = named[name]
-        gm.edits.param(root, name, new)
+        gm.edits.param(root, name, new, map_origin(edit.maps[name]))
         report.changes.append({"name": name, "before": list(old.shape), "after": list(new.shape)})
     for group in still_tied:
         # Each name got an equal tensor (that is what replay records); share one Parameter again, as before.
@@ -148,13 +151,13 @@ def _sync_norm(gm: GrowModel, name: str) -> None:
         gm.edits.attr(gm.module, name, "normalized_shape", tuple(m.weight.shape))
 
 
-def _check_shared(gm: GrowModel, trace, edit: _Edit) -> None:
+def check_shared(gm: GrowModel, trace, edit: Edit) -> None:
     """Refuse when a planned parameter is also used by an op the plan did not cover (weights shared elsewhere)."""
     users = trace.weight_users()
     for fqn, modules in edit.planned_ops.items():
         for u in users.get(fqn, []):
-            if u.op == "call_function" and _module_name(u) not in modules and not _is_view_of_param(u):
-                raise NotGrowableError(f"parameter {fqn} is also used in '{_module_name(u)}', which the growth does "
+            if u.op == "call_function" and module_of(u) not in modules and not _is_view_of_param(u):
+                raise NotGrowableError(f"parameter {fqn} is also used in '{module_of(u)}', which the growth does "
                                        "not reach (a weight shared across layers)")
 
 
@@ -162,8 +165,8 @@ def _is_view_of_param(node) -> bool:
     return node.target in REINDEX or node.target in VIEW or node.target in UNARY or node.target in METADATA_CHECKS
 
 
-
-def _trace(gm: GrowModel):
+def trace_width(gm: GrowModel):
+    """The trace a width step plans on; refuses ``.pt2`` programs, whose reshapes hard-code the sizes."""
     if getattr(gm, "kind", None) == "pt2":
         raise NotGrowableError("growing heads or the hidden size of a .pt2 program is not supported (its reshapes "
                                "hard-code the sizes); grow the Hugging Face directory or the state_dict instead")

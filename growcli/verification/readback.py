@@ -1,10 +1,12 @@
 """Every output is verified as written: load it back the way its user would, run it, compare.
 
-:class:`Readback` is used by :func:`growcli.io.save.save_models` after each artefact was
-written to its temporary path and before anything is renamed into place. The reference is
-the in-memory model that was written (itself already compared with the original), on the
-run's verification batches, in the run's dtype and tolerances (float64 where the loaded
-model runs in it; ONNX is checked with onnxruntime in float32 by the writer itself).
+:class:`Readback` is used by :func:`growcli.run.outputs.save_models` after each artefact was
+written to its temporary path and before anything is renamed into place, and by the streaming
+executor (:mod:`growcli.run.streaming`) on the checkpoint it wrote. The reference is a model
+in memory: the model that was written (itself already compared with the original), or for a
+conversion or a streamed step the input as loaded from disk. It runs on the run's verification
+batches, in the run's dtype and tolerances (float64 where the loaded model runs in it; ONNX
+is run with onnxruntime against torch in float32, :mod:`growcli.verification.onnxrun`).
 
 How each format is loaded back:
 
@@ -20,6 +22,7 @@ How each format is loaded back:
   for every run.
 - Hugging Face directory: ``<config.architectures[0]>.from_pretrained(dir, local_files_only=True)``.
 - ``.pt``: ``torch.load(path, weights_only=False)`` (growcli's own pickle of the module).
+- ``.onnx``: ``onnxruntime.InferenceSession``.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.core.errors import GrowError, VerificationFailed
+from growcli.core.errors import GrowError, InputsError, VerificationFailed
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.model import GrowModel, eval_mode
 from growcli.verification.compare import DEFAULT_TOL, OutputCheck, VerifyReport, as_dtype, compare_outputs, run_model, storage_precision
+from growcli.verification.onnxrun import check_onnx
 
 LOADED_WITH = {
     "pt2": "torch.export.load",
@@ -45,33 +49,51 @@ LOADED_WITH = {
 }
 
 
-def _dtype(name: str | None) -> torch.dtype:
-    value = getattr(torch, name, None) if isinstance(name, str) else None
-    return value if isinstance(value, torch.dtype) else torch.float64
-
-
 class Readback:
-    """Reads back the outputs of one :func:`save_models` call and compares each with ``gm``."""
+    """Reads back written outputs and compares each with ``gm`` (the reference, in memory).
 
-    def __init__(self, gm: GrowModel, batches: list[Batch], verification: VerifyReport | None = None):
+    ``dtype``, ``atol`` and ``rtol`` are the run's verification settings (``None``: growcli's
+    defaults for the weights' precision); ``reference`` names ``gm`` in reports and messages.
+    """
+
+    def __init__(self, gm: GrowModel, batches: list[Batch], *, dtype: torch.dtype = torch.float64,
+                 atol: float | None = None, rtol: float | None = None, reference: str = "the model in memory"):
         self.gm = gm
         self.batches = batches
-        # The run's precision and tolerances (the overall verification's); growcli's defaults otherwise.
-        self.dtype = _dtype(verification.dtype) if verification is not None else torch.float64
-        self.atol = verification.atol if verification is not None else None
-        self.rtol = verification.rtol if verification is not None else None
+        self.dtype = dtype
+        self.atol = atol
+        self.rtol = rtol
+        self.reference = reference
         self._ref_models: dict[torch.dtype, nn.Module] = {}
         self._base: GrowModel | None = None
 
-    # -- the entry point ------------------------------------------------------------------
-    def check(self, fmt: str, tmp: Path, out: Path, onnx_check: dict | None = None) -> dict[str, Any]:
+    # -- the entry points -----------------------------------------------------------------
+    def check(self, fmt: str, tmp: Path, out: Path) -> dict[str, Any]:
         """Load ``tmp`` (to become ``out``) back, compare; ``{"loaded_with", "max_abs_diff", "readback"}``.
 
         Raises :class:`VerificationFailed` when the file cannot be loaded or run, or differs.
+        ONNX outputs also get ``check`` (the same onnxruntime comparison, as reports always had).
         """
-        if fmt == "onnx":  # the writer ran it with onnxruntime against the torch model already
-            check = onnx_check or {}
-            return {"loaded_with": LOADED_WITH["onnx"], "max_abs_diff": check.get("max_abs_diff"), "readback": check}
+        loaded_with, report = self.measure(fmt, tmp, out)
+        if report is not None and not report.passed:
+            raise VerificationFailed(f"{out}: the written file, loaded back with {loaded_with}, differs from "
+                                     f"{self.reference}: {report.summary()}; nothing was written", report)
+        entry = {"loaded_with": loaded_with, "max_abs_diff": report.max_abs_diff if report else None,
+                 "readback": report.to_dict() if report else None}
+        if fmt == "onnx" and report is not None:
+            entry["check"] = report.to_dict()
+        return entry
+
+    def measure(self, fmt: str, tmp: Path, out: Path) -> tuple[str, VerifyReport | None]:
+        """Load ``tmp`` back and compare it with the reference: ``(loaded with, report)``; never judges.
+
+        Raises :class:`VerificationFailed` only when the file cannot be loaded or run (an ONNX
+        file also when onnxruntime disagrees with torch). The report is ``None`` when there are
+        no batches to run (API use on a model without a known input shape).
+        """
+        if fmt == "onnx":
+            batches = self.batches or make_batches(self.gm.inputs, 2, seed=1)
+            return LOADED_WITH["onnx"], check_onnx(self.gm.module, tmp, batches)
         loaded_with = LOADED_WITH.get(fmt, fmt)
         try:
             if fmt == "pt2":
@@ -94,23 +116,25 @@ class Readback:
                                      f"({type(exc).__name__}: {_first_line(exc)}); nothing was written") from None
         eval_mode(module)
         if not batches:  # no input shape known (API use without batches): loaded, but not run
-            return {"loaded_with": loaded_with, "max_abs_diff": None, "readback": None}
+            return loaded_with, None
         try:
             report = self._compare(module, batches)
         except VerificationFailed:
+            raise
+        except _WrittenFileFails as exc:
+            raise VerificationFailed(f"{out}: the written file, loaded back with {loaded_with}, does not run "
+                                     f"(InputsError: {exc}); nothing was written") from None
+        except InputsError:  # the reference itself rejects the batches: an inputs problem, not the file's
             raise
         except Exception as exc:
             raise VerificationFailed(f"{out}: the written file, loaded back with {loaded_with}, does not run "
                                      f"({type(exc).__name__}: {_first_line(exc)}); nothing was written") from None
         finally:
             del module
-        report.note = "; ".join(n for n in (f"{loaded_with} vs the in-memory model", report.note) if n)
+        report.note = "; ".join(n for n in (f"{loaded_with} vs {self.reference}", report.note) if n)
         if len(batches) != len(self.batches) and fmt == "pt2":
             report.note += f"; {len(batches)} of {len(self.batches)} batches have shapes the program accepts"
-        if not report.passed:
-            raise VerificationFailed(f"{out}: the written file, loaded back with {loaded_with}, differs from the "
-                                     f"model in memory: {report.summary()}; nothing was written", report)
-        return {"loaded_with": loaded_with, "max_abs_diff": report.max_abs_diff, "readback": report.to_dict()}
+        return loaded_with, report
 
     # -- loading --------------------------------------------------------------------------
     def _load_pt2(self, tmp: Path) -> tuple[nn.Module, list[Batch]]:
@@ -197,13 +221,21 @@ class Readback:
         checks: dict[str, OutputCheck] = {}
         for batch in batches:
             b = cast_batch(batch, dtype)
-            compare_outputs(run_model(ref, b, "the model in memory"), run_model(module, b, "the written file"),
-                            atol, rtol, checks)
+            expected = run_model(ref, b, self.reference)
+            try:
+                got = run_model(module, b, "the written file")
+            except InputsError as exc:
+                raise _WrittenFileFails(str(exc)) from None
+            compare_outputs(expected, got, atol, rtol, checks)
         return checks
 
 
+class _WrittenFileFails(InputsError):
+    """The read-back model (not the reference) failed on a batch."""
+
+
 def _load_hf(directory: Path) -> tuple[nn.Module, str]:
-    from growcli.io.load import load_hf_config
+    from growcli.io.hf_dir import load_hf_config
 
     transformers, config = load_hf_config(directory)
     if getattr(config, "use_cache", None) is not None:

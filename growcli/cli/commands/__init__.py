@@ -1,10 +1,15 @@
-"""CLI commands, one module each; every module has ``register(app)``."""
+"""CLI commands, one module each; every module has ``register(app)``.
+
+The imports are static so that the import graph (tests/test_layout.py) sees every command.
+"""
 
 from __future__ import annotations
 
-import importlib
+from growcli.cli.commands import convert, deepen, grow, inspect, stack, suggest, validate, verify, widen
 
-COMMAND_MODULES = ["inspect", "verify", "convert", "widen", "grow", "validate", "stack", "deepen", "suggest"]
+# In the order ``growcli --help`` lists them.
+COMMANDS = (inspect, verify, convert, widen, grow, validate, stack, deepen, suggest)
+COMMAND_MODULES = [m.__name__.rsplit(".", 1)[1] for m in COMMANDS]
 
 _registered: set[int] = set()
 
@@ -13,5 +18,5 @@ def register_all(app) -> None:
     if id(app) in _registered:
         return
     _registered.add(id(app))
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"growcli.cli.commands.{name}").register(app)
+    for module in COMMANDS:
+        module.register(app)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, status,
-                         verify_settings)
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape,
+                                 Json, Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
+from growcli.cli.render import handle_errors, render_grow_report, status
 from growcli.core.errors import UsageError
 
 
@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
         """Write a checkpoint in other formats and check each one computes the same function.
 
         Each output is loaded back from disk (before it is moved into place) the way its user
-        would load it and compared with the source model on the verification batches; any
-        difference exits 3 and writes nothing.
+        would load it and run against the source model on the verification batches; the
+        reported verification is the first output's. Any difference exits 3 and writes nothing.
 
         Example: growcli convert fixtures/mlp.pt2 -o mlp.safetensors -o mlp.onnx
         """
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         render_grow_report(report, json_out)
         if not json_out:
             # No steps: the model in memory is the source as loaded, so each read-back is the
-            # written file compared with the source (see growcli.verification.readback).
+            # written file run against the source (the report's verification is the first one's).
             for out in report["outputs"]:
                 rb = out.get("readback")
                 if out.get("loaded_with") and rb and out["format"] != "onnx":

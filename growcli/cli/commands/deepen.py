@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+                                 Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
+from growcli.cli.render import handle_errors, render_grow_report
 from growcli.core.errors import UsageError
 
 
@@ -16,8 +17,11 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def deepen_cmd(
         model: Model,
-        after: Annotated[list[str], typer.Option("--after", "-a", help="Layer (or, with --block, block) to insert "
-                                                 "after: name, dotted suffix, glob or regex; repeatable.")],
+        # Flags of the deepen transform: help and default are DeepenSpec's (growcli/transforms/deepen.py), word
+        # for word; tests/test_options.py fails when they drift. (Read from the spec, they would import torch.)
+        after: Annotated[list[str], typer.Option("--after", "-a", help="Layer (or, with block, block) to insert after: "
+                                                 "name, dotted suffix, glob or regex; a list inserts after each. "
+                                                 "Repeat --after for a list.")],
         init: Annotated[str, typer.Option("--init", help="identity (Net2DeeperNet: needs an idempotent activation "
                                           "such as ReLU after the layer) or morph (parametric activation a·x + "
                                           "(1−a)·φ(x) at a=1, exact after any layer).")] = "identity",

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Format, InputsFile, InputShape, Json, Model, Outputs,
-                         Overwrite, Quiet, Rtol, TrustPickle, emit_json, handle_errors, render_grow_report)
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Format, InputsFile, InputShape, Json, Model,
+                                 Outputs, Overwrite, Quiet, Rtol, TrustPickle)
+from growcli.cli.render import emit_json, handle_errors, render_grow_report
 
 PlanFile = Annotated[Path, typer.Option("--plan", "-p", help="The growth plan (YAML, version 1).", show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Apply the steps in memory and show what they do; write nothing.")]

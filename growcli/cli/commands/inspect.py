@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from growcli.cli.app import Arch, ArchKwargs, InputShape, Json, Model, Quiet, TrustPickle, emit_json, handle_errors, status
+from growcli.cli.options import Arch, ArchKwargs, InputShape, Json, Model, Quiet, TrustPickle
+from growcli.cli.render import emit_json, handle_errors, status
 
 
 def register(app: typer.Typer) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, console, emit_json, handle_errors,
-                         render_grow_report, verify_settings)
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape,
+                                 Json, Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
+from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
 
 
@@ -29,7 +28,8 @@ def register(app: typer.Typer) -> None:
                                           "(new copies' residual writers zeroed; exact for pre-LN).")] = "copy",
         streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Stack a Hugging Face "
                              "directory tensor by tensor without loading it (default: above 1 GiB).")] = None,
-        shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output shard when streaming.")] = "5GB",
+        shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Largest weights file of the output "
+                              "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
         seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
@@ -40,32 +40,23 @@ def register(app: typer.Typer) -> None:
 
         Example: growcli stack fixtures/llama-tiny --factor 2 --init identity -o llama-4-layers/
         """
-        from growcli.run.streaming import choose_streaming, parse_size, stack_streaming
         from growcli.run.runner import Output, Source, Step, grow
+        from growcli.run.streaming import parse_shard_size
         from growcli.transforms.catalog import build_spec
 
         if not output:
             raise UsageError("stack needs an output: -o OUTPUT")
         options = {k: v for k, v in {"blocks": blocks, "factor": factor, "to": to, "order": order, "layers": layers,
                                      "init": init, "allow_inexact": allow_mismatch}.items() if v is not None}
-        spec = build_spec("stack", options)  # every option problem is reported before anything is loaded
+        build_spec("stack", options)  # every option problem is reported before anything is loaded
         settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
-        if not choose_streaming(model, list(output), format, streaming):
-            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("stack", options)],
-                          [Output(p, format) for p in output], seed=seed, settings=settings, overwrite=overwrite)
-            render_grow_report(report, json_out)
-            return
-        from growcli.io.atomic import check_output_path
-
-        check_output_path(Path(output[0]), (model, inputs), overwrite=overwrite, directory=True)
-        if inputs is not None:  # the in-memory path reads it in runner.grow
-            from growcli.io.formats import load_inputs_file
-
-            settings.inputs = [load_inputs_file(inputs)]
+        size = parse_shard_size(shard_size) if shard_size is not None else None
+        outputs = [Output(p, format, size) for p in output]
         with _progress(console(quiet, json_out)) as advance:
-            report = stack_streaming(model, Path(output[0]), spec, shard_size=parse_size(shard_size), settings=settings,
-                                     seed=seed, progress=advance)
-        _render_streaming(report, json_out)
+            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("stack", options)],
+                          outputs, seed=seed, settings=settings, overwrite=overwrite, streaming=streaming,
+                          progress=advance)
+        _render(report, json_out)
 
 
 class _progress:
@@ -87,17 +78,23 @@ class _progress:
         return self.bar.__exit__(*exc)
 
 
-def _render_streaming(report: dict, json_out: bool) -> None:
+def _render(report: dict, json_out: bool) -> None:
+    """The common summary; a streamed run adds what it checked and how it wrote the shards."""
     if json_out:
         emit_json(report)
         return
-    step = report["steps"][0]
-    status = "exact" if step["exact"] else "not function-preserving by design"
-    typer.echo(f"step 1: stack {', '.join(step['matched'])} (streaming) — {status}; "
-               f"params {step['params_before']:,} → {step['params_after']:,}")
-    for note in step["notes"]:
-        typer.echo(f"  note: {note}")
+    if report["verification"] is not None:
+        render_grow_report(report, json_out)
+    else:  # a streamed output above the read-back limit: only its structure was checked
+        step = report["steps"][0]
+        typer.echo(f"step 1: stack {', '.join(step['matched'])} — not run against the input; "
+                   f"params {step['params_before']:,} → {step['params_after']:,}")
+        for note in step["notes"]:
+            typer.echo(f"  note: {note}")
+    if report.get("execution") != "streaming":
+        return
     for line in report["checked"]:
         typer.echo(f"checked: {line}")
     for out in report["outputs"]:
-        typer.echo(f"wrote {out['path']} [hf, {out['shards']} shard(s), {out['bytes']:,} bytes] in {report['seconds']:.1f} s")
+        typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
+                   f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from growcli.cli.app import Arch, ArchKwargs, InputShape, Json, Model, Overwrite, Quiet, Seed, TrustPickle, emit_json, handle_errors
+from growcli.cli.options import Arch, ArchKwargs, InputShape, Json, Model, Overwrite, Quiet, Seed, TrustPickle
+from growcli.cli.render import emit_json, handle_errors
 
 Data = Annotated[Path, typer.Option("--data", help="Calibration data: .safetensors/.pt with 'input' (or 0,1,… or "
                                     "argument names) and 'target' (or 'labels' for the model's own loss).",

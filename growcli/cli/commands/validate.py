@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.app import Arch, ArchKwargs, InputShape, Json, Quiet, TrustPickle, emit_json, handle_errors
+from growcli.cli.options import Arch, ArchKwargs, InputShape, Json, Quiet, TrustPickle
+from growcli.cli.render import emit_json, handle_errors
 from growcli.core.errors import EXIT_USAGE
 
 

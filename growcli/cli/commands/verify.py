@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from growcli.cli.app import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
-                         TrustPickle, emit_json, handle_errors, status, verify_settings)
+from growcli.cli.options import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
+                                 TrustPickle, verify_settings)
+from growcli.cli.render import emit_json, handle_errors, status
 from growcli.core.errors import EXIT_MISMATCH
 
 

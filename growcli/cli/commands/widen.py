@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.app import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
-                         Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, handle_errors, render_grow_report, verify_settings)
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+                                 Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
+from growcli.cli.render import handle_errors, render_grow_report
 from growcli.core.errors import UsageError
 
 
@@ -17,26 +18,30 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def widen_cmd(
         model: Model,
-        layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help="Module name, dotted suffix, glob or regex; "
-                                                           "repeatable.")] = None,
+        # Flags of the widen transform: help and default are WidenSpec's (growcli/transforms/widen.py), word
+        # for word; tests/test_options.py fails when they drift. (Read from the spec, they would import torch.)
+        layer: Annotated[Optional[list[str]], typer.Option("--layer", "-l", help="Module name, dotted suffix, glob or "
+                                                           "regex; a list grows several layers. Repeat --layer for "
+                                                           "a list.")] = None,
         to: Annotated[Optional[int], typer.Option("--to", help="New number of units/channels.")] = None,
         by: Annotated[Optional[int], typer.Option("--by", help="Number of units/channels to add.")] = None,
         factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the number of units by F.")] = None,
-        init: Annotated[str, typer.Option("--init", help="net2net (copy units, split outgoing weights), zero "
-                                          "(random incoming, zero outgoing weights) or gradmax (zero incoming, "
-                                          "outgoing from the gradient on --data).")] = "net2net",
+        init: Annotated[str, typer.Option("--init", help="net2net (copy units, split outgoing weights), zero (random "
+                                          "incoming, zero outgoing weights) or gradmax (zero incoming, outgoing from "
+                                          "the gradient on data).")] = "net2net",
         split: Annotated[str, typer.Option("--split", help="asymmetric (random shares summing to 1) or uniform.")] = "asymmetric",
-        noise: Annotated[float, typer.Option("--noise", help="Net2Net noise on the copies' incoming weights "
-                                             "(relative to the weights' std); makes the step approximate.")] = 0.0,
-        scale: Annotated[Optional[float], typer.Option("--scale", help="gradmax: new outgoing weights' norm relative to "
-                                                       "the mean of the existing ones (default 0.5).")] = None,
+        noise: Annotated[float, typer.Option("--noise", help="Net2Net noise on the copies' incoming weights (relative "
+                                             "to the weights' std); makes the step approximate.")] = 0.0,
+        scale: Annotated[float, typer.Option("--scale", help="gradmax: new outgoing weights' norm relative to the mean "
+                                             "of the existing ones.")] = 0.5,
         data: Annotated[Optional[Path], typer.Option("--data", help="gradmax: calibration data, .safetensors/.pt with "
-                                                     "'input' and 'target' (see growcli suggest --help).")] = None,
-        loss: Annotated[Optional[str], typer.Option("--loss", help="gradmax: auto, cross_entropy, mse or model.")] = None,
+                                                     "'input' and 'target'. See growcli suggest --help.")] = None,
+        loss: Annotated[str, typer.Option("--loss", help="gradmax: auto, cross_entropy, mse or model.")] = "auto",
         data_batches: Annotated[Optional[int], typer.Option("--data-batches", min=1, help="gradmax: use only the first "
                                                             "N calibration batches.")] = None,
         batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="gradmax: samples per "
                                                           "calibration batch (default 32).")] = None,
+        # Flags that drive the heads and hidden transforms (renamed: see tests/test_options.py).
         heads: Annotated[Optional[int], typer.Option("--heads", help="Transformers: grow every attention to N query heads "
                                                      "(whole heads, head_dim kept; with --hidden: heads after it).")] = None,
         hidden: Annotated[Optional[str], typer.Option("--hidden", help="Transformers: grow the hidden size to N, or by a "

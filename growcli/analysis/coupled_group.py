@@ -1,0 +1,138 @@
+"""The coupled group of a layer's channels, and the bookkeeping of the walk that collects it.
+
+A :class:`Group` lists every parameter dimension indexed by a producer layer's output
+channels (:class:`TensorUse`: ``producer``, ``copy``, ``consumer`` or ``grouped_consumer``),
+the other layers that produce the same channels, and the literal view sizes of a ``.pt2``
+program that must follow them (:class:`ViewPatch`). :class:`GroupWalk` is the state of the
+graph walk that finds them: which nodes carry the channels (``core``: in which dimension;
+``derived``: concatenated or flattened, with a :class:`~growcli.analysis.layouts.Layout`),
+the work list, and the parameters recorded so far. The rules that decide what each op does
+with the channels are in :mod:`growcli.analysis.coupling_forward` and
+:mod:`growcli.analysis.coupling`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from growcli.analysis.layouts import CORE, Layout
+from growcli.analysis.trace import Refuse, Trace, op_name, shape, where
+
+
+@dataclass
+class TensorUse:
+    """One parameter dimension indexed by the group's channels."""
+
+    fqn: str
+    dim: int
+    role: str  # producer | copy | consumer | grouped_consumer
+    layout: Layout = CORE
+    groups: int = 1
+
+
+@dataclass
+class ViewPatch:
+    """A view/reshape whose literal target size must follow the group (only in .pt2 programs)."""
+
+    node: str
+    out_dim: int
+    layout: Layout
+
+
+@dataclass
+class Group:
+    """Everything that grows together with a layer's output channels."""
+
+    layer: str
+    size: int
+    producers: list[str] = field(default_factory=list)
+    uses: list[TensorUse] = field(default_factory=list)
+    groups: int = 1  # channels must grow group by group (grouped convolutions)
+    depthwise: list[str] = field(default_factory=list)  # conv modules whose ``groups`` follows the size
+    patches: list[ViewPatch] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        return [f"{u.fqn} (dim {u.dim}, {u.role})" for u in self.uses]
+
+
+class GroupWalk:
+    """The walk's state over ``trace`` for the channels of ``layer``; subclasses add the op rules
+    (``_forward(src, node)`` for a user of a node carrying the channels, ``_backward(node)`` for a
+    node that must carry them)."""
+
+    def __init__(self, trace: Trace, layer: str):
+        self.trace = trace
+        self.layer = layer
+        self.users = trace.weight_users()
+        self.core: dict[fx.Node, int] = {}
+        self.derived: dict[fx.Node, tuple[int, Layout]] = {}
+        self.work: list[tuple[str, fx.Node]] = []
+        self.group: Group | None = None
+        self._uses: dict[str, TensorUse] = {}
+
+    def _forward(self, src: fx.Node, node: fx.Node) -> None:
+        raise NotImplementedError
+
+    def _backward(self, node: fx.Node) -> None:
+        raise NotImplementedError
+
+    def _use(self, fqn: str, dim: int, role: str, layout: Layout = CORE, groups: int = 1) -> None:
+        prev = self._uses.get(fqn)
+        if prev is not None:
+            if (prev.dim, prev.role) != (dim, role):
+                raise Refuse(f"parameter {fqn} is tied to the channels in two ways ({prev.role} dim {prev.dim}, {role} dim {dim})")
+            return
+        owners = [u for u in self.users.get(fqn, []) if u.op == "call_function"]
+        if len(owners) > 1 and role != "copy":
+            raise Refuse(f"parameter {fqn} is shared by {len(owners)} operations (tied weights)")
+        self._uses[fqn] = TensorUse(fqn, dim, role, layout, groups)
+
+    def _mark(self, node: fx.Node, dim: int, backward: bool) -> None:
+        if node in self.core:
+            if self.core[node] != dim:
+                raise Refuse(f"{op_name(node)}{where(node)} carries the channels in two different dimensions")
+            return
+        if node in self.derived:
+            raise Refuse(f"{op_name(node)}{where(node)} mixes concatenated or flattened channels with the group")
+        size = shape(node)
+        if size is None or dim >= len(size) or size[dim] != self.group.size:
+            raise Refuse(f"{op_name(node)}{where(node)} does not carry the {self.group.size} channels in dimension {dim}")
+        self.core[node] = dim
+        self.work.append(("fwd", node))
+        if backward:
+            self.work.append(("bwd", node))
+
+    def _mark_derived(self, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node in self.core or node in self.derived:
+            raise Refuse(f"{op_name(node)}{where(node)} is reached by the channels twice")
+        self.derived[node] = (dim, layout)
+        self.work.append(("fwd", node))
+
+    def _drain(self) -> None:
+        while self.work:
+            kind, node = self.work.pop(0)
+            if kind == "fwd":
+                for user in list(node.users):
+                    self._forward(node, user)
+            else:
+                self._backward(node)
+
+    def _state(self, node: fx.Node) -> tuple[int, Layout] | None:
+        if node in self.core:
+            return self.core[node], CORE
+        return self.derived.get(node)
+
+    def _propagate(self, src: fx.Node, dst: fx.Node, dim: int) -> None:
+        """``dst`` carries ``src``'s positions (core or derived) at ``dim``."""
+        if src in self.core:
+            self._mark(dst, dim, backward=False)
+        else:
+            self._mark_derived(dst, dim, self.derived[src][1])
+
+    def group_groups(self, groups: int) -> None:
+        if self.group.groups not in (1, groups):
+            raise Refuse(f"grouped convolutions with {self.group.groups} and {groups} groups share the channels")
+        else:
+            self.group.groups = groups

@@ -1,0 +1,286 @@
+"""Forward rules of the coupled-channel analysis: what each op does with channels it reads.
+
+For every user of a tensor carrying the channels, the rule of its op says where the channels
+go: element-wise ops pass them on, other full-size operands of a binary op join them (a
+residual add, a gate), Linear/Conv/``addmm`` layers that read them become consumers (grouped
+and depthwise convolutions follow them), views, permutes and selections move them to another
+dimension, concatenation and flattening make derived layouts, and normalisations, pooling and
+reductions over them are refused. An op without a rule makes the layer not growable, with
+the op and module named — never assumed element-wise. The backward rules and the entry point
+are in :mod:`growcli.analysis.coupling`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+from torch import fx
+
+from growcli.analysis.coupled_group import GroupWalk, ViewPatch
+from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, METADATA_CHECKS, PAD, POOL, REDUCE, Refuse, UNARY,
+                                    VIEW, aten, attr_of, conv_groups, merge_groups, op_name, reduce_dims, shape, where)
+
+
+class ForwardRules(GroupWalk):
+    """The forward half of the walk (see module docstring); :class:`growcli.analysis.coupling.Analysis`
+    adds producers and the backward rules."""
+
+    # -- forward rules
+    def _forward(self, src: fx.Node, node: fx.Node) -> None:
+        dim, layout = self._state(src)
+        if node.op == "output":
+            raise Refuse("the channels reach the model's output (widening would change the output shape)")
+        if node.op != "call_function":
+            raise Refuse(f"{node.op} {node.target} uses the channels")
+        t = node.target
+        if t in METADATA_CHECKS:
+            return
+        if t == aten.type_as.default and node.args[0] is not src:
+            return  # ``y.type_as(x)`` takes only x's dtype
+        if t in UNARY:
+            if node.args[0] is not src:
+                raise Refuse(f"{op_name(node)}{where(node)} uses the channels as a parameter")
+            self._propagate(src, node, dim)
+        elif t in BINARY:
+            self._binary(node, None, backward=False)
+        elif t in BATCH_NORM:
+            if node.args[0] is not src or dim != 1:
+                raise Refuse(f"batch norm{where(node)} normalises another dimension than the channels")
+            self._batch_norm_params(node, layout)
+            if t == aten.batch_norm.default:
+                self._propagate(src, node, dim)
+            else:
+                for u in node.users:
+                    if u.target == operator.getitem and u.args[1] == 0:
+                        self._propagate(src, u, dim)
+        elif t == operator.getitem:
+            raise Refuse(f"item {node.args[1]} of {op_name(src)}{where(src)} is not understood")
+        elif t == aten.prelu.default:
+            n = shape(node.args[1])
+            if n and n[0] > 1:
+                if dim != 1:
+                    raise Refuse(f"PReLU{where(node)} has per-channel slopes along another dimension")
+                self._use(attr_of(node.args[1]), 0, "copy", layout)
+            self._propagate(src, node, dim)
+        elif t == aten.linear.default:
+            self._linear(src, node, dim, layout)
+        elif t == ADDMM:
+            self._addmm(src, node, dim, layout)
+        elif t in CONV:
+            self._conv(src, node, dim, layout)
+        elif t in REDUCE:
+            dims = reduce_dims(node, len(shape(src)))
+            if dim in dims:
+                raise Refuse(f"{op_name(node)}{where(node)} reduces over the grown dimension "
+                             "(a normalisation or mean over the channels)")
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            self._propagate(src, node, dim if keep else dim - sum(1 for d in dims if d < dim))
+        elif t in POOL:
+            if dim >= len(shape(src)) - POOL[t]:
+                raise Refuse(f"{op_name(node)}{where(node)} pools over the grown dimension")
+            if t == aten.max_pool2d_with_indices.default:
+                for u in node.users:
+                    if u.target != operator.getitem or u.args[1] != 0:
+                        raise Refuse(f"the pooling indices{where(node)} are used")
+                    self._propagate(src, u, dim)
+            else:
+                self._propagate(src, node, dim)
+        elif t in VIEW:
+            self._view(src, node, dim, layout)
+        elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+                   aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor):
+            self._reindex(src, node, dim)
+        elif t == aten.cat.default:
+            self._cat(src, node, dim)
+        elif t in PAD:
+            pads = list(node.args[1])
+            rank = len(shape(src))
+            k = rank - 1 - dim  # the grown dim's position counted from the last dim
+            if node.args[0] is not src or (2 * k + 1 < len(pads) and (pads[2 * k] or pads[2 * k + 1])):
+                raise Refuse(f"{op_name(node)}{where(node)} pads the grown dimension")
+            self._propagate(src, node, dim)
+        elif t == aten.layer_norm.default:
+            rank = len(shape(src))
+            if dim >= rank - len(node.args[1]):
+                raise Refuse(f"LayerNorm{where(node)} normalises over the grown dimension "
+                             "(its statistics would change; grow the hidden size with the transformer recipes)")
+            self._propagate(src, node, dim)
+        elif t == aten.group_norm.default:
+            raise Refuse(f"GroupNorm{where(node)} normalises over the grown channels")
+        elif t == aten.embedding.default:
+            raise Refuse(f"embedding{where(node)} uses the channels as indices")
+        else:
+            raise Refuse(f"{op_name(node)}{where(node)} uses the channels and growcli has no rule for it "
+                         "(it is never assumed to be element-wise)")
+
+    def _binary(self, node: fx.Node, dim_hint: int | None, backward: bool) -> None:
+        """All full-size operands of an element-wise op share the channels (a residual add, a gate)."""
+        out = shape(node)
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and shape(a) is not None]
+        if node.target == aten.where.self:
+            tensors = tensors[1:] if tensors and tensors[0] is node.args[0] else tensors
+        # The dimension of the output that carries the channels.
+        if dim_hint is None:
+            for a in tensors:
+                st = self._state(a)
+                if st is not None:
+                    dim_hint = st[0] + len(out) - len(shape(a))
+                    break
+        layouts = [self._state(a) for a in tensors if self._state(a) is not None]
+        derived = any(a in self.derived for a in tensors)
+        for a in tensors:
+            s = shape(a)
+            d = dim_hint - (len(out) - len(s))
+            if d < 0 or s[d] == 1:
+                continue  # broadcast along the channels: the same for every channel
+            if a in self.core or a in self.derived:
+                continue
+            if derived:
+                raise Refuse(f"{op_name(node)}{where(node)} combines concatenated or flattened channels with another tensor")
+            fqn = attr_of(a)
+            if fqn is not None:
+                self._use(fqn, d, "copy")
+            else:
+                self._mark(a, d, backward=True)
+        if derived:
+            if len(layouts) > 1:
+                raise Refuse(f"{op_name(node)}{where(node)} combines two concatenated or flattened tensors")
+            self._mark_derived(node, dim_hint, next(self._state(a)[1] for a in tensors if a in self.derived))
+        elif not backward:
+            self._mark(node, dim_hint, backward=False)
+        elif node not in self.core:
+            self._mark(node, dim_hint, backward=False)
+
+    def _batch_norm_params(self, node: fx.Node, layout: Layout) -> None:
+        for arg in node.args[1:5]:
+            fqn = attr_of(arg)
+            if fqn is not None:
+                self._use(fqn, 0, "copy", layout)
+
+    def _linear(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node.args[0] is not src:
+            raise Refuse(f"linear{where(node)} uses the channels as its weight")
+        if dim != len(shape(src)) - 1:
+            self._propagate(src, node, dim)  # channels are a batch dimension of this Linear
+            return
+        w = attr_of(node.args[1])
+        if w is None:
+            raise Refuse(f"linear{where(node)} with a computed weight reads the channels")
+        self._use(w, 1, "consumer", layout)
+
+    def _addmm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        """``bias + x @ W`` reading the channels in ``x``'s last dim: rows of ``W`` are the consumer."""
+        if node.args[1] is not src or dim != 1:
+            raise Refuse(f"addmm{where(node)} uses the channels as its bias or weight")
+        w = attr_of(node.args[2])
+        if w is None:
+            raise Refuse(f"addmm{where(node)} with a computed weight reads the channels")
+        self._use(w, 0, "consumer", layout)
+
+    def _conv(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        if node.args[0] is not src:
+            raise Refuse(f"convolution{where(node)} uses the channels as its weight")
+        w_shape = shape(node.args[1])
+        if dim != len(shape(src)) - (len(w_shape) - 2) - 1:
+            raise Refuse(f"convolution{where(node)} reads the channels in a spatial dimension")
+        if node.target == aten.convolution.default and node.args[6]:
+            raise Refuse(f"transposed convolution{where(node)} reads the channels (not supported yet)")
+        w = attr_of(node.args[1])
+        if w is None:
+            raise Refuse(f"convolution{where(node)} with a computed weight reads the channels")
+        groups = conv_groups(node)
+        c_in = shape(src)[dim]
+        if groups == 1:
+            self._use(w, 1, "consumer", layout)
+        elif groups == c_in and w_shape[0] == c_in:
+            if src not in self.core:
+                raise Refuse(f"depthwise convolution{where(node)} after a concatenation or flatten")
+            self._use(w, 0, "copy")
+            b = attr_of(node.args[2]) if len(node.args) > 2 else None
+            if b:
+                self._use(b, 0, "copy")
+            self.group.depthwise.append(w.rsplit(".", 1)[0])
+            self._mark(node, 1, backward=False)
+        elif groups == c_in:
+            raise Refuse(f"depthwise convolution{where(node)} with a channel multiplier of {w_shape[0] // c_in}")
+        else:
+            if src not in self.core:
+                raise Refuse(f"grouped convolution{where(node)} after a concatenation or flatten")
+            self.group_groups(groups)
+            self._use(w, 1, "grouped_consumer", CORE, groups)
+
+    def _view(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        ins, outs = shape(src), shape(node)
+        groups = merge_groups(ins, outs)
+        if groups is None:
+            raise Refuse(f"{op_name(node)}{where(node)} reshapes the channels in a way growcli cannot follow")
+        for (a, b), (c, d) in groups:
+            if not a <= dim < b:
+                continue
+            big = [k for k in range(c, d) if outs[k] > 1]
+            if len(big) > 1:
+                raise Refuse(f"{op_name(node)}{where(node)} splits the grown dimension into {list(outs[c:d])} "
+                             "(e.g. attention heads); grow whole heads instead")
+            target = big[0] if big else c
+            before, after = math.prod(ins[a:dim]), math.prod(ins[dim + 1:b])
+            if self.trace.is_model and node.target != aten.flatten.using_ints:
+                self.group.patches.append(ViewPatch(node.name, target, layout if before * after == 1 else Merge(layout, before, after)))
+            if before * after == 1:
+                self._propagate(src, node, target)
+            else:
+                self._mark_derived(node, target, Merge(layout, before, after))
+            return
+        raise Refuse(f"{op_name(node)}{where(node)} reshapes the channels in a way growcli cannot follow")
+
+    def _reindex(self, src: fx.Node, node: fx.Node, dim: int) -> None:
+        t = node.target
+        rank = len(shape(src))
+        if t == aten.permute.default:
+            new = [d % rank for d in node.args[1]].index(dim)
+        elif t in (aten.transpose.int, aten.t.default):
+            a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
+            new = b if dim == a else a if dim == b else dim
+        elif t == aten.unsqueeze.default:
+            k = node.args[1] % (rank + 1)
+            new = dim + 1 if k <= dim else dim
+        elif t in (aten.squeeze.dim, aten.squeeze.dims):
+            ds = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+            ds = [d % rank for d in ds if shape(src)[d % rank] == 1]
+            new = dim - sum(1 for d in ds if d < dim)
+        elif t == aten.expand.default:
+            new = dim + len(shape(node)) - rank
+        elif t == aten.select.int:
+            d = node.args[1] % rank
+            if d == dim:
+                raise Refuse(f"select{where(node)} picks a single channel")
+            new = dim - (1 if d < dim else 0)
+        else:  # slice
+            d = node.args[1] % rank if len(node.args) > 1 else 0
+            if d == dim:
+                if shape(node)[dim] != shape(src)[dim]:
+                    raise Refuse(f"slice{where(node)} takes part of the grown dimension")
+            new = dim
+        self._propagate(src, node, new)
+
+    def _cat(self, src: fx.Node, node: fx.Node, dim: int) -> None:
+        tensors = node.args[0]
+        rank = len(shape(node))
+        cat_dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+        if cat_dim != dim:
+            for a in tensors:  # concatenation along another dim: every part must carry the channels
+                if a not in self.core and a not in self.derived:
+                    if attr_of(a) is not None:
+                        self._use(attr_of(a), dim, "copy")
+                    else:
+                        self._mark(a, dim, backward=True)
+            self._propagate(src, node, dim)
+            return
+        if node in self.derived:
+            raise Refuse(f"cat{where(node)} concatenates the channels with themselves")
+        parts: list[Layout] = []
+        for i, a in enumerate(tensors):
+            st = self._state(a)
+            parts.append(st[1] if st is not None else Fixed(shape(a)[dim], f"{node.name}:{i}"))
+        self._mark_derived(node, dim, Cat(parts))

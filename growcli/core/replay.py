@@ -1,0 +1,119 @@
+"""Replaying recorded edits: checking a record list from a file, then applying it to a fresh model.
+
+A grown ``.safetensors`` carries its structural edits (:mod:`growcli.core.edits`) as JSON
+metadata. :func:`check_records` checks every entry — its kind, its keys and their types, shapes,
+dtypes, and that module specs name only allowlisted classes — before anything is built or read;
+:func:`replay` then applies the edits to a freshly built original, giving tensors placeholder
+values of the recorded shapes, so that the grown weights load into it strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from growcli.core.edits import insert_graph_call, parent_of, replace_items, set_config, set_graph_arg, set_tensor
+from growcli.core.errors import ArchitectureError, FormatError, GrowError
+from growcli.core.module_specs import build_module, check_module_spec, dtype_named, from_json_value
+
+# What each recorded edit kind must carry: key -> accepted JSON types.
+_STR, _INT = (str,), (int,)
+_RECORD_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "param": {"name": _STR, "shape": (list,), "dtype": _STR},
+    "attr": {"module": _STR, "attr": _STR},
+    "module": {"name": _STR, "spec": (dict,)},
+    "insert": {"container": _STR, "index": _INT, "spec": (dict,)},
+    "config": {"key": _STR},
+    "graph_arg": {"node": _STR, "index": _INT},
+    "graph_call": {"after": _STR, "name": _STR, "spec": (dict,)},
+}
+_VALUE_KINDS = ("attr", "config", "graph_arg")
+_MAX_PLACEHOLDER = 2**31  # elements of one replayed parameter; real weights must match it anyway
+
+
+def check_records(records: Any, source: str | None = None) -> list[dict]:
+    """Raise :class:`FormatError` (one line naming the entry and ``source``) unless ``records`` is
+    a list of well-formed edits whose module specs name only allowlisted classes."""
+    src = f"{source}: " if source else ""
+    if not isinstance(records, list):
+        raise FormatError(f"{src}recorded edits (growcli.edits) must be a JSON list, got {type(records).__name__}")
+    for i, rec in enumerate(records):
+        where = f"{src}recorded edit {i}"
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where} is not an object")
+        op = rec.get("op")
+        if op not in _RECORD_KEYS:
+            raise FormatError(f"{where}: unknown edit kind {op!r}; written by a newer growcli, or not by growcli")
+        for key, types in _RECORD_KEYS[op].items():
+            if not isinstance(rec.get(key), types) or isinstance(rec.get(key), bool):
+                raise FormatError(f"{where} ({op}): missing or malformed {key!r}")
+        if op in _VALUE_KINDS and "value" not in rec:
+            raise FormatError(f"{where} ({op}): missing 'value'")
+        if op == "param":
+            shape = rec["shape"]
+            if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
+                raise FormatError(f"{where} (param): malformed shape {shape!r}")
+            if math.prod(shape) > _MAX_PLACEHOLDER:
+                raise FormatError(f"{where} (param): shape {shape} is implausibly large")
+            try:
+                dtype_named(rec["dtype"])
+            except FormatError:
+                raise FormatError(f"{where} (param): dtype {rec['dtype']!r} is not a torch dtype") from None
+            value = rec.get("value", 0)
+            if not isinstance(value, (int, float)):
+                raise FormatError(f"{where} (param): malformed value {value!r}")
+        if op == "attr" and (rec["attr"].startswith("__") or rec["attr"] == "forward"):
+            raise FormatError(f"{where} (attr): refuses to set attribute {rec['attr']!r}")
+        if "spec" in rec:
+            check_module_spec(rec["spec"], where)
+        if "value" in rec:
+            try:
+                from_json_value(rec["value"])
+            except FormatError as exc:
+                raise FormatError(f"{where} ({op}): {exc}") from None
+    return records
+
+
+def replay(root: nn.Module, records: list[dict], source: str | None = None) -> nn.Module:
+    """Apply recorded edits to ``root`` in order; tensors get placeholder values of the right shape.
+
+    ``source`` (the file the records come from) is named in error messages. Every record is
+    checked first (:func:`check_records`): a malformed one, or a module spec naming a class
+    outside the allowlist, raises :class:`FormatError` before anything is changed or built.
+    Raises :class:`ArchitectureError` when the model does not have what an edit names,
+    which means the base model is not the one the edits were recorded on.
+    """
+    check_records(records, source)
+    src = f"{source}: " if source else ""
+    for i, rec in enumerate(records):
+        op = rec["op"]
+        where = f"{src}recorded edit {i}"
+        try:
+            if op == "param":
+                set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=dtype_named(rec["dtype"])))
+            elif op == "attr":
+                setattr(root.get_submodule(rec["module"]) if rec["module"] else root, rec["attr"], from_json_value(rec["value"]))
+            elif op == "module":
+                new = build_module(rec["spec"], root, where)
+                owner, leaf = parent_of(root, rec["name"])
+                setattr(owner, leaf, new)
+            elif op == "insert":
+                seq = root.get_submodule(rec["container"])
+                items = list(seq)
+                items.insert(rec["index"], build_module(rec["spec"], root, where))
+                replace_items(seq, items)
+            elif op == "config":
+                set_config(root, rec["key"], from_json_value(rec["value"]))
+            elif op == "graph_arg":
+                set_graph_arg(root, rec["node"], rec["index"], from_json_value(rec["value"]))
+            elif op == "graph_call":
+                insert_graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root, where))
+        except GrowError:
+            raise
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ArchitectureError(f"{where} ({op}) does not fit this model: {detail}") from None
+    return root

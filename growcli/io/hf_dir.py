@@ -1,0 +1,132 @@
+"""Hugging Face model directories: loading one, its config, and the inputs generated from it.
+
+A directory is loaded only through the standard transformers class its ``config.json`` names,
+from local files, and never when it ships its own model code (:func:`check_no_remote_code`).
+Its inputs are generated from the config (:func:`hf_input_spec`): token ids over the whole
+vocabulary for text models, pixels for vision ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from torch import nn
+
+from growcli.core.errors import ArchitectureError, FormatError, InputsError, MissingDependencyError
+from growcli.core.inputs import InputSpec, TensorSpec
+from growcli.core.model import GrowModel
+from growcli.io.formats import safetensors_header, sha256_of
+
+
+def load_hf_dir(path: Path) -> GrowModel:
+    if not (path / "config.json").is_file():
+        raise FormatError(f"{path}: directory has no config.json; expected a Hugging Face model directory")
+    shards = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if not shards and not index.exists():
+        raise FormatError(f"{path}: no model.safetensors (or sharded index) beside config.json")
+    for shard in shards:
+        safetensors_header(shard)
+    transformers, config = load_hf_config(path)
+    # Caches are for generation; verification and export run whole sequences without them.
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache is not None:
+        config.use_cache = False
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise FormatError(f"{path}/config.json: names no class in 'architectures'")
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise FormatError(f"{path}/config.json: transformers {transformers.__version__} has no class {archs[0]} "
+                          "(custom code is never loaded)")
+    try:
+        module, info = cls.from_pretrained(str(path), config=config, local_files_only=True, output_loading_info=True)
+    except Exception as exc:
+        raise FormatError(f"{path}: transformers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if info.get("missing_keys") or info.get("mismatched_keys"):
+        bad = list(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or []]
+        raise ArchitectureError(f"{path}: the weights do not fit {archs[0]}: missing or mismatched {bad[:3]}")
+    gm = GrowModel(module, "hf", path, sha256_of(path), hf_input_spec(module), hf_class=archs[0])
+    gm.hf_saved_config = {"use_cache": use_cache} if use_cache is not None else {}
+    return gm
+
+
+def load_hf_config(path: Path):
+    """``(transformers, config)`` for an HF directory; one-line errors when either is unusable."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("reading Hugging Face directories needs transformers: pip install 'growcli[hf]'") from None
+    check_no_remote_code(path)
+    quiet_transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise FormatError(f"{path}/config.json: not a usable Hugging Face config ({str(exc).splitlines()[0][:200]})") from None
+    return transformers, config
+
+
+_CUSTOM_CODE = ("modeling_*.py", "configuration_*.py", "tokenization_*.py", "processing_*.py",
+                "image_processing_*.py", "feature_extraction_*.py")
+
+def check_no_remote_code(path: Path) -> None:
+    """Refuse an HF directory that ships its own model code: growcli never runs it.
+
+    ``auto_map`` in config.json, or ``modeling_*.py``-style files beside it, are what
+    ``trust_remote_code`` would import; growcli never passes that flag and says so here,
+    before transformers reads anything.
+    """
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{config_file}: not a usable Hugging Face config ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{config_file}: not a usable Hugging Face config (expected a JSON object)")
+    if "auto_map" in config:
+        raise FormatError(f"{config_file}: has 'auto_map', i.e. the model needs its own Python code; growcli never runs "
+                          "code from a model directory (trust_remote_code is never used)")
+    code = sorted(p.name for pattern in _CUSTOM_CODE for p in path.glob(pattern))
+    if code:
+        raise FormatError(f"{path}: holds custom model code ({', '.join(code[:3])}); growcli never runs code from a "
+                          "model directory (trust_remote_code is never used); remove it to load the standard class")
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' progress bars and advice off stderr (growcli reports for itself)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8, mask: bool = True) -> InputSpec:
+    """Inputs generated from a Hugging Face config: token ids for text models, pixels for vision.
+
+    Token ids span the whole vocabulary and their length varies from batch to batch (up to
+    ``max_position_embeddings``); when ``forward`` takes ``attention_mask`` (and ``mask``),
+    later batches are right-padded with a mask of zeros there (see ``make_batches``).
+    """
+    config = module.config
+    name = getattr(module, "main_input_name", "input_ids")
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return InputSpec(kwargs=(("pixel_values", TensorSpec((batch, getattr(config, "num_channels", 3), size, size))),))
+    if name == "input_ids":
+        max_seq = getattr(config, "max_position_embeddings", None) or None
+        seq = min(seq, max_seq or seq)
+        kwargs = [("input_ids", TensorSpec((batch, seq), "int64", config.vocab_size))]
+        try:
+            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            takes_mask = False
+        if mask and takes_mask:
+            kwargs.append(("attention_mask", TensorSpec((batch, seq), "int64", 2)))
+        pad_id = getattr(config, "pad_token_id", None)
+        pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < config.vocab_size else None
+        return InputSpec(kwargs=tuple(kwargs), seq=tuple(k for k, _ in kwargs), max_seq=max_seq,
+                         mask="attention_mask" if mask and takes_mask else None, pad_id=pad_id)
+    raise InputsError(f"growcli cannot generate inputs named {name!r}; pass --inputs FILE")

@@ -1,0 +1,108 @@
+"""A Hugging Face checkpoint's model on the meta device, and the names its tensors have on disk.
+
+Streaming execution never loads the weights: the model is built from ``config.json`` on the
+meta device (no memory) to plan a step, and the plan — in the model's parameter names — is
+mapped to the names ``save_pretrained`` wrote (which transformers 5 may rename). After the
+checkpoint was written, :func:`structure_check` rebuilds the model from the new config (on
+the meta device again) and checks the written tensors are exactly the ones it has.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growcli.core.errors import FormatError, NotGrowableError
+from growcli.io.hf_dir import load_hf_config
+from growcli.io.shards import OutTensor, TensorRef
+
+
+def meta_model(src: Path) -> torch.nn.Module:
+    """The HF model of ``src`` built on the meta device from its config (no weights, no memory)."""
+    transformers, config = load_hf_config(src)
+    if getattr(config, "use_cache", None) is not None:
+        config.use_cache = False
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise FormatError(f"{src}/config.json: names no class transformers {transformers.__version__} has "
+                          f"({archs[0] if archs else 'architectures is empty'}; custom code is never loaded)")
+    with torch.device("meta"):
+        module = cls(config)
+    return module.eval()
+
+
+def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
+    """Model parameter name → the name ``save_pretrained`` writes it under.
+
+    transformers 5 renames some families' weights on load and back on save (ViT's
+    ``layers.0.attention.q_proj`` is ``encoder.layer.0.attention.attention.query`` on disk);
+    the reverse conversion is run on placeholder meta tensors to read the mapping off. A
+    conversion that merges or splits tensors cannot be streamed tensor by tensor: refused.
+    """
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores weights under the model's own names
+        return {k: k for k in state}
+    by_id = {id(v): k for k, v in state.items()}
+    names = {}
+    for saved, tensor in revert_weight_conversion(module, dict(state)).items():
+        if id(tensor) not in by_id:
+            raise NotGrowableError(f"stack --streaming: transformers converts {type(module).__name__}'s weights when "
+                                   f"saving ({saved} is computed from several tensors); use --no-streaming")
+        names[by_id[id(tensor)]] = saved
+    return names
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How a checkpoint names the stack: ``{prefix}.{i}.{suffix}``; ``suffixes`` maps model-relative names."""
+
+    prefix: str
+    suffixes: dict[str, str]
+    dropped: str = ""  # a base-model prefix the checkpoint leaves out of every name ("transformer.")
+
+
+def stack_names(module: torch.nn.Module, container: str, refs: dict[str, TensorRef]) -> CheckpointNames:
+    """Find the checkpoint names of ``container``'s blocks; :class:`NotGrowableError` when they are not regular."""
+    names = checkpoint_names(module)
+    length = len(module.get_submodule(container))
+    first = {k[len(container) + 3:]: v for k, v in names.items() if k.startswith(f"{container}.0.")}
+    if not first:
+        raise NotGrowableError(f"stack --streaming: {container}.0 has no parameters to stream")
+    sample = next(iter(first.values()))
+    prefix = next((sample[:m.start()] for m in re.finditer(r"\.0\.", sample)
+                   if all(v.startswith(sample[:m.start()] + ".0.") for v in first.values())), None)
+    if prefix is None:
+        raise NotGrowableError(f"stack --streaming: the checkpoint names of {container}.0 share no prefix; use --no-streaming")
+    suffixes = {k: v[len(prefix) + 3:] for k, v in first.items()}
+    for i in range(length):
+        for rel, suffix in suffixes.items():
+            if names.get(f"{container}.{i}.{rel}") != f"{prefix}.{i}.{suffix}":
+                raise NotGrowableError(f"stack --streaming: block {i} of {container} is named differently on disk "
+                                       "from block 0; use --no-streaming")
+    if any(k.startswith(prefix + ".0.") for k in refs):
+        return CheckpointNames(prefix, suffixes)
+    base = getattr(module, "base_model_prefix", "")
+    if base and prefix.startswith(base + ".") and any(k.startswith(prefix[len(base) + 1:] + ".0.") for k in refs):
+        return CheckpointNames(prefix[len(base) + 1:], suffixes, base + ".")
+    raise NotGrowableError(f"stack --streaming: the checkpoint has no tensors named {prefix}.0.*; use --no-streaming")
+
+
+def structure_check(module_cls: type, config: Any, names: CheckpointNames, written: list[OutTensor]) -> str:
+    """Check the new config describes the written tensors (names and shapes); returns what was checked."""
+    with torch.device("meta"):
+        fresh = module_cls(config)
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    want = {saved: shapes[k] for k, saved in checkpoint_names(fresh).items()}
+    got = {(t.name if t.name in want else names.dropped + t.name): t.ref.shape for t in written}
+    bad = [f"{k} {list(s)} vs config {list(want[k])}" for k, s in got.items() if k in want and want[k] != s]
+    bad += [f"unexpected {k}" for k in got if k not in want]
+    if bad:
+        raise NotGrowableError(f"stack --streaming: the written tensors do not fit the new config ({bad[0]})")
+    return f"the new config rebuilds {len(want)} tensors; all {len(got)} written ones match in name and shape"

@@ -1,0 +1,177 @@
+"""Where GradMax applies: a producer layer, its one consumer, and the per-unit ops between them.
+
+:func:`find_site` checks a coupled group (:mod:`growcli.analysis.coupling`) for what GradMax
+needs — one Linear or Conv2d producer, exactly one consumer of the same kind reading the
+channels directly, and between them only element-wise activations, dropout and BatchNorm on a
+single path — and describes it as a :class:`Site` (parameter names, the chain of ops, the
+BatchNorms' running statistics, convolution geometry), or refuses with the reason. The method
+is described in :mod:`growcli.transforms.gradmax`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from growcli.analysis.coupled_group import Group
+from growcli.analysis.trace import BATCH_NORM, CONV, Trace, UNARY, aten, attr_of, op_name, shape, where
+from growcli.core.errors import NotGrowableError
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class NormUse:
+    """A BatchNorm between producer and consumer: its parameter names and ``eps``."""
+
+    weight: str | None
+    bias: str | None
+    mean: str
+    var: str
+    eps: float
+
+    def fqns(self) -> tuple[str | None, ...]:
+        return self.weight, self.bias, self.mean, self.var
+
+    def new_values(self, shift: float = 0.0) -> tuple[float, float, float, float]:
+        """γ, β, mean, variance for a new channel: the identity in eval mode (plus ``shift``)."""
+        return math.sqrt(1.0 + self.eps), shift, 0.0, 1.0
+
+
+@dataclass
+class Site:
+    """One layer GradMax can grow: producer, consumer, and the per-unit ops between them."""
+
+    layer: str
+    consumer: str
+    size: int
+    producer_w: str
+    producer_b: str | None
+    consumer_w: str
+    consumer_b: str | None
+    chain: list[fx.Node]
+    norms: dict[str, NormUse] = field(default_factory=dict)  # by batch-norm node name
+    producer_conv: ConvGeom | None = None
+    consumer_conv: ConvGeom | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return self.producer_conv is not None
+
+
+def refusal(layer: str, reason: str) -> NotGrowableError:
+    return NotGrowableError(f"'{layer}': gradmax: {reason}")
+
+
+def _pair(v) -> tuple[int, int]:
+    """``2`` or ``[2]`` or ``[2, 3]`` as a pair (ATen lists may hold one value for both dims)."""
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return int(v[0]), int(v[-1])
+
+
+def _conv_geom(node: fx.Node, layer: str) -> ConvGeom:
+    w = shape(node.args[1])
+    if len(w) != 4:
+        raise refusal(layer, f"{op_name(node)}{where(node)} is a {len(w) - 2}-d convolution; gradmax handles Linear and Conv2d")
+    if node.target == aten.convolution.default:
+        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        if transposed:
+            raise refusal(layer, f"transposed convolution{where(node)} is not supported")
+    else:
+        names = ("stride", "padding", "dilation", "groups")
+        defaults = (1, 0, 1, 1)
+        vals = [node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
+        stride, padding, dilation, groups = vals
+    if isinstance(padding, str):
+        raise refusal(layer, f"convolution{where(node)} uses padding={padding!r}; gradmax needs explicit padding sizes")
+    if int(groups) != 1:
+        raise refusal(layer, f"grouped convolution{where(node)} ({groups} groups)")
+    return ConvGeom((w[2], w[3]), _pair(stride), _pair(padding), _pair(dilation))
+
+
+
+def find_site(trace: Trace, group: Group) -> Site:
+    """Check that GradMax applies to ``group``'s layer and describe it, or refuse with the reason.
+
+    GradMax needs one producer (Linear or Conv2d), exactly one consumer of the same kind reading
+    the channels directly (no concatenation or flatten), and between them only element-wise
+    activations, dropout and BatchNorm, on a single path.
+    """
+    layer = group.layer
+    if len(group.producers) != 1:
+        raise refusal(layer, f"the channels are shared with {', '.join(p for p in group.producers if p != layer)} "
+                             "(a residual sum or gate); gradmax needs a single producer")
+    if group.groups != 1 or group.depthwise:
+        raise refusal(layer, "grouped or depthwise convolutions follow the channels; gradmax needs one plain consumer")
+    consumers = [u for u in group.uses if u.role in ("consumer", "grouped_consumer")]
+    if len(consumers) != 1:
+        names = ", ".join(u.fqn.rpartition(".")[0] for u in consumers) or "none"
+        raise refusal(layer, f"the channels feed {len(consumers)} layers ({names}); gradmax needs exactly one consumer")
+    use = consumers[0]
+    if use.role != "consumer" or type(use.layout).__name__ != "Core":
+        raise refusal(layer, f"'{use.fqn.rpartition('.')[0]}' reads the channels through a flatten or concatenation; "
+                             "gradmax needs a consumer that reads them directly")
+    users = trace.weight_users()
+    weight = f"{layer}.weight" if layer else "weight"
+    prod = next(u for u in users[weight] if u.op == "call_function")
+    cons = next(u for u in users[use.fqn] if u.op == "call_function")
+    kinds = {aten.linear.default: "linear"}
+    pk = kinds.get(prod.target, "conv" if prod.target in CONV else None)
+    ck = kinds.get(cons.target, "conv" if cons.target in CONV else None)
+    if pk is None:
+        raise refusal(layer, f"its weight is used by {op_name(prod)}; gradmax grows Linear and Conv2d layers")
+    if pk != ck:
+        raise refusal(layer, f"it is a {pk} layer and its consumer a {ck} layer; gradmax needs both of one kind")
+    consumer = use.fqn.rpartition(".")[0]
+    site = Site(layer, consumer, group.size, weight, attr_of(prod.args[2]) if len(prod.args) > 2 else None,
+                use.fqn, attr_of(cons.args[2]) if len(cons.args) > 2 else None, _walk(prod, cons, layer))
+    if pk == "conv":
+        site.producer_conv, site.consumer_conv = _conv_geom(prod, layer), _conv_geom(cons, layer)
+    for node in site.chain:
+        if node.target in BATCH_NORM:
+            fqns = [attr_of(a) for a in node.args[1:5]]
+            if fqns[2] is None or fqns[3] is None:
+                raise refusal(layer, f"batch norm{where(node)} has no running statistics (it normalises with batch statistics)")
+            eps = node.args[7] if node.target == aten.batch_norm.default else node.args[6]
+            site.norms[node.name] = NormUse(*fqns, float(eps))
+    known = {weight, site.producer_b, use.fqn} | {f for n in site.norms.values() for f in n.fqns() if f}
+    for u in group.uses:
+        if u.fqn not in known:
+            raise refusal(layer, f"parameter {u.fqn} also follows the channels ({u.role}); gradmax handles only "
+                                 "BatchNorm between the layer and its consumer")
+    return site
+
+
+def _walk(prod: fx.Node, cons: fx.Node, layer: str) -> list[fx.Node]:
+    """The nodes from the producer's output to the consumer's input; refuses anything but per-unit ops."""
+    chain: list[fx.Node] = []
+    node = prod
+    while True:
+        users = [u for u in node.users if not (u.target == operator.getitem and not u.users and u.args[1] != 0)]
+        if len(users) != 1:
+            raise refusal(layer, f"the output of {op_name(node)}{where(node)} is used by {len(users)} operations; "
+                                 "gradmax needs a single path to the consumer")
+        nxt = users[0]
+        if nxt is cons:
+            if nxt.args[0] is not node:
+                raise refusal(layer, f"{op_name(nxt)}{where(nxt)} uses the channels as its weight")
+            return chain
+        if nxt.target == operator.getitem and node.target in BATCH_NORM and nxt.args[1] == 0:
+            pass  # the normalised output of a native batch norm
+        elif nxt.target in BATCH_NORM and nxt.args[0] is node:
+            chain.append(nxt)
+        elif nxt.target in UNARY and nxt.args[0] is node and not any(isinstance(a, fx.Node) for a in nxt.args[1:]):
+            chain.append(nxt)
+        else:
+            raise refusal(layer, f"{op_name(nxt)}{where(nxt)} lies between it and its consumer; gradmax handles "
+                                 "element-wise activations, dropout and BatchNorm there")
+        node = nxt
