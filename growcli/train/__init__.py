@@ -1,0 +1,1 @@
+"""Growth during training: schedules that say when to grow (live-model growth builds on them)."""
