@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 
 
+def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``directory`` (a sharded checkpoint read whole)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 @dataclass
 class CliResult:
     code: int

@@ -50,6 +50,16 @@ def lm_loss(model, batch):
     return model(**batch).loss
 
 
+def trained_mlp(optimizer=torch.optim.AdamW, steps=3, **options):
+    """A float64 zoo MLP trained ``steps`` steps on a fixed batch: (model, batch, optimizer)."""
+    torch.manual_seed(0)
+    model = zoo.mlp().double()
+    batch = mlp_batch(model)
+    opt = optimizer(model.parameters(), lr=1e-2, **options)
+    train(model, opt, mlp_loss, batch, steps)
+    return model, batch, opt
+
+
 def train(model, opt, loss_fn, batch, steps=3):
     model.train()
     for _ in range(steps):
@@ -111,11 +121,7 @@ def test_growth_mid_training_keeps_loss_and_untouched_steps(case):
 
 
 def test_widen_state_is_grown_by_the_weights_map():
-    torch.manual_seed(0)
-    model = zoo.mlp().double()
-    batch = mlp_batch(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train(model, opt, mlp_loss, batch)
+    model, batch, opt = trained_mlp(torch.optim.AdamW)
     old = {n: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for n, p in model.named_parameters()}
     report = growcli.grow_(model, "widen", opt, batch[0], layer="fc1", by=4)
     w_old, st_old = old["fc1.weight"]
@@ -140,11 +146,7 @@ def test_widen_state_is_grown_by_the_weights_map():
 
 
 def test_zero_init_units_start_with_zero_state():
-    torch.manual_seed(0)
-    model = zoo.mlp().double()
-    batch = mlp_batch(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train(model, opt, mlp_loss, batch)
+    model, batch, opt = trained_mlp(torch.optim.Adam)
     n_old = model.fc2.out_features
     growcli.grow_(model, "widen", opt, batch[0], layer="fc2", by=3, init="zero")
     st = opt.state[model.fc2.weight]
@@ -155,11 +157,7 @@ def test_zero_init_units_start_with_zero_state():
 
 
 def test_sgd_momentum_follows_the_map():
-    torch.manual_seed(0)
-    model = zoo.mlp().double()
-    batch = mlp_batch(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    train(model, opt, mlp_loss, batch)
+    model, batch, opt = trained_mlp(torch.optim.SGD, momentum=0.9)
     m_old = opt.state[model.fc1.weight]["momentum_buffer"].clone()
     w_old = model.fc1.weight.detach().clone()
     growcli.grow_(model, "widen", opt, batch[0], layer="fc1", by=2)
@@ -202,11 +200,7 @@ def test_scheduler_keeps_going():
 
 
 def test_failed_growth_leaves_model_and_optimizer_as_they_were():
-    torch.manual_seed(0)
-    model = zoo.mlp().double()
-    batch = mlp_batch(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    train(model, opt, mlp_loss, batch)
+    model, batch, opt = trained_mlp(torch.optim.AdamW)
     params = {n: (id(p), p.detach().clone()) for n, p in model.named_parameters()}
     state_ids = {id(p) for p in opt.state}
     with pytest.raises(GrowError):
@@ -221,11 +215,7 @@ def test_failed_growth_leaves_model_and_optimizer_as_they_were():
 
 
 def test_unknown_optimizer_state_is_refused():
-    torch.manual_seed(0)
-    model = zoo.mlp().double()
-    batch = mlp_batch(model)
-    opt = torch.optim.Rprop(model.parameters(), lr=1e-2)  # per-weight step sizes: not a moment
-    train(model, opt, mlp_loss, batch, steps=1)
+    model, batch, opt = trained_mlp(torch.optim.Rprop, steps=1)  # per-weight step sizes: not a moment
     ids = [id(p) for p in model.parameters()]
     with pytest.raises(GrowError, match="Rprop's state 'prev'"):
         growcli.grow_(model, "widen", opt, batch[0], layer="fc1", by=2)

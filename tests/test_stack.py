@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import dir_tensors
 from safetensors.torch import load_file, save_file
 
 import growcli
@@ -141,13 +142,6 @@ def stacked(hf_dir, tmp_path_factory):
     return get
 
 
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def reference_stack(original: dict[str, torch.Tensor], prefix: str, order: list[int]) -> dict[str, torch.Tensor]:
     """The stacked state dict built by hand: position p holds a copy of block order[p]."""
     pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.(.+)")
@@ -203,7 +197,7 @@ def test_copy_doubles_depth_and_equals_hand_built_stack(arch, hf_dir, stacked):
     assert report["function_preserving"] is False and report["steps"][0]["matched"] == [case.container]
     assert "not function-preserving by design; measured" in " ".join(report["steps"][0]["notes"])
     assert report["verification"]["max_abs_diff"] > 1e-3  # stacking copies does change the function
-    got, ref = tensors(out), reference_stack(tensors(hf_dir(arch)), case.prefix, [0, 1, 0, 1])
+    got, ref = dir_tensors(out), reference_stack(dir_tensors(hf_dir(arch)), case.prefix, [0, 1, 0, 1])
     assert got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     assert {k.split(".")[len(case.prefix.split("."))] for k in got if k.startswith(case.prefix + ".")} == {"0", "1", "2", "3"}
@@ -217,7 +211,7 @@ def test_identity_is_exact_on_pre_ln(arch, hf_dir, stacked):
     batches = make_batches(hf_input_spec(load_model(hf_dir(arch)).module), 2, seed=5)
     diff = max_rel_diff(run_hf(hf_dir(arch), batches), run_hf(out, batches))
     assert diff <= 1e-5, diff
-    got = tensors(out)
+    got = dir_tensors(out)
     case = CASES[arch]
     for p in (2, 3):  # the new copies' residual writers are zero, everything else copied
         for w in case.disk_writers:
@@ -247,7 +241,7 @@ def test_identity_on_post_ln_with_allow_mismatch_reports_inexact(stacked):
 def test_streaming_equals_in_memory(arch, init, stacked):
     mem, _ = stacked(arch, init)
     stream, report = stacked(arch, init, "streaming")
-    a, b = tensors(mem), tensors(stream)
+    a, b = dir_tensors(mem), dir_tensors(stream)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -269,7 +263,7 @@ def test_streaming_checkpoint_without_base_model_prefix(hf_dir, tmp_path):
               metadata={"format": "pt"})
     report = grow(Source(src), [Step("stack", {"init": "identity"})], [Output(tmp_path / "out", shard_size=10**9)],
                   settings=VerifySettings(**SETTINGS), streaming=True)
-    got = tensors(tmp_path / "out")
+    got = dir_tensors(tmp_path / "out")
     assert "h.3.mlp.c_proj.weight" in got and not any(k.startswith("transformer.") for k in got)
     assert torch.count_nonzero(got["h.3.mlp.c_proj.weight"]) == 0
     assert report["function_preserving"] and report["verification"]["passed"]
@@ -305,8 +299,8 @@ def test_streaming_refusal_leaves_nothing(hf_dir, cli, tmp_path):
 def test_orders_follow_into_weights_config_and_layer_idx(options, order, hf_dir, stacked):
     out, report = stacked("qwen2", "identity", **options)
     assert report["function_preserving"] is True and report["verification"]["passed"]
-    original = tensors(hf_dir("qwen2"))
-    got = tensors(out)
+    original = dir_tensors(hf_dir("qwen2"))
+    got = dir_tensors(out)
     ref = reference_stack(original, "model.layers", order)
     copies = [p for p in range(len(order)) if order[p] in order[:p]]
     for k, v in ref.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import dir_tensors
 
 from growcli.core.errors import UsageError, VerificationFailed
 from growcli.run.runner import Output, Source, Step, grow
@@ -64,13 +64,6 @@ def stacked(checkpoint, tmp_path_factory):
     return get
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_same_report_schema_in_both_modes(arch, stacked):
     _, memory = stacked(arch, "memory")
@@ -93,7 +86,7 @@ def test_same_report_schema_in_both_modes(arch, stacked):
 def test_identical_tensors_in_both_modes(arch, stacked):
     mem_dir, _ = stacked(arch, "memory")
     stream_dir, report = stacked(arch, "streaming")
-    a, b = _tensors(mem_dir), _tensors(stream_dir)
+    a, b = dir_tensors(mem_dir), dir_tensors(stream_dir)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
