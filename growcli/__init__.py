@@ -16,7 +16,7 @@ The package is layered; each layer imports only from the ones before it (tests/t
 checks this): ``core`` (errors, model, edits, inputs) → ``io`` (formats in and out) →
 ``verification`` (running and comparing models) → ``analysis`` (traces, coupled channels,
 residual stream, residual writers) → ``transforms`` (the registry) → ``run`` (steps, plans, the
-one runner) → ``train`` (growth during training) → ``advise`` (suggest, inspect) → ``api`` →
+one runner) → ``advise`` (suggest, inspect) → ``train`` (growth during training) → ``api`` →
 ``cli``. ``nn`` (growcli's own modules) and ``zoo`` (reference models) are public modules.
 """
 

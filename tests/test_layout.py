@@ -5,7 +5,7 @@ inside functions too (a function-level import hides a circle; it does not remove
 edge ``from growcli.x import y`` goes to the module ``growcli.x.y`` when that is a module,
 else to ``growcli.x``. Layers, each importing only from its own or earlier ones::
 
-    core → io → verification → analysis → transforms → run → train → advise → (growcli, api) → cli
+    core → io → verification → analysis → transforms → run → advise → train → (growcli, api) → cli
 
 ``growcli.nn`` and ``growcli.zoo`` are leaf public modules: anything may import them, and they
 import only ``core`` (and each other). A module longer than 400 lines must say why in its
@@ -24,8 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "growcli"
-# ``train`` (growth during training) is new: placed after ``run``, whose steps it runs; it imports nothing later.
-LAYERS = ["core", "io", "verification", "analysis", "transforms", "run", "train", "advise", "api", "cli"]
+# ``train`` (growth during training) runs ``run``'s steps and may use ``advise``'s scores as growth triggers.
+LAYERS = ["core", "io", "verification", "analysis", "transforms", "run", "advise", "train", "api", "cli"]
 TOP = {"growcli": "api", "growcli.api": "api", "growcli.__main__": "cli"}  # top-level modules' layers
 LEAVES = {"growcli.nn", "growcli.zoo"}
 MAX_LINES = 400

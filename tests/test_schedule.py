@@ -109,3 +109,62 @@ def test_from_dict():
 def test_from_dict_errors(data, message):
     with pytest.raises(UsageError, match=message):
         schedule_from_dict(data)
+
+
+# --------------------------------------------------------------------------- GradMax singular-value trigger
+def _trained(hidden: int):
+    import torch
+
+    from growcli import zoo
+
+    torch.manual_seed(0)
+    model = zoo.MLP(hidden=hidden, hidden2=24)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    y = x[:, :4].argmax(1)  # needs more than 2 hidden units
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt, x, y
+
+
+def test_singular_value_trigger_fires_on_the_bottleneck_and_grows_it():
+    from growcli.train.loop import Grower
+    from growcli.train.triggers import gradmax_scores
+
+    model, opt, x, y = _trained(hidden=2)  # fc1 is a 2-unit bottleneck
+    scores = gradmax_scores(model, x, y)
+    first = scores()
+    assert first["fc1"] > 0.1 > first["fc2"] * 10  # the bottleneck asks for units, the wide layer does not
+    rule = Rule(ScoreAbove(0.1, scores=scores), [{"transform": "widen", "options": {"by": 4}}], times=1)
+    grower = Grower(model, opt, Schedule([rule]), x)
+    (report,) = grower.step(1)
+    assert model.fc1.out_features == 6 and grower.history[0]["steps"][0]["options"]["layer"] == "fc1"
+    assert report.steps[0]["exact"] and report.steps[0]["verification"]["passed"]
+
+
+def test_singular_value_trigger_stays_quiet_on_a_wide_model():
+    from growcli.train.triggers import gradmax_scores
+
+    model, _, x, y = _trained(hidden=32)
+    s = Schedule([Rule(ScoreAbove(0.1, scores=gradmax_scores(model, x, y)), STACK)])
+    assert s.due(TrainingState(1, 10)) == []
+
+
+def test_load_schedule_from_yaml(tmp_path):
+    from growcli.train.schedule import load_schedule
+
+    f = tmp_path / "schedule.yaml"
+    f.write_text("schedule:\n  budget_params: 5000\n  grow:\n    - at: [0.5]\n      steps:\n"
+                 "        - {transform: widen, options: {layer: fc1, by: 4}}\n")
+    s = load_schedule(f)
+    assert s.budget_params == 5000 and fired_steps(s, 10) == [5]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grow:\n  - at: [0.5]\n    steps: []\n")
+    with pytest.raises(UsageError, match=r"bad.yaml: schedule.grow\[0\]: needs a non-empty 'steps' list"):
+        load_schedule(bad)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("grow: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UsageError, match="evil.yaml"):
+        load_schedule(evil)

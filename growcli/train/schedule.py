@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from growcli.core.errors import UsageError
+from growcli.core.safeyaml import YamlError, load_located, read_text
 
 
 @dataclass
@@ -241,3 +243,19 @@ def schedule_from_dict(data: dict[str, Any], scores: Callable[[], dict[str, floa
     if not rules:
         raise UsageError("schedule: 'grow' lists no rules")
     return Schedule(rules, data.get("budget_params"))
+
+
+def load_schedule(path: str | Path, scores: Callable[[], dict[str, float]] | None = None) -> Schedule:
+    """A schedule from a YAML file in the form of :func:`schedule_from_dict` (a ``schedule:`` key or the
+    mapping itself), read as safely as growth plans are: plain data only, bounded in size."""
+    path = Path(path)
+    try:
+        data = load_located(read_text(path)).data
+    except (YamlError, OSError) as exc:
+        raise UsageError(f"{path}: {getattr(exc, 'message', None) or exc}") from None
+    if isinstance(data, dict) and "schedule" in data:
+        data = data["schedule"]
+    try:
+        return schedule_from_dict(data, scores)
+    except (UsageError, TypeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
