@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -167,7 +168,11 @@ def main() -> None:
     chosen = list(arms) if args.arms == "all" else ["scratch"] + [a for a in args.arms.split(",") if a != "scratch"]
     print(f"corpus: {len(data.train) + len(data.val):,} bytes of the standard library; {args.steps} steps of "
           f"{args.batch}×{args.seq} tokens; target {args.layers} layers × {args.width}; {torch.get_num_threads()} threads")
-    results = [run_arm(name, args, data, arms[name]) for name in chosen]
+    results = []
+    for i, name in enumerate(chosen, 1):
+        results.append(run_arm(name, args, data, arms[name]))
+        print(f"  [{i}/{len(chosen)}] {name}: final val {results[-1]['curve'][-1][2]:.4f} "
+              f"({results[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
     scratch = results[0]
     target, total = scratch["curve"][-1][2], scratch["curve"][-1][1]
     print(f"\n{'arm':<34} {'compute to scratch loss':>24} {'val before':>11} {'val after':>10} {'final val':>10} {'s':>6}")

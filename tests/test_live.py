@@ -220,3 +220,15 @@ def test_unknown_optimizer_state_is_refused():
     with pytest.raises(GrowError, match="Rprop's state 'prev'"):
         growcli.grow_(model, "widen", opt, batch[0], layer="fc1", by=2)
     assert [id(p) for p in model.parameters()] == ids  # refused before anything grew
+
+
+def test_gradmax_units_from_in_memory_data_start_with_zero_incoming_state():
+    model, batch, opt = trained_mlp(torch.optim.AdamW)
+    x, y = batch
+    n_old = model.fc1.out_features
+    report = growcli.grow_(model, "widen", opt, x, layer="fc1", by=3, init="gradmax", data={"input": x, "target": y})
+    assert report.steps[0]["exact"] and report.steps[0]["verification"]["passed"]
+    assert model.fc1.out_features == n_old + 3
+    st = opt.state[model.fc1.weight]
+    assert torch.count_nonzero(st["exp_avg"][n_old:]) == 0  # zero incoming weights: fresh rows
+    assert torch.count_nonzero(st["exp_avg"][:n_old]) > 0

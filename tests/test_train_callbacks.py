@@ -157,3 +157,17 @@ def test_plain_loop_plateau_growth_and_replay():
     rebuilt = replay_growth(zoo.mlp(), state)
     assert rebuilt.fc1.weight.shape == model.fc1.weight.shape
     rebuilt.load_state_dict(model.state_dict())  # strict: the replayed architecture holds the weights
+
+
+# --------------------------------------------------------------------------- the examples run
+@pytest.mark.parametrize("example", ["train_loop.py", "train_hf.py", "train_lightning.py"])
+def test_training_examples_run(example, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / example
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "grown at [" in proc.stdout or "grew" in proc.stdout, proc.stdout

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from growcli.analysis.calibration import attach as attach_calibration, from_tensors
 from growcli.core.inputs import Batch, InputSpec, make_batches, spec_from_batch
 from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings, run_step
@@ -121,8 +122,11 @@ def grow_(model: nn.Module, step_or_plan: Any, optimizer: torch.optim.Optimizer 
     use_cache = getattr(config, "use_cache", None)
     if use_cache:  # caches are for generation; tracing and verification run whole sequences
         config.use_cache = False
+    steps = [(name, _with_data(ctx, gm, opts)) for name, opts in steps_of(step_or_plan, options)]
+    # calibration files named by gradient-informed steps (in-memory data is already in ctx.data)
+    attach_calibration(ctx, gm, [opts for _, opts in steps if opts.get("data") not in ctx.data])
     try:
-        for name, opts in steps_of(step_or_plan, options):
+        for name, opts in steps:
             reports.append(run_step(gm, name, opts, ctx, settings, restore=False).to_dict())
     except BaseException:
         _restore(snapshot)
@@ -138,6 +142,17 @@ def grow_(model: nn.Module, step_or_plan: Any, optimizer: torch.optim.Optimizer 
     mask = {n: new_positions(derived.get(id(p)), p.shape) for n, p in after.items() if id(p) not in kept}
     return LiveReport(reports, carried.to_dict() if carried else None, params_before, gm.num_parameters(), mask,
                       list(gm.edits.records))
+
+
+def _with_data(ctx: Context, gm: GrowModel, options: dict[str, Any]) -> dict[str, Any]:
+    """Calibration data given in memory (``data={"input": x, "target": y}``) instead of a file name."""
+    data = options.get("data")
+    if not isinstance(data, dict):
+        return options
+    name = f"in-memory data {len(ctx.data)}"
+    ctx.data[name] = from_tensors(data, gm.inputs, loss=options.get("loss", "auto"), batch_size=options.get("batch_size"),
+                                  max_batches=options.get("data_batches"), source="in-memory calibration data")
+    return {**options, "data": name}
 
 
 def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict, dict, dict]]:

@@ -31,6 +31,7 @@ import torch
 from growcli.analysis.calibration import lookup
 from growcli.analysis.coupled_group import Group
 from growcli.analysis.trace import BATCH_NORM, Trace, op_name, where
+from growcli.core.origins import AxisMap, Origin
 from growcli.transforms.gradmax_measure import Probe, measure
 from growcli.transforms.gradmax_site import Site, find_site, refusal
 from growcli.transforms.resize import sync_attributes
@@ -174,7 +175,9 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
     def put(fqn: str, new: torch.Tensor, dim: int, role: str) -> None:
         old = root.get_parameter(fqn) if fqn in dict(root.named_parameters()) else root.get_buffer(fqn)
         grown = torch.cat([old.detach(), new.to(old.dtype)], dim=dim)
-        gm.edits.param(root, fqn, grown)
+        size = old.shape[dim]  # the old positions keep their values; the new ones are fresh
+        gm.edits.param(root, fqn, grown, Origin((AxisMap(dim, tuple(range(size)) + (-1,) * new.shape[dim],
+                                                         (1.0,) * (size + new.shape[dim])),)))
         report.changes.append({"name": fqn, "role": role, "before": list(old.shape), "after": list(grown.shape)})
 
     old_pw = root.get_parameter(site.producer_w).detach()
@@ -194,7 +197,7 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
         # Every new unit feeds the consumer the same constant on every input; take it off the bias.
         constant = w_new.reshape(w_new.shape[0], k, -1).sum(dim=2).sum(dim=1) * act.value
         old_cb = root.get_parameter(site.consumer_b).detach()
-        gm.edits.param(root, site.consumer_b, (old_cb.double() - constant).to(old_cb.dtype))
+        gm.edits.param(root, site.consumer_b, (old_cb.double() - constant).to(old_cb.dtype), Origin())
         where_ = "bias" if act.shift_at == "bias" else "BatchNorm β"
         notes.append(f"the activation's autograd gradient at 0 is 0 (ReLU), so the new units' {where_} is "
                      f"ε = {act.shift:.3g} (their linear side) and their constant output is subtracted from "
