@@ -28,6 +28,7 @@ from growcli.transforms.gradmax import widen_gradmax
 from growcli.transforms.hfconfig import fit_sizes
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.resize import sync_attributes
+from growcli.transforms.splits import split_columns
 from growcli.transforms.sizes import check_one_size, target_size
 
 INITS = ("net2net", "zero", "gradmax")
@@ -151,11 +152,10 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
             new = _grouped_consumer(old, g, factors, group, use.groups)
         else:
             idx, chan = remap(use.layout, g, group.size)
-            new = old.index_select(use.dim, idx)
-            scale = torch.ones(len(chan), dtype=torch.float64)
-            if use.role == "consumer":
-                scale = torch.where(chan >= 0, factors[chan.clamp(min=0)], scale)
-                new = new * _along(new, use.dim, scale)
+            if use.role == "consumer":  # columns of replicated units: shared out, exactly in the dtype
+                new, scale = split_columns(old, use.dim, idx, factors[chan.clamp(min=0)], chan >= 0)
+            else:
+                new, scale = old.index_select(use.dim, idx), torch.ones(len(chan), dtype=torch.float64)
             origin = axis_origin(use.dim, idx, scale)
         gm.edits.param(root, use.fqn, new.to(old.dtype), origin)
         report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
