@@ -232,3 +232,13 @@ def test_gradmax_units_from_in_memory_data_start_with_zero_incoming_state():
     st = opt.state[model.fc1.weight]
     assert torch.count_nonzero(st["exp_avg"][n_old:]) == 0  # zero incoming weights: fresh rows
     assert torch.count_nonzero(st["exp_avg"][:n_old]) > 0
+
+
+def test_failed_stack_restores_the_config_too():
+    model = llama()
+    ids = lm_batch()["input_ids"]
+    config_id, layers = id(model.config), model.config.num_hidden_layers
+    with pytest.raises(GrowError):
+        growcli.grow_(model, [{"transform": "stack", "options": {"init": "identity"}},
+                              {"transform": "widen", "options": {"layer": "nope", "by": 2}}], None, {"input_ids": ids})
+    assert id(model.config) == config_id and model.config.num_hidden_layers == layers == len(model.model.layers)

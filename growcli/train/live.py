@@ -19,6 +19,7 @@ as LLaMA-Pro does with its inserted blocks).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,18 +156,26 @@ def _with_data(ctx: Context, gm: GrowModel, options: dict[str, Any]) -> dict[str
     return {**options, "data": name}
 
 
-def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict, dict, dict, dict, dict]]:
-    """Every submodule's attributes, parameters, buffers and children, and the parameters' values."""
-    out = []
+def _snapshot(model: nn.Module) -> tuple[list, list]:
+    """Every submodule's attributes, parameters, buffers and children, the parameters' values, and
+    the attributes of every (Hugging Face) config object a module holds (growth edits configs)."""
+    out, configs = [], {}
     for m in model.modules():
         values = {k: p.detach().clone() for k, p in m._parameters.items() if p is not None}
         out.append((m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules), values))
-    return out
+        config = vars(m).get("config")
+        if config is not None and hasattr(config, "to_dict") and id(config) not in configs:
+            configs[id(config)] = (config, copy.deepcopy(vars(config)))
+    return out, list(configs.values())
 
 
 def _restore(snapshot) -> None:
-    """Undo a failed step: the same module and parameter objects, with their old values."""
-    for m, attrs, params, buffers, children, values in snapshot:
+    """Undo a failed step: the same module, parameter and config objects, with their old values."""
+    modules, configs = snapshot
+    for config, attrs in configs:
+        vars(config).clear()
+        vars(config).update(attrs)
+    for m, attrs, params, buffers, children, values in modules:
         vars(m).clear()
         vars(m).update(attrs)
         m._parameters.clear()
