@@ -79,31 +79,33 @@ def new_positions(derived: Derived | None, shape: torch.Size) -> torch.Tensor:
     return mask
 
 
+def _per_weight(value, p: torch.Tensor) -> bool:
+    """State that holds one number per weight (a moment), as opposed to scalars like ``step``."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == p.shape
+
+
+def _unmappable(optimizer: torch.optim.Optimizer, key: str) -> UsageError:
+    return UsageError(f"cannot grow {type(optimizer).__name__}'s state {key!r}: growcli knows how first "
+                      f"({', '.join(FIRST_MOMENTS)}) and second ({', '.join(SECOND_MOMENTS)}) moments grow")
+
+
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Refuse, before anything grows, an optimizer whose per-parameter state growcli cannot map."""
     for p, state in optimizer.state.items():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == p.shape \
-                    and key not in FIRST_MOMENTS + SECOND_MOMENTS:
-                raise UsageError(f"cannot grow {type(optimizer).__name__}'s state {key!r}: growcli knows how first "
-                                 f"({', '.join(FIRST_MOMENTS)}) and second ({', '.join(SECOND_MOMENTS)}) moments grow")
+            if _per_weight(value, p) and key not in FIRST_MOMENTS + SECOND_MOMENTS:
+                raise _unmappable(optimizer, key)
 
 
 def _state_of(optimizer: torch.optim.Optimizer, old: nn.Parameter, origin: Origin) -> dict:
-    state = optimizer.state.get(old)
-    if not state:
-        return {}
     out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or value.shape != old.shape or value.dim() == 0:
+    for key, value in (optimizer.state.get(old) or {}).items():
+        if not _per_weight(value, old):
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value
-        elif key in FIRST_MOMENTS:
-            out[key] = map_tensor(value, origin, 1)
-        elif key in SECOND_MOMENTS:
-            out[key] = map_tensor(value, origin, 2)
+        elif key in FIRST_MOMENTS + SECOND_MOMENTS:
+            out[key] = map_tensor(value, origin, 1 if key in FIRST_MOMENTS else 2)
         else:
-            raise UsageError(f"cannot grow {type(optimizer).__name__}'s state {key!r}: growcli knows how first "
-                             f"({', '.join(FIRST_MOMENTS)}) and second ({', '.join(SECOND_MOMENTS)}) moments grow")
+            raise _unmappable(optimizer, key)
     return out
 
 

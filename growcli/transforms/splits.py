@@ -29,7 +29,7 @@ def split_columns(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.T
     new = old.index_select(dim, idx).clone()
     got = torch.where(split, share, torch.ones_like(share))
     if old.dtype == torch.float64 or not old.is_floating_point():
-        return new * _along(new, dim, got), got
+        return new * along(new, dim, got), got
     copies: dict[int, list[int]] = defaultdict(list)
     for pos in torch.nonzero(split).flatten().tolist():
         copies[int(idx[pos])].append(pos)
@@ -49,7 +49,8 @@ def split_columns(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.T
     return new, got
 
 
-def _along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
+def along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
+    """``values`` shaped to broadcast along ``dim`` of ``t`` (in ``t``'s dtype)."""
     view = [1] * t.dim()
     view[dim] = -1
     return values.to(t.dtype).view(view)

@@ -28,7 +28,7 @@ from growcli.transforms.gradmax import widen_gradmax
 from growcli.transforms.hfconfig import fit_sizes
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.resize import sync_attributes
-from growcli.transforms.splits import split_columns
+from growcli.transforms.splits import along, split_columns
 from growcli.transforms.sizes import check_one_size, target_size
 
 INITS = ("net2net", "zero", "gradmax")
@@ -125,12 +125,6 @@ def _get(root: nn.Module, fqn: str) -> torch.Tensor:
     return getattr(owner, leaf)
 
 
-def _along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
-    view = [1] * t.dim()
-    view[dim] = -1
-    return values.to(t.dtype).view(view)
-
-
 def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen: torch.Generator,
                 report: StepReport) -> None:
     """Rewrite every tensor of ``group`` for ``new_size`` channels (in place, through ``gm.edits``)."""
@@ -198,7 +192,7 @@ def _grouped_consumer(old: torch.Tensor, g: list[int], factors: torch.Tensor, gr
         src = torch.tensor([g[j] - k * per_old for j in range(k * per_new, (k + 1) * per_new)])
         f = factors[k * per_new:(k + 1) * per_new]
         cols = rows.index_select(1, src)
-        blocks.append(cols * _along(cols, 1, f))
+        blocks.append(cols * along(cols, 1, f))
     return torch.cat(blocks, 0)
 
 
