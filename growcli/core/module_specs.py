@@ -91,7 +91,9 @@ def module_spec(module: nn.Module, refs: dict[int, str] | None = None) -> dict:
         return {"type": f"torch.nn:{type(module).__name__}", "kwargs": kwargs}
     spec_fn = getattr(module, "growcli_spec", None)
     if callable(spec_fn):
-        return {"type": f"{type(module).__module__}:{type(module).__qualname__}",
+        home = type(module).__module__
+        home = "growcli.nn" if home.startswith("growcli.nn.") else home  # growcli.nn's submodules record as growcli.nn
+        return {"type": f"{home}:{type(module).__qualname__}",
                 "kwargs": {k: to_json_value(v) for k, v in spec_fn().items()}}
     raise TypeError(f"growcli cannot record a module of type {type(module).__qualname__}")
 
@@ -104,11 +106,13 @@ _MAX_SPEC_DEPTH = 32
 
 
 def _growcli_classes() -> dict[str, type]:
-    """growcli's own recordable layers (classes of ``growcli.nn`` with a ``growcli_spec`` method)."""
-    from growcli import nn as growcli_nn  # growcli's own module; imports nothing from outside
+    """growcli's own recordable layers: classes that ``growcli.nn`` exports, defined in it or its submodules
+    (``growcli.nn.branch``, …), with a ``growcli_spec`` method. Recorded as ``growcli.nn:<qualname>``."""
+    from growcli import nn as growcli_nn  # growcli's own package; imports nothing from outside
 
     return {f"growcli.nn:{cls.__qualname__}": cls for cls in vars(growcli_nn).values()
-            if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == "growcli.nn"
+            if isinstance(cls, type) and issubclass(cls, nn.Module)
+            and (cls.__module__ == "growcli.nn" or cls.__module__.startswith("growcli.nn."))
             and callable(getattr(cls, "growcli_spec", None))}
 
 

@@ -145,3 +145,10 @@ def zero_pad_kernel(weight: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tens
                              "(it must be at least as large and differ by an even amount)")
         pads += [(want - have) // 2] * 2
     return F.pad(weight, pads)
+
+
+# Layers defined in submodules, exported here: the allowlist of recordable classes
+# (growcli.core.module_specs) reads this namespace, and records them as ``growcli.nn:<name>``.
+from growcli.nn.branch import *  # noqa: E402,F401,F403
+from growcli.nn.columns import *  # noqa: E402,F401,F403
+from growcli.nn.masks import *  # noqa: E402,F401,F403

@@ -1,0 +1,5 @@
+"""growcli's own layers for columns (placeholder; filled by the change that adds them)."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""The upcycle transform (placeholder; registers nothing yet)."""
+
+from __future__ import annotations

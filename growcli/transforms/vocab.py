@@ -1,0 +1,3 @@
+"""The vocab transform (placeholder; registers nothing yet)."""
+
+from __future__ import annotations
