@@ -1,0 +1,3 @@
+"""The prune transform (placeholder; registers nothing yet)."""
+
+from __future__ import annotations
