@@ -58,7 +58,8 @@ def load_grown(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a grown architecture on a freshly built original ``model`` and load its weights.
 
     Replays the structural edits recorded in the safetensors metadata, then loads the
-    weights strictly, so shapes always fit. Modifies and returns ``model``.
+    weights strictly, so shapes always fit. Modifies ``model`` and returns the grown model: ``model``
+    itself, or a new root holding it when a step wrapped it (progressive columns).
     """
     path = Path(path)
     require_exists(path, "grown safetensors")
@@ -70,6 +71,6 @@ def load_grown(model: nn.Module, path: str | Path) -> nn.Module:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: metadata growcli.edits is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
     # Only allowlisted module classes are built (torch.nn layers, growcli's own); nothing is imported.
-    replay(model, records, str(path))
+    model = replay(model, records, str(path))
     load_state_dict_strict(model, read_safetensors(path), path)
     return eval_mode(model)

@@ -11,6 +11,7 @@ Edit kinds:
 - ``attr``: set a module attribute (``out_features``, ``groups``, ``normalized_shape``...).
 - ``module``: replace a submodule by one described by a module spec (see :func:`growcli.core.module_specs.module_spec`).
 - ``insert``: insert a module (spec) into a ``ModuleList``/``Sequential`` at an index.
+- ``wrap``: make a new module (spec) the model's root, holding the old root as its submodule ``child``.
 - ``config``: set a key of a Hugging Face config (``num_hidden_layers``...).
 - ``graph_arg``: set an argument of a node in a loaded ``.pt2`` program (a view's literal size).
 - ``graph_call``: in a loaded ``.pt2`` program, call a new shape-preserving module (spec) on a node's output.
@@ -132,6 +133,17 @@ class EditLog:
         setattr(owner, leaf, new)
         self.records.append({"op": "module", "name": name, "spec": spec})
 
+    def wrap(self, root: nn.Module, new: nn.Module, child: str) -> nn.Module:
+        """Make ``new`` the root, with the old ``root`` as its submodule ``child``; returns ``new``.
+
+        The caller holds the root (``GrowModel.module``) and must replace it with the result.
+        """
+        check_child_name(child)
+        spec = module_spec(new)  # before the old root is inside it: recorded as its own spec
+        setattr(new, child, root)
+        self.records.append({"op": "wrap", "spec": spec, "child": child})
+        return new
+
     def insert(self, root: nn.Module, container: str, index: int, new: nn.Module, spec: dict) -> None:
         """Insert ``new`` (described by ``spec``, e.g. a ``copy`` of a sibling) into a list container."""
         seq = root.get_submodule(container)
@@ -161,6 +173,12 @@ class EditLog:
 
     def to_json(self) -> str:
         return json.dumps(self.records, separators=(",", ":"))
+
+
+def check_child_name(child: str) -> None:
+    """A ``wrap`` edit's child must be a plain attribute name (not dotted, not private, not ``forward``)."""
+    if not child.isidentifier() or child.startswith("_") or child == "forward":
+        raise ArchitectureError(f"recorded edit wraps the model as {child!r}, which is not a plain submodule name")
 
 
 def replace_items(seq: nn.Module, items: list[nn.Module]) -> None:

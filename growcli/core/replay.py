@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.core.edits import insert_graph_call, parent_of, replace_items, set_config, set_graph_arg, set_tensor
+from growcli.core.edits import (check_child_name, insert_graph_call, parent_of, replace_items, set_config, set_graph_arg,
+                                set_tensor)
 from growcli.core.errors import ArchitectureError, FormatError, GrowError
 from growcli.core.module_specs import build_module, check_module_spec, dtype_named, from_json_value
 
@@ -26,6 +27,7 @@ _RECORD_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "attr": {"module": _STR, "attr": _STR},
     "module": {"name": _STR, "spec": (dict,)},
     "insert": {"container": _STR, "index": _INT, "spec": (dict,)},
+    "wrap": {"spec": (dict,), "child": _STR},
     "config": {"key": _STR},
     "graph_arg": {"node": _STR, "index": _INT},
     "graph_call": {"after": _STR, "name": _STR, "spec": (dict,)},
@@ -67,6 +69,11 @@ def check_records(records: Any, source: str | None = None) -> list[dict]:
                 raise FormatError(f"{where} (param): malformed value {value!r}")
         if op == "attr" and (rec["attr"].startswith("__") or rec["attr"] == "forward"):
             raise FormatError(f"{where} (attr): refuses to set attribute {rec['attr']!r}")
+        if op == "wrap":
+            try:
+                check_child_name(rec["child"])
+            except ArchitectureError as exc:
+                raise FormatError(f"{where} (wrap): {exc}") from None
         if "spec" in rec:
             check_module_spec(rec["spec"], where)
         if "value" in rec:
@@ -78,7 +85,9 @@ def check_records(records: Any, source: str | None = None) -> list[dict]:
 
 
 def replay(root: nn.Module, records: list[dict], source: str | None = None) -> nn.Module:
-    """Apply recorded edits to ``root`` in order; tensors get placeholder values of the right shape.
+    """Apply recorded edits to ``root`` in order and return the root; tensors get placeholder values of the right shape.
+
+    The returned module is ``root`` unless a ``wrap`` edit made a new root (holding ``root``).
 
     ``source`` (the file the records come from) is named in error messages. Every record is
     checked first (:func:`check_records`): a malformed one, or a module spec naming a class
@@ -100,6 +109,10 @@ def replay(root: nn.Module, records: list[dict], source: str | None = None) -> n
                 new = build_module(rec["spec"], root, where)
                 owner, leaf = parent_of(root, rec["name"])
                 setattr(owner, leaf, new)
+            elif op == "wrap":
+                new = build_module(rec["spec"], root, where)
+                setattr(new, rec["child"], root)
+                root = new
             elif op == "insert":
                 seq = root.get_submodule(rec["container"])
                 items = list(seq)

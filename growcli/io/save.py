@@ -81,6 +81,10 @@ def check_output(gm: GrowModel, out: str | Path, fmt: str | None, *, overwrite: 
         check_output_path(out.with_name(out.name + ".data"), (gm.source, *inputs), overwrite=overwrite)
     if fmt == "hf" and not gm.is_hf:
         raise UsageError(f"{out}: a Hugging Face directory can only be written for a Hugging Face input; use .safetensors or .pt2")
+    refusal = getattr(gm.module, "growcli_output_refusal", None)  # a model that no program of this format can carry
+    reason = refusal(fmt) if callable(refusal) else None
+    if reason:
+        raise UsageError(f"{out}: {reason}")
     if fmt == "pt" and gm.kind != "pickle":
         raise UsageError(f"{out}: a whole pickled module (.pt) is only written when the input was one; "
                          "use .safetensors (weights with the recorded architecture) or .pt2")

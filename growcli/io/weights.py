@@ -194,7 +194,7 @@ def load_safetensors(path: Path, arch_spec: dict | None, base: GrowModel | None)
         module = copy.deepcopy(base.module)
         if base.base_edits:  # the base itself was grown: start from its own original
             raise UsageError(f"{path}: compare a grown safetensors against the checkpoint it was grown from")
-        structural = sorted({e["op"] for e in edits if e["op"] in ("module", "insert")})
+        structural = sorted({e["op"] for e in edits if e["op"] in ("module", "insert", "wrap")})
         if base.kind == "pt2" and meta.get("growcli.source_kind", "pt2") != "pt2" and structural:
             # Module edits were recorded on a torch.nn module; a .pt2 program has no such modules.
             raise UsageError(f"{path}: was grown from a torch.nn module ({meta.get('growcli.source', '?')}) and its "
@@ -213,7 +213,7 @@ def load_safetensors(path: Path, arch_spec: dict | None, base: GrowModel | None)
         raise UsageError(f"{path}: a safetensors file holds only weights; pass --arch package.module:factory "
                          "(or compare it against its original with growcli verify ORIGINAL GROWN)")
     state = read_safetensors(path)
-    replay(module, edits, str(path))
+    module = replay(module, edits, str(path))
     load_state_dict_strict(module, state, path)
     if inputs is None:
         inputs = infer_input_spec(module)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from growcli.analysis.calibration import attach as attach_calibration, from_tensors
+from growcli.core.errors import NotGrowableError
 from growcli.core.inputs import Batch, InputSpec, make_batches, spec_from_batch
 from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings, run_step
@@ -129,6 +130,9 @@ def grow_(model: nn.Module, step_or_plan: Any, optimizer: torch.optim.Optimizer 
     try:
         for name, opts in steps:
             reports.append(run_step(gm, name, opts, ctx, settings, restore=False).to_dict())
+            if gm.module is not model:  # e.g. column: the grown model is a new root holding this one
+                raise NotGrowableError(f"{name} makes a new root module around the model, and grow_ grows the "
+                                       "model you hold in place; use growcli.apply on a GrowModel instead")
     except BaseException:
         _restore(snapshot)
         raise
@@ -161,7 +165,7 @@ def _snapshot(model: nn.Module) -> tuple[list, list]:
     the attributes of every (Hugging Face) config object a module holds (growth edits configs)."""
     out, configs = [], {}
     for m in model.modules():
-        values = {k: p.detach().clone() for k, p in m._parameters.items() if p is not None}
+        values = {k: (p.detach().clone(), p.requires_grad) for k, p in m._parameters.items() if p is not None}
         out.append((m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules), values))
         config = vars(m).get("config")
         if config is not None and hasattr(config, "to_dict") and id(config) not in configs:
@@ -185,6 +189,7 @@ def _restore(snapshot) -> None:
         m._modules.clear()
         m._modules.update(children)
         with torch.no_grad():
-            for k, v in values.items():
+            for k, (v, requires_grad) in values.items():
+                params[k].requires_grad_(requires_grad)
                 if params[k].shape == v.shape:
                     params[k].copy_(v)

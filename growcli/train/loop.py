@@ -78,5 +78,5 @@ def replay_growth(model: nn.Module, state: dict[str, Any], source: str | None = 
     The recorded edits are checked like those of a file (only allowlisted module types).
     """
     for entry in state.get("history", []):
-        replay(model, check_records(entry.get("edits", []), source), source)
+        model = replay(model, check_records(entry.get("edits", []), source), source)
     return model
