@@ -91,6 +91,8 @@ def render_grow_report(report: dict[str, Any], json_out: bool) -> None:
     elif report.get("function_preserving", True):
         result = "PASSED" if v["passed"] else "FAILED"  # FAILED: a promise broken, written under --allow-mismatch
         typer.echo(f"verification ({v['dtype']}, {v['batches']} batches): {result}, max abs diff {v['max_abs_diff']:.3g}")
+        if v.get("basis"):
+            typer.echo(f"  tolerance: atol {v['atol']:.2g}, rtol {v['rtol']:.2g} — {v['basis']}")
     else:  # nothing was promised: the difference is a measurement, not a failure
         typer.echo(f"verification ({v['dtype']}, {v['batches']} batches): measured divergence, max abs diff "
                    f"{v['max_abs_diff']:.3g} (not function-preserving by design)")

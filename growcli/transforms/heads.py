@@ -2,7 +2,8 @@
 
 Whole heads are added (docs/recipes.md#heads). A new head copies the q, k and v rows of a
 source head; the output projection's columns of a source and its copies split the source's
-columns (shares summing to 1). With grouped-query attention key/value heads grow by the same
+columns (shares summing to 1, built to sum to them exactly in the weights' dtype, see
+:mod:`growcli.transforms.splits`). With grouped-query attention key/value heads grow by the same
 factor, each new one bringing copies of its source's query heads, so every query head keeps
 its key/value head; multi-query attention keeps its single one. The head planning here is
 also used by ``hidden`` when the config ties the attention width to the hidden size.
@@ -78,6 +79,7 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
                 shapes: dict[str, tuple[int, ...]]) -> int:
     """Add the head maps of every attention to ``edit``; returns the new number of key/value heads."""
     segments: dict[tuple[str, int], list] = {}
+    splits = {(s.o.weight, s.o.dim) for s in sites}  # output columns are shared out; q, k, v rows are copies
     new_kv = None
     for site in sites:
         maps, kv = _head_maps(site, new_heads, split, gen)
@@ -103,7 +105,7 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
             pos = offset + size
         if pos != shapes[name][dim]:
             raise NotGrowableError(f"parameter {name}: features {pos}..{shapes[name][dim]} along dim {dim} belong to no head")
-        edit.add(name, DimMap(dim, idx, scale))
+        edit.add(name, DimMap(dim, idx, scale, split=(name, dim) in splits))
     return new_kv
 
 

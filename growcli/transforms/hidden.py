@@ -72,7 +72,7 @@ def _plan_stream(edit: Edit, plan: StreamPlan, noise: float) -> None:
         scale = p.factor / k if p.kind == "consumer" else p.factor
         pad = PAD_OF_KIND.get(p.kind, stream_pad)
         tiles = k if p.kind == "consumer" and noise > 0 else 0
-        edit.add(p.name, DimMap(p.dim, idx, [scale] * len(idx), pad, tiles, p.shift))
+        edit.add(p.name, DimMap(p.dim, idx, [scale] * len(idx), pad, tiles, p.shift, split=p.kind == "consumer"))
     for fqn, ops in plan.handled.items():
         edit.planned_ops.setdefault(fqn, set()).update(module_of(n) for n in ops)
     edit.eps += plan.eps
@@ -126,7 +126,12 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
     apply_edit(gm, edit, spec.noise, ctx.generator(salt=72), report)
     for module, attr, old, new, buffer in constants:
         gm.edits.attr(gm.module, module, attr, new)
-        gm.edits.param(gm.module, buffer, torch.full_like(gm.module.get_buffer(buffer), new))
+        value = torch.full_like(gm.module.get_buffer(buffer), new)
+        gm.edits.param(gm.module, buffer, value)
+        if value.numel() and float(value.flatten()[0]) != new:  # the buffer cannot hold the new constant
+            report.exact_in_dtype = False
+            report.notes.append(f"not exact in {str(value.dtype).removeprefix('torch.')}: {buffer} holds "
+                                f"{float(value.flatten()[0]):.6g} for {new:.6g}: verified at that dtype's rounding")
         report.notes.append(f"{module}.{attr}: {old:.6g} → {new:.6g} (set by the new config); the layers writing what it "
                             f"scales are multiplied by {old / new:.6g}")
     sync_config(gm, updates, sizes, protected, plan.eps, report.notes)

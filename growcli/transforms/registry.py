@@ -45,6 +45,9 @@ class StepReport:
     exact: bool = True
     notes: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    # The step's weights are exact in their stored dtype (splits and tiles sum bit for bit), so it is held to
+    # float64-level tolerances (growcli.verification.compare.exact_tolerance); None: the step does not say.
+    exact_in_dtype: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

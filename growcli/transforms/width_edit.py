@@ -3,13 +3,20 @@
 A width step (:mod:`growcli.transforms.heads`, :mod:`growcli.transforms.hidden`) plans, on the
 trace of :func:`trace_width`, one :class:`DimMap` per grown dimension of each parameter,
 collected in an :class:`Edit` with the ``eps`` fixes; :func:`apply_edit` rewrites every planned
-tensor (in float64) and records it through ``gm.edits``, unties tied weights that now differ and
-keeps module attributes in step. :func:`check_shared` refuses a plan that misses a use of a
-weight it changes.
+tensor and records it through ``gm.edits``, unties tied weights that now differ and keeps module
+attributes in step. :func:`check_shared` refuses a plan that misses a use of a weight it changes.
+
+Copies are computed in float64 and stored in the tensor's dtype; the parts of a split (the tiles
+of a reader, the output columns of a copied head) are built to sum to the original exactly in
+that dtype. Every rewritten tensor is then checked against its float64 values, and the step's
+report says whether it is exact in the dtype (``report.exact_in_dtype``), which sets the
+verification tolerance (:func:`growcli.verification.compare.verify_models`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +29,7 @@ from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.transforms.registry import StepReport
 from growcli.transforms.resize import sync_attributes
+from growcli.transforms.splits import along, split_columns
 
 
 # --------------------------------------------------------------------------- how one dimension changes
@@ -29,7 +37,10 @@ from growcli.transforms.resize import sync_attributes
 class DimMap:
     """New positions along ``dim``: ``old[idx] · scale + shift``; positions with ``idx = -1`` are padded
     with the mean over the old positions (``pad="mean"``) or zero instead of ``old[idx]``.
-    ``noise_tiles`` > 1 asks for paired ±noise on that many tiles of the old size."""
+    ``noise_tiles`` > 1 asks for paired ±noise on that many tiles of the old size. With ``split``
+    the positions copying one old position are its parts (readers of a tiled vector, output
+    columns of a copied head): they are built to sum to it exactly in the tensor's dtype
+    (:func:`growcli.transforms.splits.split_columns`); otherwise they are copies."""
 
     dim: int
     idx: list[int]
@@ -37,6 +48,7 @@ class DimMap:
     pad: str = "zero"
     noise_tiles: int = 0
     shift: float = 0.0
+    split: bool = False  # positions sharing an old index share it out (their scales sum to its total)
 
 
 @dataclass
@@ -58,23 +70,77 @@ class Edit:
             maps.append(m)
 
 
-def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float, gen: torch.Generator) -> torch.Tensor:
-    """Apply ``maps`` to ``old`` (in float64), returning a tensor of ``old``'s dtype."""
-    t = old.detach().to(torch.float64)
+def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, list[DimMap], str]:
+    """Apply ``maps`` to ``old``, returning a tensor of ``old``'s dtype, the maps with the scales the
+    positions actually got, and why the result is not exact in that dtype ("" when it is: every copy
+    equals its float64 value and the parts of every split sum to it bit for bit)."""
+    t = old.detach()
+    done: list[DimMap] = []
+    why = ""
     for m in sorted(maps, key=lambda m: m.dim):
+        t, m, reason = _rewrite_dim(t, m, noise, gen)
+        done.append(m)
+        why = why or reason
+    return t, done, why
+
+
+def _ideal(t64: torch.Tensor, m: DimMap) -> torch.Tensor:
+    """``m`` applied to ``t64`` in float64: the values the dtype should hold."""
+    idx = torch.tensor(m.idx)
+    new = t64.index_select(m.dim, idx.clamp(min=0))
+    padded = along(new, m.dim, idx < 0).bool()
+    if bool(padded.any()):
+        fill = t64.mean(m.dim, keepdim=True) if m.pad == "mean" else torch.zeros_like(t64.narrow(m.dim, 0, 1))
+        new = torch.where(padded, fill.expand_as(new), new)
+    return new * along(new, m.dim, torch.tensor(m.scale, dtype=torch.float64)) + m.shift
+
+
+def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator) -> tuple[torch.Tensor, DimMap, str]:
+    """One dimension of :func:`_rewrite`: the split positions (``m.split``) exact in ``t``'s dtype."""
+    t64 = t.to(torch.float64)
+    new64 = _ideal(t64, m)
+    idx = torch.tensor(m.idx)
+    scale = torch.tensor(m.scale, dtype=torch.float64)
+    src = idx.clamp(min=0)
+    counts = torch.bincount(idx[idx >= 0], minlength=t.shape[m.dim])
+    multi = (idx >= 0) & (counts[src] > 1) if m.split else torch.zeros_like(idx, dtype=torch.bool)
+    total = torch.zeros(t.shape[m.dim], dtype=torch.float64).index_add_(0, src[idx >= 0], scale[idx >= 0])
+    total = torch.where((total - 1).abs() <= 1e-12, torch.ones_like(total), total)  # shares summing to 1 (float64 sums)
+    new = new64.to(t.dtype)
+    if bool(multi.any()) and t.is_floating_point() and m.shift == 0:
+        # Each old position's total (its copies' scales sum to it; 1 unless a constant is absorbed),
+        # shared out among its copies exactly in the dtype.
+        base = (t64 * along(t64, m.dim, torch.where(counts > 1, total, 1.0))).to(t.dtype)
+        parts, got = split_columns(base, m.dim, src, scale / total[src], multi)
+        new = torch.where(along(new, m.dim, multi).bool(), parts, new)
+        scale = torch.where(multi, got * total[src], scale)
+        m = dataclasses.replace(m, scale=scale.tolist())
+    if m.noise_tiles > 1 and noise > 0:
+        new = _paired_noise(new.to(torch.float64), m, t64.std().item() * noise, gen).to(t.dtype)
+    return new, m, _inexact(new, new64, t64, m, multi, total, noise)
+
+
+def _inexact(new: torch.Tensor, new64: torch.Tensor, t64: torch.Tensor, m: DimMap, multi: torch.Tensor,
+             total: torch.Tensor, noise: float) -> str:
+    """Why ``new`` is not ``m`` applied to ``t64`` exactly ("" when it is): copies must equal their float64
+    value, the parts of each split position must sum (in float64) to the old value times its total."""
+    got = new.to(torch.float64)
+    single = along(got, m.dim, ~multi).bool().expand_as(got)
+    if not torch.equal(got[single], new64[single]):
         idx = torch.tensor(m.idx)
-        new = t.index_select(m.dim, idx.clamp(min=0))
-        view = [1] * t.dim()
-        view[m.dim] = -1
-        padded = (idx < 0).view(view)
-        if bool(padded.any()):
-            fill = t.mean(m.dim, keepdim=True) if m.pad == "mean" else torch.zeros_like(t.narrow(m.dim, 0, 1))
-            new = torch.where(padded, fill.expand_as(new), new)
-        new = new * torch.tensor(m.scale, dtype=torch.float64).view(view) + m.shift
-        if m.noise_tiles > 1 and noise > 0:
-            new = _paired_noise(new, m, t.std().item() * noise, gen)
-        t = new
-    return t.to(old.dtype)
+        if bool((idx < 0).any()) and m.pad == "mean":
+            return "mean padding rounded"
+        odd = sorted({s for s in m.scale if s != 1.0 and math.frexp(s)[0] != 0.5})
+        return f"scaled by {odd[0]:.6g}" if odd else "rounded"
+    if bool(multi.any()):
+        src = torch.tensor(m.idx).clamp(min=0)
+        sums = torch.zeros_like(t64).index_add_(m.dim, src[multi], got.index_select(m.dim, torch.nonzero(multi).flatten()))
+        hit = torch.unique(src[multi])
+        want = (t64 * along(t64, m.dim, total)).index_select(m.dim, hit)
+        if not torch.equal(sums.index_select(m.dim, hit), want):
+            return "paired ±noise" if m.noise_tiles > 1 and noise > 0 else "split of a rescaled total"
+    return ""
 
 
 def map_origin(maps: list[DimMap]) -> Origin:
@@ -106,9 +172,13 @@ def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, re
     for name, t in named.items():
         by_tensor.setdefault(id(t), []).append(name)
     new_tensors: dict[str, torch.Tensor] = {}
+    done: dict[str, list[DimMap]] = {}
+    rounded: dict[str, str] = {}
     for name, maps in edit.maps.items():
-        old = named[name]
-        new_tensors[name] = _rewrite(old, maps, noise, gen)
+        new_tensors[name], done[name], why = _rewrite(named[name], maps, noise, gen)
+        if why:
+            rounded[name] = why
+    note_rounding(report, rounded, named[min(rounded)].dtype if rounded else torch.float64)
     untied, still_tied = set(), set()
     for name in new_tensors:
         siblings = tuple(sorted(by_tensor[id(named[name])]))
@@ -120,7 +190,7 @@ def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, re
             (still_tied if equal else untied).add(siblings)
     for name, new in new_tensors.items():
         old = named[name]
-        gm.edits.param(root, name, new, map_origin(edit.maps[name]))
+        gm.edits.param(root, name, new, map_origin(done[name]))
         report.changes.append({"name": name, "before": list(old.shape), "after": list(new.shape)})
     for group in still_tied:
         # Each name got an equal tensor (that is what replay records); share one Parameter again, as before.
@@ -141,6 +211,18 @@ def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, re
         if gm.is_hf and config is not None and getattr(config, "tie_word_embeddings", False):
             gm.edits.config(root, "tie_word_embeddings", False)
             report.notes.append("config tie_word_embeddings: True → False")
+
+
+def note_rounding(report: StepReport, rounded: dict[str, str], dtype: torch.dtype) -> None:
+    """Say on ``report`` whether the step is exact in the weights' dtype (``report.exact_in_dtype``, which
+    verification reads to choose its tolerance) and, if not, which tensors were rounded and why."""
+    exact = not rounded and getattr(report, "exact_in_dtype", None) is not False
+    report.exact_in_dtype = exact
+    if rounded:
+        reasons = sorted(set(rounded.values()))
+        names = sorted(rounded)
+        report.notes.append(f"not exact in {str(dtype).removeprefix('torch.')}: {len(names)} tensors rounded "
+                            f"({'; '.join(reasons)}; e.g. {', '.join(names[:2])}): verified at that dtype's rounding")
 
 
 def _sync_norm(gm: GrowModel, name: str) -> None:

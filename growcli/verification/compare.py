@@ -20,10 +20,65 @@ from growcli.core.errors import InputsError
 from growcli.core.inputs import Batch, cast_batch
 from growcli.core.model import eval_mode
 
-# (atol, rtol) by the precision the weights are stored in: a float32 model compared in float64
-# still carries float32 rounding of its (split) weights, so float32 tolerances apply to it.
+# (atol, rtol) by the precision the weights are stored in, for a step that rounds weights to that
+# precision (or does not say it does not): a float32 model compared in float64 still carries float32
+# rounding of its (split, rescaled) weights, so float32 tolerances apply to it. In ulps of each
+# dtype: bf16 ≈ 2.6, fp16 ≈ 2, fp32 ≈ 84 (dense rescalings and factorisations of widths in the
+# thousands), fp64 ≈ 4.5e5 (the float32 arithmetic some models use inside a float64 run).
 DEFAULT_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 1e-5),
                torch.float16: (1e-4, 2e-3), torch.bfloat16: (1e-3, 2e-2)}
+
+# A step exact in the stored dtype leaves two evaluations of the same real function that differ only
+# in the order of their sums: each rounding stage (a product, a reduction, a normalisation) may round
+# differently by a few ulps of the precision the model computes in, relative to the output's scale.
+EXACT_ULPS = 16
+STAGES = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "convolution", "einsum",
+                    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math",
+                    "_scaled_dot_product_efficient_attention", "native_layer_norm", "native_group_norm",
+                    "native_batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+                    "mean", "sum", "var", "var_mean", "_softmax", "_log_softmax", "linalg_vector_norm"})
+
+
+def exact_tolerance(compute: torch.dtype, stages: int) -> tuple[float, float]:
+    """(atol, rtol) for a step exact in the weights' dtype: ``EXACT_ULPS`` ulps of ``compute`` (the least
+    precise dtype the model computes in) per rounding stage of its forward pass (``stages`` ≥ 1)."""
+    tol = EXACT_ULPS * torch.finfo(compute).eps * max(1, stages)
+    return tol, tol
+
+
+@dataclass
+class Profile:
+    """What one forward pass computes in: the least precise floating dtype of any op's result, and the
+    number of rounding stages (products, reductions, normalisations, softmaxes)."""
+
+    lowest: torch.dtype
+    stages: int
+
+
+def profile_run(module: nn.Module, batch: Batch, dtype: torch.dtype) -> Profile | None:
+    """The :class:`Profile` of ``module`` on ``batch`` (already in ``dtype``), observed at the aten level;
+    None when the model cannot run under observation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = {"lowest": dtype, "stages": 0}
+
+    class Observe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in STAGES:
+                seen["stages"] += 1
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and \
+                        torch.finfo(t.dtype).eps > torch.finfo(seen["lowest"]).eps:
+                    seen["lowest"] = t.dtype
+            return out
+
+    try:
+        with Observe():
+            run_model(module, batch)
+    except Exception:
+        return None
+    return Profile(seen["lowest"], seen["stages"])
 
 
 def storage_precision(*modules: Any, compute: torch.dtype = torch.float64) -> torch.dtype:
@@ -58,6 +113,7 @@ class VerifyReport:
     max_abs_diff: float
     outputs: list[OutputCheck] = field(default_factory=list)
     note: str = ""
+    basis: str = ""  # which tolerance was used, and why
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +131,7 @@ class VerifyReport:
     def summary(self) -> str:
         worst = max(self.outputs, key=lambda o: o.max_abs_diff / max(o.tolerance, 1e-300), default=None)
         where = f" (worst: {worst.name}, {worst.max_abs_diff:.3g} > {worst.tolerance:.3g})" if worst and not self.passed else ""
+        where += f"; tolerance: {self.basis}" if self.basis and not self.passed else ""
         return (f"{'equal' if self.passed else 'NOT equal'} in {self.dtype} over {self.batches} batches: "
                 f"max abs diff {self.max_abs_diff:.3g}{where}")
 
@@ -181,11 +238,15 @@ def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype):
 
 def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch], dict[str, torch.Tensor]],
                   batches: list[Batch], *, dtype: torch.dtype = torch.float64,
-                  atol: float | None = None, rtol: float | None = None) -> VerifyReport:
+                  atol: float | None = None, rtol: float | None = None,
+                  exact_in_dtype: bool | None = None) -> VerifyReport:
     """Run both models in eval mode on ``batches`` in ``dtype`` and compare every output.
 
     ``dtype=float64`` falls back to float32 (said in ``note``) when a model cannot run in
     float64. ``candidate`` may also be a callable from batch to named outputs (ONNX).
+    ``exact_in_dtype`` is what the step that made ``candidate`` says about the weights' dtype:
+    True (its weights are exact in it) holds it to :func:`exact_tolerance`, False or None to the
+    dtype's rounding (:data:`DEFAULT_TOL`); ``basis`` in the report says which and why.
     """
     note = ""
     try:
@@ -197,7 +258,9 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
         dtype = torch.float32
         ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
     precision = storage_precision(reference, candidate, compute=dtype)
-    d_atol, d_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
+    d_atol, d_rtol, basis = _default_tolerance(ref, cast_batch(batches[0], dtype), precision, dtype, exact_in_dtype)
+    if atol is not None or rtol is not None:
+        basis = "given" + (f" (otherwise: {basis})" if atol is None or rtol is None else "")
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     checks: dict[str, OutputCheck] = {}
@@ -208,7 +271,32 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     passed = bool(outputs) and all(o.passed for o in outputs)
     if not outputs:
         note = (note + "; " if note else "") + "the model returned no tensors"
-    if precision != dtype:
-        note = (note + "; " if note else "") + f"weights stored in {str(precision).removeprefix('torch.')}: its tolerances apply"
-    return VerifyReport(passed, str(dtype).removeprefix("torch."), len(batches), atol, rtol,
-                        max((o.max_abs_diff for o in outputs), default=0.0), outputs, note)
+    if precision != dtype and not (exact_in_dtype and basis.startswith("exact")):
+        note = (note + "; " if note else "") + f"weights stored in {_name(precision)}: its tolerances apply"
+    return VerifyReport(passed, _name(dtype), len(batches), atol, rtol,
+                        max((o.max_abs_diff for o in outputs), default=0.0), outputs, note, basis)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _default_tolerance(ref: nn.Module, batch: Batch, precision: torch.dtype, compute: torch.dtype,
+                       exact_in_dtype: bool | None) -> tuple[float, float, str]:
+    """(atol, rtol, why) when none is given: the rounding tolerance of ``precision``, tightened to
+    :func:`exact_tolerance` when the step is exact in it (never looser than the rounding tolerance)."""
+    r_atol, r_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
+    rounded = f"{_name(precision)} rounding"
+    if exact_in_dtype is None:
+        return r_atol, r_rtol, rounded + ("" if precision == compute else
+                                          f" (the step does not say it is exact in {_name(precision)})")
+    if not exact_in_dtype:
+        return r_atol, r_rtol, rounded + f" (the step rounds weights to {_name(precision)})"
+    profile = profile_run(ref, batch, compute)
+    if profile is None:
+        return r_atol, r_rtol, rounded + " (the model's arithmetic could not be observed)"
+    e_atol, e_rtol = exact_tolerance(profile.lowest, profile.stages)
+    inside = "" if profile.lowest == compute else f"; the model computes in {_name(profile.lowest)} inside"
+    return (min(e_atol, r_atol), min(e_rtol, r_rtol),
+            f"exact in {_name(precision)}: {EXACT_ULPS} ulps of {_name(profile.lowest)} per rounding stage × "
+            f"{profile.stages} stages{inside}" + (f", capped at {rounded}" if e_rtol > r_rtol else ""))
