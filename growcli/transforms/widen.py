@@ -24,6 +24,7 @@ from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.core.origins import AxisMap, Origin
 from growcli.core.select import select
+from growcli.transforms.firefly import widen_firefly
 from growcli.transforms.gradmax import widen_gradmax
 from growcli.transforms.hfconfig import fit_sizes
 from growcli.transforms.registry import Context, StepReport, option, register
@@ -31,44 +32,74 @@ from growcli.transforms.resize import sync_attributes
 from growcli.transforms.splits import along, split_columns
 from growcli.transforms.sizes import check_one_size, target_size
 
-INITS = ("net2net", "zero", "gradmax")
+INITS = ("net2net", "zero", "gradmax", "firefly")
+DATA_INITS = ("gradmax", "firefly")  # the inits that read calibration data
 
 
 @dataclass(frozen=True)
 class WidenSpec:
-    """Grow ``layer`` (a name, pattern or list) to ``to`` units, by ``by`` units, or by ``factor``."""
+    """Grow ``layer`` (a name, pattern or list) to ``to`` units, by ``by`` units, or by ``factor``
+    (init firefly: or share ``budget`` units among the layers)."""
 
     layer: str | list[str] = option(help="Module name, dotted suffix, glob or regex; a list grows several layers.")
     to: int | None = option(None, "New number of units/channels.")
     by: int | None = option(None, "Number of units/channels to add.")
     factor: float | None = option(None, "Multiply the number of units by F.")
-    init: Literal["net2net", "zero", "gradmax"] = option("net2net", "net2net (copy units, split outgoing weights), zero (random incoming, zero outgoing weights) or gradmax (zero incoming, outgoing from the gradient on data).")
+    init: Literal["net2net", "zero", "gradmax", "firefly"] = option(
+        "net2net", "net2net (copy units, split outgoing weights), zero (random incoming, zero outgoing weights), gradmax "
+                   "(zero incoming, outgoing from the gradient on data) or firefly (the best new or split units by their "
+                   "loss decrease on data).")
     split: Literal["asymmetric", "uniform"] = option("asymmetric", "asymmetric (random shares summing to 1) or uniform.")
     noise: float = option(0.0, "Net2Net noise on the copies' incoming weights (relative to the weights' std); makes "
                                "the step approximate.")
     # init gradmax (docs/recipes.md#widen-gradmax-init): outgoing norm relative to the existing units', and the
-    # calibration data the gradient comes from (see growcli.analysis.calibration; loaded by the runner).
+    # calibration data the gradient comes from (see growcli.analysis.calibration; loaded by the runner; firefly too).
     scale: float = option(0.5, "gradmax: new outgoing weights' norm relative to the mean of the existing ones.")
-    data: str | None = option(None, "gradmax: calibration data, .safetensors/.pt with 'input' and 'target'.")
-    loss: Literal["auto", "cross_entropy", "mse", "model"] = option("auto", "gradmax: auto, cross_entropy, mse or model.")
-    data_batches: int | None = option(None, "gradmax: use only the first N calibration batches.")
-    batch_size: int | None = option(None, "gradmax: samples per calibration batch (default 32).")
+    data: str | None = option(None, "gradmax, firefly: calibration data, .safetensors/.pt with 'input' and 'target'.")
+    loss: Literal["auto", "cross_entropy", "mse", "model"] = option("auto", "gradmax, firefly: auto, cross_entropy, mse or model.")
+    data_batches: int | None = option(None, "gradmax, firefly: use only the first N calibration batches.")
+    batch_size: int | None = option(None, "gradmax, firefly: samples per calibration batch (default 32).")
+    # init firefly (docs/recipes.md#widen-firefly-init)
+    candidates: int = option(32, "firefly: new units with random incoming weights scored per layer (besides a split of "
+                                 "every existing unit).")
+    budget: int | None = option(None, "firefly: new units shared among all the layers by score, instead of to, by or "
+                                      "factor per layer.")
+    eps: float = option(0.1, "firefly: the candidates' step ε, relative to the existing weights' norms (new units' "
+                             "outgoing weights, splits' offsets); scores are the loss decrease predicted at ε.")
+    firefly_steps: int = option(0, "firefly: gradient steps on the kept candidates' ε after selection; 0 keeps ε = 0 "
+                                   "(exact), more makes the step approximate.")
+    firefly_lr: float = option(1.0, "firefly: learning rate of the steps on ε (halved when a step raises the loss).")
 
     def __post_init__(self):
-        check_one_size(self, ("to", "by", "factor"))
+        if self.budget is None:
+            check_one_size(self, ("to", "by", "factor"))
+        elif self.init != "firefly":
+            raise UsageError(f"budget is used only by init firefly (init is {self.init}); give to, by or factor")
+        elif (self.to, self.by, self.factor) != (None, None, None):
+            raise UsageError("budget shares the new units among the layers; give it instead of to, by or factor")
+        elif not isinstance(self.budget, int) or self.budget < 1:
+            raise UsageError(f"budget must be a positive integer, got {self.budget!r}")
         if self.noise < 0:
             raise UsageError(f"noise must be non-negative, got {self.noise}")
-        if self.init == "gradmax" and not self.data:
-            raise UsageError("init gradmax needs calibration data: data: FILE (--data FILE), see growcli.analysis.calibration")
-        if self.init == "gradmax" and self.noise:
-            raise UsageError("noise applies to net2net copies; init gradmax adds units with zero incoming weights")
-        if self.init != "gradmax" and self.data is not None:
-            raise UsageError(f"data is used only by init gradmax (init is {self.init})")
+        if self.init in DATA_INITS and not self.data:
+            raise UsageError(f"init {self.init} needs calibration data: data: FILE (--data FILE), see growcli.analysis.calibration")
+        if self.init in DATA_INITS and self.noise:
+            raise UsageError(f"noise applies to net2net copies; init {self.init} does not copy units")
+        if self.init not in DATA_INITS and self.data is not None:
+            raise UsageError(f"data is used only by init gradmax and firefly (init is {self.init})")
         if self.scale <= 0:
             raise UsageError(f"scale must be positive, got {self.scale}")
         for key in ("data_batches", "batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UsageError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.candidates < 0:
+            raise UsageError(f"candidates must be zero or more, got {self.candidates}")
+        if self.eps <= 0 or self.firefly_lr <= 0:
+            raise UsageError(f"eps and firefly_lr must be positive, got {self.eps} and {self.firefly_lr}")
+        if self.firefly_steps < 0:
+            raise UsageError(f"firefly_steps must be zero or more, got {self.firefly_steps}")
+        if self.init != "firefly" and self.firefly_steps:
+            raise UsageError(f"firefly_steps is used only by init firefly (init is {self.init})")
 
     def target(self, current: int) -> int:
         return target_size(self, current)
@@ -224,7 +255,8 @@ def widen_candidates(gm: GrowModel) -> dict[str, str | None]:
     return result
 
 
-@register("widen", WidenSpec, exact=lambda spec: spec.noise == 0, help="Net2WiderNet: grow a layer's units or channels",
+@register("widen", WidenSpec, exact=lambda spec: spec.noise == 0 and not (spec.init == "firefly" and spec.firefly_steps > 0),
+          help="Net2WiderNet: grow a layer's units or channels",
           candidates=widen_candidates)
 def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
     """Widen every layer matched by ``spec.layer``; layers in one coupled group grow together once."""
@@ -235,11 +267,12 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
     done: set[frozenset[str]] = set()
     sizes: dict[int, int] = {}
     touched: set[str] = set()  # tensors earlier groups rewrote
+    firefly: list[Group] = []  # init firefly: every group is scored first, then grown together
     for layer in layers:
         if any(layer in key for key in done):
             continue
         group = analyze(trace, layer)
-        if touched & {use.fqn for use in group.uses}:
+        if touched & {use.fqn for use in group.uses} and spec.init != "firefly":
             # An earlier group grew a tensor this one uses too (a consumer of both, e.g. after torch.cat):
             # its offsets moved, so analyse again on the model as it is now.
             trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
@@ -249,6 +282,9 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
             continue
         done.add(key)
         touched |= {use.fqn for use in group.uses}
+        if spec.init == "firefly":
+            firefly.append(group)
+            continue
         new_size = spec.target(group.size)
         if new_size <= group.size:
             raise NotGrowableError(f"'{layer}' has {group.size} units; the new size {new_size} is not larger")
@@ -258,9 +294,15 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
             widen_group(gm, group, new_size, spec, gen, report)
         sizes[group.size] = new_size
         report.matched.append(layer if len(group.producers) == 1 else f"{layer} (with {', '.join(p for p in group.producers if p != layer)})")
+    if firefly:
+        sizes = widen_firefly(gm, trace, firefly, spec, ctx, report)
     for change in fit_sizes(gm, sizes, sorted(set(sizes.values()))):
         report.notes.append(f"config {change}")
     if spec.noise > 0:
         report.notes.append(f"noise {spec.noise} on the copies' incoming weights makes the step approximate")
+    # Copies and exact splits (growcli.transforms.splits) sum to the original bit for bit in the stored dtype;
+    # a grouped consumer's columns are scaled by a factor that rounds.
+    report.exact_in_dtype = (spec.init == "net2net" and spec.noise == 0
+                             and not any(c.get("role") == "grouped_consumer" for c in report.changes))
     report.params_after = gm.num_parameters()
     return report

@@ -27,20 +27,36 @@ def register(app: typer.Typer) -> None:
         by: Annotated[Optional[int], typer.Option("--by", help="Number of units/channels to add.")] = None,
         factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the number of units by F.")] = None,
         init: Annotated[str, typer.Option("--init", help="net2net (copy units, split outgoing weights), zero (random "
-                                          "incoming, zero outgoing weights) or gradmax (zero incoming, outgoing from "
-                                          "the gradient on data).")] = "net2net",
+                                          "incoming, zero outgoing weights), gradmax (zero incoming, outgoing from "
+                                          "the gradient on data) or firefly (the best new or split units by their "
+                                          "loss decrease on data).")] = "net2net",
         split: Annotated[str, typer.Option("--split", help="asymmetric (random shares summing to 1) or uniform.")] = "asymmetric",
         noise: Annotated[float, typer.Option("--noise", help="Net2Net noise on the copies' incoming weights (relative "
                                              "to the weights' std); makes the step approximate.")] = 0.0,
         scale: Annotated[float, typer.Option("--scale", help="gradmax: new outgoing weights' norm relative to the mean "
                                              "of the existing ones.")] = 0.5,
-        data: Annotated[Optional[Path], typer.Option("--data", help="gradmax: calibration data, .safetensors/.pt with "
+        data: Annotated[Optional[Path], typer.Option("--data", help="gradmax, firefly: calibration data, .safetensors/.pt with "
                                                      "'input' and 'target'. See growcli suggest --help.")] = None,
-        loss: Annotated[str, typer.Option("--loss", help="gradmax: auto, cross_entropy, mse or model.")] = "auto",
-        data_batches: Annotated[Optional[int], typer.Option("--data-batches", min=1, help="gradmax: use only the first "
+        loss: Annotated[str, typer.Option("--loss", help="gradmax, firefly: auto, cross_entropy, mse or "
+                                           "model.")] = "auto",
+        data_batches: Annotated[Optional[int], typer.Option("--data-batches", min=1, help="gradmax, firefly: use only the first "
                                                             "N calibration batches.")] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="gradmax: samples per "
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="gradmax, firefly: samples per "
                                                           "calibration batch (default 32).")] = None,
+        candidates: Annotated[int, typer.Option("--candidates", min=0, help="firefly: new units with random incoming "
+                                                "weights scored per layer (besides a split of every existing "
+                                                "unit).")] = 32,
+        budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="firefly: new units shared among all the "
+                                                      "layers by score, instead of to, by or factor per layer. Repeat "
+                                                      "--layer to name the layers.")] = None,
+        eps: Annotated[float, typer.Option("--eps", help="firefly: the candidates' step ε, relative to the existing "
+                                           "weights' norms (new units' outgoing weights, splits' offsets); scores are "
+                                           "the loss decrease predicted at ε.")] = 0.1,
+        firefly_steps: Annotated[int, typer.Option("--firefly-steps", min=0, help="firefly: gradient steps on the kept "
+                                                   "candidates' ε after selection; 0 keeps ε = 0 (exact), more makes "
+                                                   "the step approximate.")] = 0,
+        firefly_lr: Annotated[float, typer.Option("--firefly-lr", help="firefly: learning rate of the steps on ε "
+                                                  "(halved when a step raises the loss).")] = 1.0,
         # Flags that drive the heads and hidden transforms (renamed: see tests/test_options.py).
         heads: Annotated[Optional[int], typer.Option("--heads", help="Transformers: grow every attention to N query heads "
                                                      "(whole heads, head_dim kept; with --hidden: heads after it).")] = None,
@@ -60,6 +76,7 @@ def register(app: typer.Typer) -> None:
         Example: growcli widen model.pt2 --layer fc1 --to 512 -o grown.safetensors
         (transformers: growcli widen llama/ --hidden 2x --heads 16 -o grown/ ; growcli widen llama/ --heads 8 -o grown/)
         (gradmax: growcli widen model.pt2 --layer fc1 --by 8 --init gradmax --data calib.safetensors -o grown.safetensors)
+        (firefly: growcli widen model.pt2 --layer fc1 --layer fc2 --budget 8 --init firefly --data calib.safetensors -o g.safetensors)
         """
         from growcli.run.runner import Output, Source, Step, grow
 
@@ -67,20 +84,26 @@ def register(app: typer.Typer) -> None:
             raise UsageError("widen needs at least one -o OUTPUT")
         if not layer and heads is None and hidden is None:
             raise UsageError("widen needs --layer NAME, --heads N or --hidden N")
-        if not layer and (to, by, factor) != (None, None, None):
-            raise UsageError("--to, --by and --factor size the --layer; --heads and --hidden take their own sizes")
+        if not layer and (to, by, factor, budget) != (None, None, None, None):
+            raise UsageError("--to, --by, --factor and --budget size the --layer; --heads and --hidden take their own sizes")
         steps = _transformer_steps(heads, hidden, pair_noise, split)
         selector = (layer[0] if len(layer) == 1 else list(layer)) if layer else None
         options = {"layer": selector, "to": to, "by": by, "factor": factor,
                    "init": init, "split": split, "noise": noise, "scale": scale,
                    "data": str(data) if data is not None else None, "loss": loss, "data_batches": data_batches,
-                   "batch_size": batch_size}
+                   "batch_size": batch_size, "budget": budget}
+        firefly = {"candidates": candidates, "eps": eps, "firefly_steps": firefly_steps, "firefly_lr": firefly_lr}
+        # only for init firefly, or when set (so the spec can refuse them for another init)
+        options.update({k: v for k, v in firefly.items() if init == "firefly" or v != _FIREFLY_DEFAULTS[k]})
         report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
                       ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
                       [Output(p, format) for p in output], seed=seed,
                       settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite,
                       protect=(data,) if data is not None else ())
         render_grow_report(report, json_out)
+
+
+_FIREFLY_DEFAULTS = {"candidates": 32, "eps": 0.1, "firefly_steps": 0, "firefly_lr": 1.0}
 
 
 def _transformer_steps(heads: int | None, hidden: str | None, pair_noise: float, split: str) -> list:
