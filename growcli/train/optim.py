@@ -70,11 +70,17 @@ def new_positions(derived: Derived | None, shape: torch.Size) -> torch.Tensor:
     """
     if derived is None or derived.origin.fresh or not derived.origin.maps:
         return torch.ones(shape, dtype=torch.bool)
-    mask = torch.zeros(shape, dtype=torch.bool)
+    # Maps in the order they were made (one call may resize a dimension twice: widen, then prune): composed
+    # per dimension into one final position → original position map before comparing positions.
+    composed: dict[int, list[int]] = {}
     for m in derived.origin.maps:
-        moved = torch.tensor([i != j for j, i in enumerate(m.index)], dtype=torch.bool)
+        prev = composed.get(m.dim)
+        composed[m.dim] = [-1 if i < 0 else (prev[i] if prev is not None else i) for i in m.index]
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for dim, index in composed.items():
+        moved = torch.tensor([i != j for j, i in enumerate(index)], dtype=torch.bool)
         view = [1] * len(shape)
-        view[m.dim] = -1
+        view[dim] = -1
         mask |= moved.view(view).expand(shape)
     return mask
 
