@@ -34,6 +34,7 @@ from growcli.io.save import check_output
 from growcli.run.outputs import save_models
 from growcli.run.steps import VerifySettings, final_report, run_step, verification_batches
 from growcli.run.streaming import DEFAULT_SHARD_SIZE, EXECUTORS as STREAMING, choose_streaming, parse_shard_size
+from growcli.run.upcycle_stream import EXECUTORS as UPCYCLE_STREAMING
 from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
 from growcli.verification.compare import VerifyReport, verify_models
@@ -183,8 +184,9 @@ def _grow_streaming(source: Source, step: Step, output: Output, seed: int, setti
         on_step(0, step)
     shard_size = output.shard_size or parse_shard_size(DEFAULT_SHARD_SIZE)
     with transaction():
-        run = STREAMING[step.transform](source.path, output.path, spec, shard_size=shard_size, settings=settings,
-                                        seed=seed, progress=progress)
+        executor = STREAMING.get(step.transform) or UPCYCLE_STREAMING[step.transform]
+        run = executor(source.path, output.path, spec, shard_size=shard_size, settings=settings, seed=seed,
+                       progress=progress)
         verification = run.verification.to_dict() if run.verification is not None else None
         if verification is not None:
             verification["against"] = f"readback of {output.path}"
