@@ -282,7 +282,7 @@ REFUSALS = [
     ("gpt2", "hidden", {"to": 36}, "multiple of head_dim 8"),
     ("llama", "heads", {"to": 5}, "multiple of 2"),
     ("llama", "hidden", {"to": 32}, "not larger"),
-    ("bert-base", "hidden", {"factor": 2.0}, "reach the model's output"),
+    ("bert-base", "hidden", {"to": 40}, "post-LN"),  # BertModel ×2 grows (tests/test_embedding_models.py)
     ("llama-eager", "heads", {"to": 8}, "scaled_dot_product_attention"),
     ("zoo-transformer", "hidden", {"factor": 2.0}, "attention in 'blocks.0.attn'"),
 ]
@@ -389,9 +389,9 @@ def test_heads_a_config_validator_rejects_still_write_safetensors(cli, tmp_path)
 
 def test_cli_refusal_exits_1_names_the_reason_and_writes_nothing(cli, tmp_path):
     out = tmp_path / "never"
-    r = cli("widen", FIXTURES / "bert-tiny", "--hidden", "2x", "-o", out)
+    r = cli("widen", FIXTURES / "bert-tiny", "--hidden", "40", "-o", out)
     assert r.code == 1
-    assert r.err.count("\n") == 1 and "last_hidden_state" in r.err
+    assert r.err.count("\n") == 1 and "post-LN" in r.err
     assert not out.exists()
 
 

@@ -103,6 +103,9 @@ class StreamPlan:
     consumers: list[str] = field(default_factory=list)
     handled: dict[str, set] = field(default_factory=dict)  # trace parameter name → the ops that planned it
     constants: list[Constant] = field(default_factory=list)
+    # Hidden states the model returns: (position in the flat graph output, hidden dim, tile scale alpha);
+    # grown position i holds alpha · old[i mod size] on the tiles, the padded ones are fresh.
+    outputs: list[tuple[int, int, float]] = field(default_factory=list)
 
     @property
     def k(self) -> int:

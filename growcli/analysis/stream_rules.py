@@ -39,6 +39,10 @@ class Planner(PlanBook):
                 self.visit(node)
         self.plan.params = list(self.plans.values())
         self.plan.handled = self.handled
+        out = next(n for n in self.a.trace.graph.nodes if n.op == "output")
+        for i, arg in enumerate(flat_args(out.args)):
+            if arg in self.a.outputs and arg in self.st:
+                self.plan.outputs.append((i, self.a.outputs[arg], self.st[arg].alpha))
         return self.plan
 
     def visit(self, node: fx.Node) -> None:

@@ -42,6 +42,9 @@ class StreamAnalysis(Analysis):
         super().__init__(trace, module_of(start))
         self.start = start
         self.stats: dict[fx.Node, None] = {}
+        # Hidden states that are model outputs (an embedding model's last_hidden_state) → their hidden dim;
+        # they grow with the stream, and the verification compares them through the output map.
+        self.outputs: dict[fx.Node, int] = {}
 
     def run(self) -> Group:
         self.group = Group(self.layer, 0)
@@ -76,9 +79,11 @@ class StreamAnalysis(Analysis):
         if node.op == "call_function" and node.target in METADATA_CHECKS:
             return
         if node.op == "output":
-            what = "a statistic over the hidden dimension" if src in self.stats else "the hidden states"
-            raise Refuse(f"{what} reach the model's output (e.g. last_hidden_state), whose shape would change; "
-                         "grow a model with a head (…ForCausalLM, …ForMaskedLM, …ForImageClassification…)")
+            if src in self.stats:
+                raise Refuse("a statistic over the hidden dimension reaches the model's output, whose shape would "
+                             "change; grow a model with a head (…ForCausalLM, …ForMaskedLM, …ForImageClassification…)")
+            self.outputs[src] = self._state(src)[0]
+            return
         if src in self.stats:
             return self._stat_user(src, node)
         dim, _ = self._state(src)

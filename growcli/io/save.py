@@ -282,7 +282,7 @@ def _save_hf(gm: GrowModel, tmp: Path, shard_size: int | None = None) -> None:
             setattr(module.config, k, v)
     _check_hf_config(module, tmp)
     if gm.source.is_dir():  # tokenizer, generation config and other side files travel along
-        copy_side_files(gm.source, tmp)
+        copy_side_files(gm.source, tmp, steps=gm.steps)  # a vocab step's new tokens go into the tokenizer
 
 
 def _validate_hf_config(config) -> None:

@@ -8,6 +8,10 @@ tokenizer files (``tokenizer*.json``, ``special_tokens_map.json``, ``*.model``, 
 the original are never copied: they would be stale next to the grown ones (and a loader may
 pick them up), whatever their format: ``*.safetensors``, ``pytorch_model*.bin``,
 ``consolidated.*``, ``tf_model.h5``, ``flax_model.msgpack``, an ``original/`` folder.
+
+A tokenizer must also match the grown vocabulary: given the run's step reports, the tokens
+a ``vocab`` step added are added to the copied tokenizer (:mod:`growcli.io.tokenizer`), and
+that step's notes say whether it was done or why not.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import fnmatch
 import shutil
 from pathlib import Path
+from typing import Any
+
+from growcli.io.tokenizer import add_tokens, tokens_added
 
 # Names (matched case-insensitively, as globs) never carried over.
 STALE = (
@@ -44,11 +51,12 @@ def side_files(src: Path) -> list[Path]:
     return sorted(p for p in src.iterdir() if is_side_file(p))
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_side_files(src: Path, dst: Path, steps: list[dict[str, Any]] | None = None) -> list[str]:
     """Copy ``src``'s side files into ``dst``; an entry ``dst`` already has (written for the grown model) wins.
 
     Returns the names copied. Folders (e.g. a tokenizer subfolder) are copied whole, minus
-    stale weights inside them.
+    stale weights inside them. With ``steps`` (the run's step reports), tokens added by a
+    ``vocab`` step go into the copied tokenizer (see :func:`update_tokenizer`).
     """
     dst = Path(dst)
     copied = []
@@ -61,7 +69,22 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
         else:
             shutil.copy2(item, target)
         copied.append(item.name)
+    if steps:
+        update_tokenizer(dst, steps)
     return copied
+
+
+def update_tokenizer(dst: Path, steps: list[dict[str, Any]]) -> str:
+    """Add the tokens of the ``vocab`` steps in ``steps`` to the tokenizer in ``dst``; returns the note.
+
+    The note (added, or why not) is appended once to the last ``vocab`` step's ``notes``, so the
+    growth report says what happened to the tokenizer.
+    """
+    note = add_tokens(Path(dst), tokens_added(steps))
+    vocab_steps = [s for s in steps if s.get("transform") == "vocab"]
+    if note and vocab_steps and note not in vocab_steps[-1].setdefault("notes", []):
+        vocab_steps[-1]["notes"].append(note)
+    return note
 
 
 def _ignore_stale(directory: str, names: list[str]) -> list[str]:

@@ -37,7 +37,7 @@ from growcli.run.streaming import DEFAULT_SHARD_SIZE, EXECUTORS as STREAMING, ch
 from growcli.run.upcycle_stream import EXECUTORS as UPCYCLE_STREAMING
 from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
-from growcli.verification.compare import VerifyReport, verify_models
+from growcli.verification.compare import VerifyReport, compose_maps, verify_models
 
 
 @dataclass
@@ -113,10 +113,12 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     # the input; a conversion (no step) is verified by reading each output back against it.
     original = eval_mode(copy.deepcopy(gm.module)) if len(steps) > 1 else None
     params_before = gm.num_parameters()
+    output_maps: dict = {}  # outputs grown on purpose (a larger vocabulary), composed over the chain
     for i, step in enumerate(steps):
         if on_step:
             on_step(i, step)
-        run_step(gm, step.transform, step.options, ctx, settings)
+        step_report = run_step(gm, step.transform, step.options, ctx, settings)
+        output_maps = compose_maps(output_maps, getattr(step_report, "output_maps", None) or {})
     batches = verification_batches(gm, settings, seed)
     overall = None
     if len(steps) == 1:
@@ -124,7 +126,7 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     elif original is not None:
         exact_all = bool(gm.steps) and all(s.get("exact_in_dtype") for s in gm.steps)  # every step exact in the dtype
         overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
-                                exact_in_dtype=True if exact_all else None)
+                                exact_in_dtype=True if exact_all else None, output_maps=output_maps)
     del original
     all_exact = all(s["exact"] for s in gm.steps)
     if overall is not None and all_exact and not overall.passed and not settings.allow_mismatch:

@@ -59,7 +59,8 @@ def run_step(gm: GrowModel, name: str, options: dict[str, Any] | Any, ctx: Conte
         batches = verification_batches(gm, settings, ctx.seed)
         # The tolerance follows what the step says about the weights' dtype (exact in it, or rounded to it).
         result = verify_models(before, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
-                               exact_in_dtype=report.exact_in_dtype if report.exact else None)
+                               exact_in_dtype=report.exact_in_dtype if report.exact else None,
+                               output_maps=getattr(report, "output_maps", None))
         report.verification = result.to_dict()
         if not report.exact:
             report.notes.append(f"not function-preserving by design; measured: {result.summary()}")

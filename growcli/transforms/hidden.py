@@ -22,12 +22,15 @@ from growcli.analysis.stream_plan import MEAN, StreamPlan
 from growcli.analysis.stream_tensors import PRODUCERS
 from growcli.analysis.trace import module_of, weight_of
 from growcli.core.errors import NotGrowableError, UsageError
+from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
+from growcli.core.origins import AxisMap
 from growcli.transforms.heads import plan_heads, probe_heads, size_map, uniform_shape
 from growcli.transforms.hfconfig import sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.width_edit import DimMap, Edit, apply_edit, check_shared, trace_width
+from growcli.verification.compare import flatten_outputs
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,24 @@ class HiddenSpec:
 
 
 PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}
+
+
+def _output_maps(gm: GrowModel, plans: list[StreamPlan]) -> dict[str, AxisMap]:
+    """Hidden states the model returns (an embedding model's outputs) → how the grown ones map to the old.
+
+    Along the hidden dim, tile position ``i`` holds ``alpha · old[i mod d]``; padded positions
+    are fresh (zero after a final norm, the per-token mean on an un-normalised stream).
+    """
+    outputs = [out for plan in plans for out in plan.outputs]
+    if not outputs:
+        return {}
+    args, kwargs = make_batches(gm.inputs, 1)[0]
+    with torch.no_grad():
+        names = list(flatten_outputs(gm.module(*args, **kwargs)))
+    d, k, r = plans[0].size, plans[0].k, plans[0].r
+    index = tuple(range(d)) * k + (-1,) * r
+    return {names[i]: AxisMap(dim, index, (alpha,) * (k * d) + (1.0,) * r) for i, dim, alpha in outputs
+            if i < len(names)}
 
 
 def _plan_stream(edit: Edit, plan: StreamPlan, noise: float) -> None:
@@ -121,7 +142,8 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
         protected[hd] = "head_dim"
     constants = _hidden_constants(gm, plan, updates)
     _plan_stream(edit, plan, spec.noise)
-    _extra_groups(gm, trace, edit, plan, updates, spec.noise)
+    extra = _extra_groups(gm, trace, edit, plan, updates, spec.noise)
+    output_maps = _output_maps(gm, [plan, *extra])  # names from a run of the model before it changes
     check_shared(gm, trace, edit)
     apply_edit(gm, edit, spec.noise, ctx.generator(salt=72), report)
     for module, attr, old, new, buffer in constants:
@@ -135,6 +157,10 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
         report.notes.append(f"{module}.{attr}: {old:.6g} → {new:.6g} (set by the new config); the layers writing what it "
                             f"scales are multiplied by {old / new:.6g}")
     sync_config(gm, updates, sizes, protected, plan.eps, report.notes)
+    report.output_maps = output_maps
+    if output_maps:
+        report.notes.append(f"the model returns hidden states ({', '.join(output_maps)}): they grow too, and are "
+                            "compared through the map (tiles against the original, padded entries not compared)")
     report.matched = [f"{d} → {new_d} (the residual stream from '{module_of(start)}')"]
     k, r = plan.k, plan.r
     how = f"tiled ×{k}" + (f" + {r} padded ({'mean' if plan.pad == MEAN else 'zero'} padding, eps × {k * d / new_d:.6g}, "
@@ -206,10 +232,12 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
                            f"({'; '.join(tried)})")
 
 
-def _extra_groups(gm: GrowModel, trace, edit: Edit, plan: StreamPlan, updates: dict[str, int], noise: float) -> None:
+def _extra_groups(gm: GrowModel, trace, edit: Edit, plan: StreamPlan, updates: dict[str, int],
+                  noise: float) -> list[StreamPlan]:
     """Other hidden-size dimensions the config ties to ``hidden_size`` (a pooler, an MLM head's transform)."""
     if not gm.is_hf or getattr(gm.module, "config", None) is None:
-        return
+        return []
+    extras = []
     want = {k: tuple(v.shape) for k, v in with_config(gm, updates).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
     done = set(plan.producers)
@@ -226,3 +254,5 @@ def _extra_groups(gm: GrowModel, trace, edit: Edit, plan: StreamPlan, updates: d
         extra = plan_stream(gm.module, trace, node, plan.new_size, plan.pad)
         _plan_stream(edit, extra, noise)
         done.update(extra.producers)
+        extras.append(extra)
+    return extras

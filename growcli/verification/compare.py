@@ -3,7 +3,9 @@
 The check is scale-relative: an output passes when ``max|a - b| <= atol + rtol * max|a|``.
 Differences are measured element-wise as absolute values (never a signed sum, where
 errors could cancel). All outputs are compared before a verdict; a shape or name
-mismatch is a failure, not a warning.
+mismatch is a failure, not a warning. An output a step grew on purpose (the logits of a larger
+vocabulary) is compared through its output map (:class:`growcli.core.origins.AxisMap`): each
+grown position that derives from an old one is compared with it, fresh positions are not.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from growcli.core.errors import InputsError
 from growcli.core.inputs import Batch, cast_batch
 from growcli.core.model import eval_mode
+from growcli.core.origins import AxisMap
 
 # (atol, rtol) by the precision the weights are stored in, for a step that rounds weights to that
 # precision (or does not say it does not): a float32 model compared in float64 still carries float32
@@ -183,12 +186,56 @@ def as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return twin.to(dtype)
 
 
+def through_map(a: torch.Tensor, b: torch.Tensor, m: AxisMap) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a', b')``: the original output ``a`` mapped by ``m`` and the positions of the grown ``b`` it predicts.
+
+    Along ``m.dim``, grown position ``i`` holds ``a[index[i]] · scale[i]``; fresh positions
+    (``index[i] == -1``) are left out. Shapes that do not fit the map are returned as they are
+    (and then fail as a shape mismatch).
+    """
+    dim = m.dim % b.dim() if b.dim() else 0
+    if b.dim() == 0 or a.dim() != b.dim() or b.shape[dim] != len(m.index):
+        return a, b
+    keep = [i for i, j in enumerate(m.index) if j >= 0]
+    src = torch.tensor([m.index[i] for i in keep], dtype=torch.long)
+    if src.numel() and int(src.max()) >= a.shape[dim]:
+        return a, b
+    view = [1] * a.dim()
+    view[dim] = -1
+    scale = torch.tensor([m.scale[i] for i in keep], dtype=torch.float64).view(view)
+    mapped = a.detach().to(torch.float64).index_select(dim, src) * scale
+    return mapped, b.index_select(dim, torch.tensor(keep, dtype=torch.long))
+
+
+def compose_maps(first: dict[str, AxisMap], then: dict[str, AxisMap]) -> dict[str, AxisMap]:
+    """The output maps of two steps run one after the other (``then`` applied to ``first``'s grown outputs)."""
+    out = dict(first)
+    for name, m in then.items():
+        f = first.get(name)
+        if f is None:
+            out[name] = m
+            continue
+        if f.dim != m.dim:  # grown along two axes: no single map says it, so the shapes will not match (refused)
+            del out[name]
+            continue
+        out[name] = AxisMap(m.dim, tuple(f.index[j] if j >= 0 else -1 for j in m.index),
+                            tuple(f.scale[j] * s if j >= 0 else s for j, s in zip(m.index, m.scale)))
+    return out
+
+
 def compare_outputs(ref: dict[str, torch.Tensor], cand: dict[str, torch.Tensor], atol: float, rtol: float,
-                    into: dict[str, OutputCheck] | None = None) -> dict[str, OutputCheck]:
-    """Fold one batch's outputs into per-output checks (the worst case is kept across batches)."""
+                    into: dict[str, OutputCheck] | None = None,
+                    maps: dict[str, AxisMap] | None = None) -> dict[str, OutputCheck]:
+    """Fold one batch's outputs into per-output checks (the worst case is kept across batches).
+
+    ``maps`` names the outputs a step grew on purpose and how (see :func:`through_map`).
+    """
     checks = into if into is not None else {}
     for name in list(ref) + [n for n in cand if n not in ref]:
-        check = _check_one(name, ref.get(name), cand.get(name), atol, rtol)
+        a, b = ref.get(name), cand.get(name)
+        if maps and name in maps and a is not None and b is not None:
+            a, b = through_map(a, b, maps[name])
+        check = _check_one(name, a, b, atol, rtol)
         prev = checks.get(name)
         if prev is not None and (prev.note or check.note):
             check = prev if prev.note else check
@@ -239,7 +286,7 @@ def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype):
 def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch], dict[str, torch.Tensor]],
                   batches: list[Batch], *, dtype: torch.dtype = torch.float64,
                   atol: float | None = None, rtol: float | None = None,
-                  exact_in_dtype: bool | None = None) -> VerifyReport:
+                  exact_in_dtype: bool | None = None, output_maps: dict[str, AxisMap] | None = None) -> VerifyReport:
     """Run both models in eval mode on ``batches`` in ``dtype`` and compare every output.
 
     ``dtype=float64`` falls back to float32 (said in ``note``) when a model cannot run in
@@ -247,6 +294,8 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     ``exact_in_dtype`` is what the step that made ``candidate`` says about the weights' dtype:
     True (its weights are exact in it) holds it to :func:`exact_tolerance`, False or None to the
     dtype's rounding (:data:`DEFAULT_TOL`); ``basis`` in the report says which and why.
+    ``output_maps`` names outputs the step grew on purpose (the logits of a larger vocabulary):
+    they are compared through the map (see :func:`through_map`; said in ``note``).
     """
     note = ""
     try:
@@ -264,13 +313,17 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     checks: dict[str, OutputCheck] = {}
-    compare_outputs(*first, atol, rtol, checks)
+    compare_outputs(*first, atol, rtol, checks, output_maps)
     for batch in batches[1:]:
-        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype)), atol, rtol, checks)
+        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype)), atol, rtol, checks, output_maps)
     outputs = list(checks.values())
     passed = bool(outputs) and all(o.passed for o in outputs)
     if not outputs:
         note = (note + "; " if note else "") + "the model returned no tensors"
+    mapped = sorted(n for n in (output_maps or {}) if n in checks)
+    if mapped:
+        note = (note + "; " if note else "") + (f"{', '.join(mapped)} compared through the output map (the grown "
+                                                "positions that derive from the original's; fresh ones are not compared)")
     if precision != dtype and not (exact_in_dtype and basis.startswith("exact")):
         note = (note + "; " if note else "") + f"weights stored in {_name(precision)}: its tolerances apply"
     return VerifyReport(passed, _name(dtype), len(batches), atol, rtol,
