@@ -274,6 +274,7 @@ def column(gm: GrowModel, spec: ColumnSpec, ctx: Context) -> StepReport:
     frozen = sum(p.numel() for p in root.parameters() if not p.requires_grad)
     report.notes.append(f"columns 0-{tasks - 1} frozen ({frozen} parameters, requires_grad=False, eval mode); "
                         f"run task {tasks} with forward(x, task={tasks})")
+    report.exact_in_dtype = True  # old tasks run the very same weights: bit-identical, checked above
     report.params_after = gm.num_parameters()
     return report
 

@@ -209,7 +209,9 @@ def step_report(plan: UpcyclePlan, spec: UpcycleSpec, dense_class: str, params_b
                 params_after: int) -> StepReport:
     """The step's report (without verification), shared by the in-memory and streaming paths."""
     report = StepReport("upcycle", dataclasses.asdict(spec), matched=[b.path for b in plan.blocks],
-                        params_before=params_before, params_after=params_after, exact=is_exact(spec))
+                        params_before=params_before, params_after=params_after, exact=is_exact(spec),
+                        # exact cases are copies with selected weights 1/2^m (or p/p, or sigmoid(0)·2): no rounding
+                        exact_in_dtype=is_exact(spec))
     report.changes = [{"name": "architecture", "before": dense_class, "after": plan.target_class},
                       {"name": "config.model_type", "before": plan.source_type, "after": plan.target_type}]
     report.notes = exactness_notes(plan, spec)
