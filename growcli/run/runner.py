@@ -191,7 +191,8 @@ def _grow_streaming(source: Source, step: Step, output: Output, seed: int, setti
                        progress=progress)
         verification = run.verification.to_dict() if run.verification is not None else None
         if verification is not None:
-            verification["against"] = f"readback of {output.path}"
+            verification["against"] = (f"block-wise run of {output.path} from disk" if run.output.get("blockwise")
+                                       else f"readback of {output.path}")
         report = _report(source, [run.step], run.step["exact"], verification, run.params_before, run.params_after,
                          [run.output], plan_text, "streaming", run.checked, run.timing, started)
         write_report(report, output.path, "hf")

@@ -12,7 +12,9 @@ memory does not grow with the model, and every output tensor is byte-for-byte th
 in-memory path writes. Then the written directory is checked: the new config must rebuild
 exactly the written tensors, and outputs up to ``verify_limit`` bytes are read back from disk
 (``from_pretrained``) and run against the input model loaded from disk
-(:class:`growcli.verification.readback.Readback`).
+(:class:`growcli.verification.readback.Readback`). Larger outputs are run block by block
+(:func:`blockwise_check`, :mod:`growcli.verification.blockwise`): one block of one model in
+memory at a time, compared with the input at every block boundary through the stack's map.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from growcli.analysis.blocks import find_stack
 from growcli.core.errors import NotGrowableError, UsageError, VerificationFailed
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.units import parse_size
 from growcli.io.atomic import atomic_output
+from growcli.io.formats import load_inputs_file
 from growcli.io.hf_dir import hf_input_spec
 from growcli.io.load import load_model
 from growcli.io.save import output_format
@@ -36,9 +40,12 @@ from growcli.io.shards import (OutTensor, TensorRef, checkpoint_bytes, pack_shar
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings, verification_batches
 from growcli.run.stream_names import CheckpointNames, meta_model, stack_names, structure_check
-from growcli.transforms.stack import StackPlan, StackSpec, plan_stack, post_ln_reason, step_report
+from growcli.transforms.stack import StackPlan, StackSpec, layout, plan_stack, post_ln_reason, step_report
+from growcli.verification.blockwise import BlockwiseReport, verify_blockwise
 from growcli.verification.compare import VerifyReport
+from growcli.verification.ondisk import OnDisk
 from growcli.verification.readback import Readback
+from growcli.verification.stream_map import StreamMap, compose, identity, stacked
 
 STREAMING_THRESHOLD = 1 << 30  # checkpoints larger than this (bytes of safetensors) stream by default
 VERIFY_LIMIT = 512 << 20  # outputs up to this size are also verified by running both models
@@ -120,7 +127,9 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
     Run inside the runner's transaction: the directory is staged, not committed (the runner
     adds the report and commits). Outputs up to ``verify_limit`` bytes are read back and run
     against the input (identity init must be exact: :class:`VerificationFailed` otherwise,
-    and nothing is written); larger ones get the structural check only, which ``checked`` says.
+    and nothing is written); larger ones are run against it block by block from disk
+    (:func:`blockwise_check`, the per-block differences in the output's ``blockwise``), held
+    to the same rule. ``checked`` says which.
     """
     settings = settings or VerifySettings()
     started = time.perf_counter()
@@ -167,16 +176,22 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's (stale) weights
         new_config = module.config.__class__.from_pretrained(str(tmp), local_files_only=True)
         checked.append(structure_check(type(module), new_config, names, tensors))
+        blockwise = None
         if small:
             loaded_with, verification = _read_back(src, tmp, out, settings, seed)
             output.update(loaded_with=loaded_with)
+        else:
+            blockwise = blockwise_check(src, tmp, settings, seed, stacked(plan.order, plan.copies))
+            verification = blockwise.verify_report()
+            output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
         if verification is None:
-            checked.append(f"not run: the output ({total / 1e9:.2f} GB) is above the {verify_limit / 1e9:.2f} GB "
-                           "limit for loading both models")
+            checked.append("not run: there were no verification batches")
         else:
             report.verification = verification.to_dict()
             output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
-            checked.append(f"ran both models: {verification.summary()}")
+            checked.append(f"ran both models: {verification.summary()}" if blockwise is None else
+                           f"ran both models from disk (the output, {_size(total)}, is above the "
+                           f"{_size(verify_limit)} limit for loading both): {blockwise.summary()}")
             if not report.exact:
                 report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
             if post_ln and not spec.allow_inexact:
@@ -184,7 +199,8 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
                                        f"{verification.summary()}. Pass --allow-mismatch to write it anyway (reported "
                                        "as not function-preserving), or use --init copy")
             if report.exact and not verification.passed and not settings.allow_mismatch:
-                raise VerificationFailed(f"step 1 (stack) changed the function: {verification.summary()}", verification)
+                summary = verification.summary() if blockwise is None else blockwise.summary()
+                raise VerificationFailed(f"step 1 (stack) changed the function: {summary}", verification)
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})
@@ -197,6 +213,66 @@ def _read_back(src: Path, tmp: Path, out: Path, settings: VerifySettings, seed: 
     readback = Readback(original, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
                         reference="the input model")
     return readback.measure("hf", tmp, out)
+
+
+BLOCKWISE = "growcli.verification.blockwise (block by block from disk)"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None = None, seed: int = 0,
+                    stream_map: StreamMap | None = None, inputs_file: Path | None = None) -> BlockwiseReport:
+    """Compare two HF directories block by block, never holding either model whole.
+
+    Each model's block stack is found by :func:`growcli.analysis.blocks.find_stack`. The map
+    between the streams is ``stream_map``, else the one ``grown``'s ``growth_report.json``
+    records (:func:`recorded_map`), else same depth; the hidden axis is mapped by width
+    (identity, or hidden growth's tiling). Batches: ``settings.inputs``, ``inputs_file``, or
+    generated from the original's config with ``seed``. Raises :class:`UsageError` when either
+    path is not a Hugging Face directory of safetensors.
+    """
+    settings = settings or VerifySettings()
+    for path in (original, grown):
+        path = Path(path)
+        if not (path.is_dir() and (path / "config.json").is_file() and weight_files(path)):
+            raise UsageError(f"{path}: --blockwise compares Hugging Face directories (config.json and safetensors)")
+    a, b = OnDisk(original), OnDisk(grown)
+    blocks_a, blocks_b = find_stack(a.module, None), find_stack(b.module, None)
+    if stream_map is None:
+        stream_map = recorded_map(Path(grown), len(a.module.get_submodule(blocks_a)))
+    spec = hf_input_spec(a.module)
+    if settings.inputs is not None:
+        batches = settings.inputs
+    elif inputs_file is not None:
+        batches = [load_inputs_file(inputs_file, spec)]
+    else:
+        batches = make_batches(spec, settings.batches, seed=seed, seq_len=settings.seq_len)
+    return verify_blockwise(a, b, batches, original_blocks=blocks_a, grown_blocks=blocks_b, stream_map=stream_map,
+                            dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
+
+
+def recorded_map(grown: Path, length: int) -> StreamMap | None:
+    """The depth map of the stack steps ``grown/growth_report.json`` records, ``None`` without a report.
+
+    Each ``stack`` step's layout is recomputed from its recorded options
+    (:func:`growcli.transforms.stack.layout`) and the maps are composed in order; steps that
+    keep the depth map it onto itself. A grown directory without a report maps by depth.
+    """
+    try:
+        report = json.loads((grown / "growth_report.json").read_text())
+        steps = [s for s in report.get("steps") or [] if isinstance(s, dict) and s.get("transform") == "stack"]
+    except (OSError, ValueError, AttributeError):
+        return None
+    result = identity(length)
+    for step in steps:
+        options = {k: v for k, v in (step.get("spec") or {}).items() if k in StackSpec.__dataclass_fields__}
+        order = layout(StackSpec(**options), length)
+        copies = StackPlan("", length, order).copies
+        result = compose(result, stacked(order, copies))
+        length = len(order)
+    return result
 
 
 EXECUTORS = {"stack": stream_stack}  # transform name → its streaming executor
