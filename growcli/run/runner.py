@@ -33,8 +33,8 @@ from growcli.io.load import load_model
 from growcli.io.save import check_output
 from growcli.run.outputs import save_models
 from growcli.run.steps import VerifySettings, final_report, run_step, verification_batches
-from growcli.run.streaming import DEFAULT_SHARD_SIZE, EXECUTORS as STREAMING, choose_streaming, parse_shard_size
-from growcli.run.upcycle_stream import EXECUTORS as UPCYCLE_STREAMING
+from growcli.run.stream_executors import EXECUTORS as STREAMING
+from growcli.run.streaming import DEFAULT_SHARD_SIZE, choose_streaming, parse_shard_size
 from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
 from growcli.verification.compare import VerifyReport, compose_maps, verify_models
@@ -186,7 +186,7 @@ def _grow_streaming(source: Source, step: Step, output: Output, seed: int, setti
         on_step(0, step)
     shard_size = output.shard_size or parse_shard_size(DEFAULT_SHARD_SIZE)
     with transaction():
-        executor = STREAMING.get(step.transform) or UPCYCLE_STREAMING[step.transform]
+        executor = STREAMING[step.transform]
         run = executor(source.path, output.path, spec, shard_size=shard_size, settings=settings, seed=seed,
                        progress=progress)
         verification = run.verification.to_dict() if run.verification is not None else None

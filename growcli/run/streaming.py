@@ -275,4 +275,3 @@ def recorded_map(grown: Path, length: int) -> StreamMap | None:
     return result
 
 
-EXECUTORS = {"stack": stream_stack}  # transform name → its streaming executor

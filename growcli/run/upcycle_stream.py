@@ -331,4 +331,3 @@ def stream_upcycle(src: Path, out: Path, spec: UpcycleSpec, *, shard_size: int, 
 
 def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-EXECUTORS = {"upcycle": stream_upcycle}  # transform name → its streaming executor

@@ -1,0 +1,15 @@
+"""Every streaming executor, by transform name: how a step rewrites a checkpoint tensor by tensor.
+
+A transform whose ``modes`` include ``"streaming"`` has exactly one entry here; the runner
+(:func:`growcli.run.runner.grow`) looks executors up in :data:`EXECUTORS` and nowhere else.
+"""
+
+from __future__ import annotations
+
+from growcli.run.streaming import stream_stack
+from growcli.run.upcycle_stream import stream_upcycle
+
+EXECUTORS = {
+    "stack": stream_stack,
+    "upcycle": stream_upcycle,
+}
