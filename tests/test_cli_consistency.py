@@ -166,7 +166,8 @@ def test_widening_a_loaded_program_twice_uses_its_new_shapes():
 
 
 # --------------------------------------------------------------------------- 3. --version, --quiet
-COMMANDS = ["inspect", "verify", "convert", "widen", "grow", "validate", "stack", "deepen", "suggest"]
+COMMANDS = ["inspect", "verify", "convert", "widen", "grow", "validate", "stack", "deepen", "branch", "column", "upcycle", "vocab",
+            "prune", "nest", "cpg", "suggest", "search"]
 
 
 def test_version(cli):

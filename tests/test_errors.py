@@ -254,8 +254,8 @@ def _command_names() -> list[str]:
 
 def test_the_help_cases_cover_every_command():
     """The parametrised help test below runs once per registered command; none may be missing."""
-    assert _command_names() == sorted(["convert", "deepen", "grow", "inspect", "stack", "suggest", "validate", "verify",
-                                       "widen"])
+    assert _command_names() == sorted(["branch", "column", "convert", "cpg", "deepen", "grow", "inspect", "nest", "prune",
+                                       "search", "stack", "suggest", "upcycle", "validate", "verify", "vocab", "widen"])
 
 
 @pytest.mark.parametrize("command", _command_names())

@@ -24,7 +24,7 @@ CASES = {
     "mlp_module.pt": (["mlp_module.pt", "--trust-pickle"], "pickle", "MLP", {},
                       {("widen", "fc1"): True, ("widen", "fc3"): False, ("deepen", "fc3"): True}),
 }
-TRANSFORMS = {"deepen", "heads", "hidden", "stack", "widen"}
+TRANSFORMS = {"branch", "column", "deepen", "heads", "hidden", "prune", "stack", "upcycle", "vocab", "widen"}
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import typing
 from typing import Any
 
 from growcli.core.errors import UsageError
-from growcli.transforms import (branch, column, deepen, heads, hidden, prune, stack, upcycle,  # noqa: F401
-                                vocab, widen)  # (each registers itself)
+from growcli.transforms import (branch, column, deepen, heads, hidden, nest, prune, stack,  # noqa: F401
+                                upcycle, vocab, widen)  # (each registers itself)
 from growcli.transforms.registry import REGISTRY, Transform, type_name, type_ok
 
 

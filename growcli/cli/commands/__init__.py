@@ -5,12 +5,12 @@ The imports are static so that the import graph (tests/test_layout.py) sees ever
 
 from __future__ import annotations
 
-from growcli.cli.commands import (branch, column, convert, deepen, grow, inspect, prune, search, stack, suggest, upcycle,
-                                  validate, verify, vocab, widen)
+from growcli.cli.commands import (branch, column, convert, cpg, deepen, grow, inspect, nest, prune, search, stack, suggest,
+                                  upcycle, validate, verify, vocab, widen)
 
 # In the order ``growcli --help`` lists them.
-COMMANDS = (inspect, verify, convert, widen, grow, validate, stack, deepen, branch, column, upcycle, vocab, prune, suggest,
-            search)
+COMMANDS = (inspect, verify, convert, widen, grow, validate, stack, deepen, branch, column, upcycle, vocab, prune, nest, cpg,
+            suggest, search)
 COMMAND_MODULES = [m.__name__.rsplit(".", 1)[1] for m in COMMANDS]
 
 _registered: set[int] = set()

@@ -1,0 +1,1 @@
+"""Continual learning by growth: Compacting, Picking and Growing (placeholder)."""

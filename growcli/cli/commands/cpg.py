@@ -1,0 +1,7 @@
+"""growcli cpg (placeholder; no command yet)."""
+
+from __future__ import annotations
+
+
+def register(app) -> None:
+    pass

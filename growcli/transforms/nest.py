@@ -1,0 +1,3 @@
+"""NeST transforms (placeholder; registers nothing yet)."""
+
+from __future__ import annotations
