@@ -31,7 +31,8 @@ COMMANDS = typer.main.get_command(get_app()).commands
 EXECUTION = {"model", "output", "format", "arch", "arch_kwargs", "trust_pickle", "input_shape", "inputs", "seed", "batches",
              "seq_len", "dtype", "atol", "rtol", "allow_mismatch", "overwrite", "json_out", "quiet"}
 # Options only a command has (they choose how a step is executed, not what it does).
-CLI_ONLY = {"widen": set(), "deepen": set(), "stack": {"streaming", "shard_size"}}
+CLI_ONLY = {"widen": set(), "deepen": set(), "stack": {"streaming", "shard_size"}, "branch": set(), "column": set(),
+            "prune": set(), "vocab": set(), "upcycle": {"streaming", "shard_size"}}
 # (command, transform) → {spec field: command parameter} where the command spells a field differently
 # (widen's --heads, --hidden and --pair-noise drive the heads and hidden transforms; stack's identity init
 # on post-LN blocks is allowed by --allow-mismatch).
@@ -40,7 +41,12 @@ RENAMES = {
     ("widen", "heads"): {"to": "heads"},
     ("widen", "hidden"): {"to": "hidden", "factor": "hidden", "heads": "heads", "noise": "pair_noise"},
     ("deepen", "deepen"): {},
+    ("branch", "branch"): {},
     ("stack", "stack"): {"allow_inexact": "allow_mismatch"},
+    ("upcycle", "upcycle"): {},
+    ("prune", "prune"): {},
+    ("column", "column"): {},
+    ("vocab", "vocab"): {"tokens": "add_tokens"},
 }
 # Spec fields a command does not offer (a plan and the Python API do).
 NOT_ON_COMMAND_LINE = {("widen", "heads"): {"by", "factor"}, ("widen", "hidden"): {"start"}}
@@ -150,6 +156,8 @@ def _sample(tp: typing.Any) -> typing.Any:
         return _sample(next(a for a in typing.get_args(tp) if a is not type(None)))
     if origin is typing.Literal:
         return typing.get_args(tp)[0]
+    if origin in (list, tuple):
+        return [_sample(typing.get_args(tp)[0])]
     return {int: 3, float: 2.0, bool: True, str: "fc1"}[tp]
 
 
