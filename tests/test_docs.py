@@ -144,7 +144,9 @@ def test_recipe_anchors_are_stable():
               "hidden-tiling", "hidden-padding", "hidden-pair-noise", "deepen", "deepen-identity-layers",
               "deepen-identity-batchnorm", "deepen-network-morphism", "deepen-residual-blocks", "stack",
               "stack-copies", "stack-identity-init", "stack-orders-and-layer-maps", "stack-streaming", "suggest",
-              "verification", "precision", "references",
+              "verification", "precision", "references", "block-wise-verification", "branch", "branch-add",
+              "branch-concat", "column", "upcycle", "upcycle-shared-expert", "upcycle-streaming", "vocab",
+              "embedding-models", "prune", "widen-firefly-init",
               "1-wider-layers-net2widernet", "2-deeper-networks-net2deepernet-network-morphism",
               "3-residual-blocks-that-start-as-the-identity", "4-progressive-stacking", "5-transformer-width",
               "6-gradmax-initialisation-and-suggest"}
