@@ -24,7 +24,8 @@ CASES = {
     "mlp_module.pt": (["mlp_module.pt", "--trust-pickle"], "pickle", "MLP", {},
                       {("widen", "fc1"): True, ("widen", "fc3"): False, ("deepen", "fc3"): True}),
 }
-TRANSFORMS = {"branch", "column", "deepen", "heads", "hidden", "prune", "stack", "upcycle", "vocab", "widen"}
+TRANSFORMS = {"branch", "column", "deepen", "heads", "hidden", "prune", "stack", "upcycle", "vocab", "widen",
+              "mask", "grow_connections", "magnitude_prune"}
 
 
 @pytest.fixture(scope="module")

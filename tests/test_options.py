@@ -32,7 +32,8 @@ EXECUTION = {"model", "output", "format", "arch", "arch_kwargs", "trust_pickle",
              "seq_len", "dtype", "atol", "rtol", "allow_mismatch", "overwrite", "json_out", "quiet"}
 # Options only a command has (they choose how a step is executed, not what it does).
 CLI_ONLY = {"widen": set(), "deepen": set(), "stack": {"streaming", "shard_size"}, "branch": set(), "column": set(),
-            "prune": set(), "vocab": set(), "upcycle": {"streaming", "shard_size"}}
+            "prune": set(), "vocab": set(), "upcycle": {"streaming", "shard_size"},
+            "nest": {"val", "epochs", "lr", "prune_steps", "min_accuracy"}}
 # (command, transform) → {spec field: command parameter} where the command spells a field differently
 # (widen's --heads, --hidden and --pair-noise drive the heads and hidden transforms; stack's identity init
 # on post-LN blocks is allowed by --allow-mismatch).
@@ -47,6 +48,7 @@ RENAMES = {
     ("prune", "prune"): {},
     ("column", "column"): {},
     ("vocab", "vocab"): {"tokens": "add_tokens"},
+    ("nest", "mask"): {}, ("nest", "grow_connections"): {}, ("nest", "grow_neurons"): {}, ("nest", "magnitude_prune"): {},
 }
 # Spec fields a command does not offer (a plan and the Python API do).
 NOT_ON_COMMAND_LINE = {("widen", "heads"): {"by", "factor"}, ("widen", "hidden"): {"start"}}
