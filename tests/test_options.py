@@ -29,7 +29,7 @@ COMMANDS = typer.main.get_command(get_app()).commands
 
 # Options that say how a command runs, not what a transform does (the same on every command that grows).
 EXECUTION = {"model", "output", "format", "arch", "arch_kwargs", "trust_pickle", "input_shape", "inputs", "seed", "batches",
-             "seq_len", "dtype", "atol", "rtol", "allow_mismatch", "overwrite", "json_out", "quiet"}
+             "seq_len", "dtype", "device", "atol", "rtol", "allow_mismatch", "overwrite", "json_out", "quiet"}
 # Options only a command has (they choose how a step is executed, not what it does).
 CLI_ONLY = {"widen": set(), "deepen": set(), "stack": {"streaming", "shard_size"}, "branch": set(), "column": set(),
             "prune": set(), "vocab": set(), "upcycle": {"streaming", "shard_size"},

@@ -226,3 +226,30 @@ def test_module_edits_are_not_replayed_onto_a_pt2_program(cli, tmp_path):
     assert "cannot be replayed onto the torch.export program cnn.pt2" in r.err
     ok = cli("verify", FIXTURES / "cnn.pt", grown, "--arch", "growcli.zoo:cnn")
     assert ok.code == 0, ok.err
+
+
+def test_verification_on_a_named_device_moves_models_and_batches_and_compares_on_the_cpu():
+    """``device=`` runs both models there (here the CPU named explicitly, which takes the moving path) and
+    gives the same report as the default."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    b = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b[2].bias += 1e-3
+    batches = [((torch.randn(3, 4),), {}) for _ in range(2)]
+    here = verify_models(a, b, batches)
+    moved = verify_models(a, b, batches, device=torch.device("cpu"))
+    assert not here.passed and not moved.passed
+    assert moved.max_abs_diff == here.max_abs_diff and abs(moved.max_abs_diff - 1e-3) < 1e-7  # float32 bias + 1e-3
+    assert a[0].weight.device.type == "cpu"  # the models given are not moved: verification works on copies
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_usage_error(cli):
+    r = cli("verify", FIXTURES / "mlp.pt2", FIXTURES / "mlp.pt2", "--device", "cuda")
+    assert r.code == 2 and r.err.startswith("growcli: usage: --device cuda: torch finds no CUDA device")
+    r = cli("verify", FIXTURES / "mlp.pt2", FIXTURES / "mlp.pt2", "--device", "tpu")
+    assert r.code == 2 and "--device 'tpu': expected cpu or cuda" in r.err
+    r = cli("verify", FIXTURES / "mlp.pt2", FIXTURES / "mlp.pt2", "--device", "cpu", "--json")
+    assert r.code == 0 and json.loads(r.out)["passed"]

@@ -36,11 +36,13 @@ Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Tolerance relativ
 Batches = Annotated[int, typer.Option("--batches", min=1, help="Number of input batches to compare.")]
 SeqLen = Annotated[Optional[int], typer.Option("--seq-len", min=1, help="Base length of generated token sequences (batches vary around it).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="float64 (falls back to float32 if unsupported) or float32.")]
+Device = Annotated[str, typer.Option("--device", help="Where verification runs both models: cpu or cuda (the transforms "
+                                     "themselves run on the CPU).")]
 AllowMismatch = Annotated[bool, typer.Option("--allow-mismatch", help="Write the output even if verification fails.")]
 
 
 def verify_settings(batches: int, dtype: str, atol: float | None, rtol: float | None, allow_mismatch: bool = False,
-                    seq_len: int | None = None):
+                    seq_len: int | None = None, device: str = "cpu"):
     """The :class:`growcli.run.steps.VerifySettings` for the shared verification options (torch is imported here)."""
     import torch
 
@@ -49,5 +51,19 @@ def verify_settings(batches: int, dtype: str, atol: float | None, rtol: float | 
 
     if dtype not in ("float64", "float32"):
         raise UsageError(f"--dtype {dtype!r}: expected float64 or float32")
+    check_device(device)
     return VerifySettings(batches=batches, dtype=getattr(torch, dtype), atol=atol, rtol=rtol, allow_mismatch=allow_mismatch,
-                          seq_len=seq_len)
+                          seq_len=seq_len, device=device)
+
+
+def check_device(device: str) -> None:
+    """``--device``: cpu, or cuda when torch finds a CUDA device (:class:`UsageError` otherwise)."""
+    import torch
+
+    from growcli.core.errors import UsageError
+
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch finds no CUDA device on this machine (this torch build: "
+                         f"{torch.__version__}); use --device cpu")

@@ -209,6 +209,11 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
     return batches
 
 
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    """``batch`` with every tensor on ``device``."""
+    return tuple(a.to(device) for a in batch[0]), {k: v.to(device) for k, v in batch[1].items()}
+
+
 def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
     cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
     return tuple(cast(a) for a in batch[0]), {k: cast(v) for k, v in batch[1].items()}

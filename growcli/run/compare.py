@@ -36,4 +36,5 @@ def compare_checkpoints(source: Source, grown: Path, settings: VerifySettings) -
         batches = [load_inputs_file(source.inputs_file, spec)]
     else:
         batches = make_batches(spec, settings.batches, seed=0, seq_len=settings.seq_len)
-    return verify_models(original.module, candidate, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
+    return verify_models(original.module, candidate, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
+                         device=settings.device)

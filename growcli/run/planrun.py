@@ -43,7 +43,7 @@ class RunConfig:
 def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, format: str | None = None,
               seed: int | None = None, batches: int | None = None, dtype: str | None = None,
               atol: float | None = None, rtol: float | None = None, allow_mismatch: bool = False,
-              require_output: bool = True, overwrite: bool = False) -> RunConfig:
+              require_output: bool = True, overwrite: bool = False, device: str = "cpu") -> RunConfig:
     """Merge command-line values (``None``: not given) with the plan's.
 
     ``-o`` replaces the plan's output path and format. Raises :class:`UsageError` for a
@@ -55,7 +55,7 @@ def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, 
     dtype_name = dtype or v.dtype or "float64"
     settings = VerifySettings(batches=batches or v.batches or 3, dtype=getattr(torch, dtype_name),
                               atol=atol if atol is not None else v.atol, rtol=rtol if rtol is not None else v.rtol,
-                              allow_mismatch=allow_mismatch)
+                              allow_mismatch=allow_mismatch, device=device)
     if source.inputs_file is None and v.inputs is not None:
         source = dataclasses.replace(source, inputs_file=v.inputs)
     if outputs:

@@ -126,7 +126,7 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     elif original is not None:
         exact_all = bool(gm.steps) and all(s.get("exact_in_dtype") for s in gm.steps)  # every step exact in the dtype
         overall = verify_models(original, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
-                                exact_in_dtype=True if exact_all else None, output_maps=output_maps)
+                                exact_in_dtype=True if exact_all else None, output_maps=output_maps, device=settings.device)
     del original
     all_exact = all(s["exact"] for s in gm.steps)
     if overall is not None and all_exact and not overall.passed and not settings.allow_mismatch:

@@ -25,6 +25,7 @@ class VerifySettings:
     allow_mismatch: bool = False
     inputs: list[Batch] | None = None  # explicit batches (``--inputs``) instead of generated ones
     seq_len: int | None = None  # base length of generated token sequences (``--seq-len``)
+    device: str = "cpu"  # where verification runs both models (``--device``: cpu or cuda)
 
 
 def verification_batches(gm: GrowModel, settings: VerifySettings, seed: int) -> list[Batch]:
@@ -60,7 +61,7 @@ def run_step(gm: GrowModel, name: str, options: dict[str, Any] | Any, ctx: Conte
         # The tolerance follows what the step says about the weights' dtype (exact in it, or rounded to it).
         result = verify_models(before, gm.module, batches, dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol,
                                exact_in_dtype=report.exact_in_dtype if report.exact else None,
-                               output_maps=getattr(report, "output_maps", None))
+                               output_maps=getattr(report, "output_maps", None), device=settings.device)
         report.verification = result.to_dict()
         if not report.exact:
             report.notes.append(f"not function-preserving by design; measured: {result.summary()}")

@@ -254,7 +254,7 @@ def _run_both(src: Path, tmp: Path, cls: str, settings: VerifySettings, seed: in
     grown.module.set_experts_implementation("eager")  # the grouped_mm kernel has no float64
     batches = verification_batches(original, settings, seed)
     result = verify_models(original.module, grown.module, batches, dtype=settings.dtype, atol=settings.atol,
-                           rtol=settings.rtol)
+                           rtol=settings.rtol, device=settings.device)
     return f"transformers.{cls}.from_pretrained", result
 
 

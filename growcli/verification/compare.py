@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from growcli.core.errors import InputsError
-from growcli.core.inputs import Batch, cast_batch
+from growcli.core.inputs import Batch, cast_batch, to_device
 from growcli.core.model import eval_mode
 from growcli.core.origins import AxisMap
 
@@ -179,11 +179,11 @@ def run_model(module: nn.Module, batch: Batch, who: str = "the model") -> dict[s
         raise InputsError(f"{who} failed on inputs of shape {shapes} ({type(exc).__name__}: {detail})") from None
 
 
-def as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """An eval-mode copy of ``module`` in ``dtype`` (the original is untouched)."""
+def as_dtype(module: nn.Module, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Module:
+    """An eval-mode copy of ``module`` in ``dtype`` (on ``device`` if given; the original is untouched)."""
     twin = copy.deepcopy(module)
     eval_mode(twin)
-    return twin.to(dtype)
+    return twin.to(dtype) if device is None else twin.to(device=device, dtype=dtype)
 
 
 def through_map(a: torch.Tensor, b: torch.Tensor, m: AxisMap) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,23 +270,29 @@ def _check_one(name: str, a: torch.Tensor | None, b: torch.Tensor | None, atol: 
     return OutputCheck(name, list(a.shape), max_abs, max_rel, scale, tol, max_abs <= tol)
 
 
-def _run_both(ref: nn.Module, cand, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    a = run_model(ref, batch, "the original model")
-    c = run_model(cand, batch, "the grown model") if isinstance(cand, nn.Module) else cand(batch)
+def _run_both(ref: nn.Module, cand, batch: Batch, device: torch.device | str | None = None,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both models' named outputs on ``batch`` (run on ``device``), compared on the CPU."""
+    on = batch if device is None else to_device(batch, device)
+    a = run_model(ref, on, "the original model")
+    c = run_model(cand, on, "the grown model") if isinstance(cand, nn.Module) else cand(batch)
+    if device is not None:
+        a, c = ({k: v.cpu() for k, v in out.items()} for out in (a, c))
     return a, c
 
 
-def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype):
+def _prepare(reference: nn.Module, candidate, batch: Batch, dtype: torch.dtype, device: torch.device | str | None = None):
     """Both models in ``dtype`` and their outputs on the first batch (raises if either cannot run)."""
-    ref = as_dtype(reference, dtype)
-    cand = as_dtype(candidate, dtype) if isinstance(candidate, nn.Module) else candidate
-    return ref, cand, _run_both(ref, cand, cast_batch(batch, dtype))
+    ref = as_dtype(reference, dtype, device)
+    cand = as_dtype(candidate, dtype, device) if isinstance(candidate, nn.Module) else candidate
+    return ref, cand, _run_both(ref, cand, cast_batch(batch, dtype), device)
 
 
 def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch], dict[str, torch.Tensor]],
                   batches: list[Batch], *, dtype: torch.dtype = torch.float64,
                   atol: float | None = None, rtol: float | None = None,
-                  exact_in_dtype: bool | None = None, output_maps: dict[str, AxisMap] | None = None) -> VerifyReport:
+                  exact_in_dtype: bool | None = None, output_maps: dict[str, AxisMap] | None = None,
+                  device: torch.device | str | None = None) -> VerifyReport:
     """Run both models in eval mode on ``batches`` in ``dtype`` and compare every output.
 
     ``dtype=float64`` falls back to float32 (said in ``note``) when a model cannot run in
@@ -296,18 +302,22 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     dtype's rounding (:data:`DEFAULT_TOL`); ``basis`` in the report says which and why.
     ``output_maps`` names outputs the step grew on purpose (the logits of a larger vocabulary):
     they are compared through the map (see :func:`through_map`; said in ``note``).
+    ``device`` is where both models run (``cuda``; default the CPU); outputs are compared on the CPU.
     """
+    device = None if device in (None, "cpu") else device
     note = ""
     try:
-        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype, device)
     except Exception as exc:
         if dtype == torch.float32:
             raise
         note = f"float64 not supported by this model ({type(exc).__name__}); checked in float32"
         dtype = torch.float32
-        ref, cand, first = _prepare(reference, candidate, batches[0], dtype)
+        ref, cand, first = _prepare(reference, candidate, batches[0], dtype, device)
     precision = storage_precision(reference, candidate, compute=dtype)
-    d_atol, d_rtol, basis = _default_tolerance(ref, cast_batch(batches[0], dtype), precision, dtype, exact_in_dtype)
+    first_batch = cast_batch(batches[0], dtype)
+    d_atol, d_rtol, basis = _default_tolerance(ref, first_batch if device is None else to_device(first_batch, device),
+                                               precision, dtype, exact_in_dtype)
     if atol is not None or rtol is not None:
         basis = "given" + (f" (otherwise: {basis})" if atol is None or rtol is None else "")
     atol = d_atol if atol is None else atol
@@ -315,7 +325,7 @@ def verify_models(reference: nn.Module, candidate: nn.Module | Callable[[Batch],
     checks: dict[str, OutputCheck] = {}
     compare_outputs(*first, atol, rtol, checks, output_maps)
     for batch in batches[1:]:
-        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype)), atol, rtol, checks, output_maps)
+        compare_outputs(*_run_both(ref, cand, cast_batch(batch, dtype), device), atol, rtol, checks, output_maps)
     outputs = list(checks.values())
     passed = bool(outputs) and all(o.passed for o in outputs)
     if not outputs:

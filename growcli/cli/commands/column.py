@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
 from growcli.cli.render import handle_errors, render_grow_report
 from growcli.core.errors import UsageError
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
                                              "padding).")] = "1x1",
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None,
         rtol: Rtol = None, allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
         quiet: Quiet = False,  # accepted everywhere; this command shows no progress
     ) -> None:
@@ -42,6 +42,6 @@ def register(app: typer.Typer) -> None:
             raise UsageError("column needs at least one -o OUTPUT")
         report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("column", options)],
                       [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len),
+                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device),
                       overwrite=overwrite)
         render_grow_report(report, json_out)

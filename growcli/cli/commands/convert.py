@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape,
                                  Json, Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
 from growcli.cli.render import handle_errors, render_grow_report, status
 from growcli.core.errors import UsageError
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def convert_cmd(model: Model, output: Outputs = None, format: Format = None, arch: Arch = None,
                     arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
-                    inputs: InputsFile = None, seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64",
+                    inputs: InputsFile = None, seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu",
                     atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False,
                     overwrite: Overwrite = False, json_out: Json = False, quiet: Quiet = False) -> None:
         """Write a checkpoint in other formats and check each one computes the same function.
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         if not output:
             raise UsageError("convert needs at least one -o OUTPUT")
-        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device)
         with status(f"converting {model}", quiet, json_out):
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [],
                           [Output(p, format) for p in output], seed=seed, settings=settings, overwrite=overwrite)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Format, InputsFile, InputShape, Json, Model,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Device, Format, InputsFile, InputShape, Json, Model,
                                  Outputs, Overwrite, Quiet, Rtol, TrustPickle)
 from growcli.cli.render import emit_json, handle_errors, render_grow_report
 
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
     def grow_cmd(model: Model, plan: PlanFile, output: Outputs = None, format: Format = None, arch: Arch = None,
                  arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False, input_shape: InputShape = None,
                  inputs: InputsFile = None, seed: SeedOpt = None, batches: BatchesOpt = None, dtype: DtypeOpt = None,
+                 device: Device = "cpu",
                  atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False, dry_run: DryRun = False,
                  overwrite: Overwrite = False, json_out: Json = False, quiet: Quiet = False) -> None:
         """Apply a growth plan's steps in order, verifying each, and write the result with the plan as provenance.
@@ -35,10 +36,14 @@ def register(app: typer.Typer) -> None:
         from growcli.run.planrun import configure, dry_run as preview, run_plan
         from growcli.run.runner import Source
 
+        from growcli.cli.options import check_device
+
+        check_device(device)
         p = load_plan(plan)
         cfg = configure(p, Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), outputs=output,
                         format=format, seed=seed, batches=batches, dtype=dtype, atol=atol, rtol=rtol,
-                        allow_mismatch=allow_mismatch, require_output=not dry_run, overwrite=overwrite)
+                        allow_mismatch=allow_mismatch, require_output=not dry_run, overwrite=overwrite,
+                        device=device)
         if not dry_run:
             render_grow_report(run_plan(p, cfg), json_out)
             return

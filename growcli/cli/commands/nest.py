@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
 from growcli.cli.render import emit_json, handle_errors
 
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
                                                               "that step.")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None, rtol: Rtol = None,
         allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
         quiet: Quiet = False,  # accepted everywhere; this command shows no progress
     ) -> None:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
                                 prune_steps=prune_steps, min_accuracy=min_accuracy)
         report = run_nest(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
                           [Output(p, format) for p in output or []], settings, data, val, seed=seed,
-                          verify=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len),
+                          verify=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device),
                           overwrite=overwrite)
         if json_out:
             emit_json(report)

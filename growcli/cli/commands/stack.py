@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape,
                                  Json, Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
 from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
                               "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None, rtol: Rtol = None,
         allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
         quiet: Quiet = False,
     ) -> None:
@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         options = {k: v for k, v in {"blocks": blocks, "factor": factor, "to": to, "order": order, "layers": layers,
                                      "init": init, "allow_inexact": allow_mismatch}.items() if v is not None}
         build_spec("stack", options)  # every option problem is reported before anything is loaded
-        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device)
         size = parse_shard_size(shard_size) if shard_size is not None else None
         outputs = [Output(p, format, size) for p in output]
         with _progress(console(quiet, json_out)) as advance:

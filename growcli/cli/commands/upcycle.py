@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Atol, Batches, Dtype, Format, InputsFile, Json, Model, Outputs,
+from growcli.cli.options import (AllowMismatch, Atol, Batches, Device, Dtype, Format, InputsFile, Json, Model, Outputs,
                                  Overwrite, Quiet, Rtol, SeqLen, Seed, verify_settings)
 from growcli.cli.render import emit_json, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Largest weights file of the output "
                               "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None,
         rtol: Rtol = None, allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
         quiet: Quiet = False,
     ) -> None:
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"{path}: upcycle writes a Hugging Face directory (a mixture-of-experts architecture "
                                  "that from_pretrained loads); the recorded-edits formats cannot describe the new "
                                  "architecture. Use -o DIR/")
-        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len)
+        settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device)
         size = parse_shard_size(shard_size) if shard_size is not None else None
         report = grow(Source(model, inputs_file=inputs), [Step("upcycle", options)],
                       [Output(p, format, size) for p in output], seed=seed, settings=settings, overwrite=overwrite,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from growcli.cli.options import (Arch, ArchKwargs, Atol, Batches, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
+from growcli.cli.options import (Arch, ArchKwargs, Atol, Batches, Device, Dtype, InputsFile, InputShape, Json, Quiet, Rtol, SeqLen,
                                  TrustPickle, verify_settings)
 from growcli.cli.render import emit_json, handle_errors, status
 from growcli.core.errors import EXIT_MISMATCH
@@ -23,13 +23,13 @@ def register(app: typer.Typer) -> None:
                    grown: Annotated[Path, typer.Argument(help="The grown checkpoint (any format growcli writes).")],
                    arch: Arch = None, arch_kwargs: ArchKwargs = None, trust_pickle: TrustPickle = False,
                    input_shape: InputShape = None, inputs: InputsFile = None, batches: Batches = 3, seq_len: SeqLen = None,
-                   dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None, blockwise: Blockwise = False,
+                   dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None, rtol: Rtol = None, blockwise: Blockwise = False,
                    json_out: Json = False, quiet: Quiet = False) -> None:
         """Run both models on the same inputs and compare every output.
 
         Example: growcli verify model.pt2 grown.pt2 --json
         """
-        settings = verify_settings(batches, dtype, atol, rtol, seq_len=seq_len)
+        settings = verify_settings(batches, dtype, atol, rtol, seq_len=seq_len, device=device)
         if blockwise:
             _blockwise(original, grown, settings, inputs, json_out, quiet, arch or input_shape or trust_pickle)
             return
