@@ -33,7 +33,7 @@ from growcli.io.load import load_model
 from growcli.io.save import check_output
 from growcli.run.outputs import save_models
 from growcli.run.steps import VerifySettings, final_report, run_step, verification_batches
-from growcli.run.stream_executors import EXECUTORS as STREAMING
+from growcli.run.stream_executors import APPLIES, EXECUTORS as STREAMING
 from growcli.run.streaming import DEFAULT_SHARD_SIZE, choose_streaming, parse_shard_size
 from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
@@ -170,6 +170,9 @@ def execution_mode(source: Source, steps: list[Step], outputs: list[Output], str
         if streaming:
             raise UsageError(f"--streaming runs exactly one step; this run has {len(steps)}")
         return "memory"
+    applies = APPLIES.get(steps[0].transform)
+    if streaming is None and applies is not None and not applies(steps[0].options):
+        return "memory"  # a step of that transform that cannot stream (deepen without block): forced, it is refused
     fmt = outputs[0].format if outputs else None
     return "streaming" if choose_streaming(source.path, [o.path for o in outputs], fmt, streaming) else "memory"
 

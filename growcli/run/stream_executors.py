@@ -6,10 +6,14 @@ A transform whose ``modes`` include ``"streaming"`` has exactly one entry here; 
 
 from __future__ import annotations
 
+from growcli.run.deepen_stream import stream_deepen, streamable
 from growcli.run.streaming import stream_stack
 from growcli.run.upcycle_stream import stream_upcycle
 
 EXECUTORS = {
     "stack": stream_stack,
     "upcycle": stream_upcycle,
+    "deepen": stream_deepen,
 }
+# Transforms only some of whose steps stream (options → whether this one does); unlisted: every step.
+APPLIES = {"deepen": streamable}

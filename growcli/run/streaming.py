@@ -40,6 +40,7 @@ from growcli.io.shards import (OutTensor, TensorRef, checkpoint_bytes, pack_shar
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings, verification_batches
 from growcli.run.stream_names import CheckpointNames, meta_model, stack_names, structure_check
+from growcli.transforms.deepen_blocks import copies_order
 from growcli.transforms.stack import StackPlan, StackSpec, layout, plan_stack, post_ln_reason, step_report
 from growcli.verification.blockwise import BlockwiseReport, verify_blockwise
 from growcli.verification.compare import VerifyReport
@@ -262,13 +263,16 @@ def recorded_map(grown: Path, length: int) -> StreamMap | None:
     """
     try:
         report = json.loads((grown / "growth_report.json").read_text())
-        steps = [s for s in report.get("steps") or [] if isinstance(s, dict) and s.get("transform") == "stack"]
+        steps = [s for s in report.get("steps") or [] if isinstance(s, dict) and s.get("transform") in ("stack", "deepen")]
     except (OSError, ValueError, AttributeError):
         return None
     result = identity(length)
     for step in steps:
-        options = {k: v for k, v in (step.get("spec") or {}).items() if k in StackSpec.__dataclass_fields__}
-        order = layout(StackSpec(**options), length)
+        spec = step.get("spec") or {}
+        if step["transform"] == "deepen" and not spec.get("block"):
+            continue  # inserted layers live inside blocks: the depth is kept
+        order = (copies_order(length, step.get("matched") or []) if step["transform"] == "deepen"
+                 else layout(StackSpec(**{k: v for k, v in spec.items() if k in StackSpec.__dataclass_fields__}), length))
         copies = StackPlan("", length, order).copies
         result = compose(result, stacked(order, copies))
         length = len(order)

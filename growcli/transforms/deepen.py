@@ -14,6 +14,8 @@ Recipes: docs/recipes.md#deepen. What follows a layer is read from the
   factorisation of the layer's ``W`` (``orthogonal``: ``(Q W, Qᵀ)``; ``svd``:
   ``(√S Vᵀ, U √S)``). Dense factors are exact up to the rounding of the weights' dtype.
 - ``block`` inserts a copy of a residual block after it with its residual writers zeroed.
+  On a Hugging Face checkpoint it can also stream (:func:`plan_streamed_blocks` plans it on
+  the meta device as a stack layout; ``growcli.run.deepen_stream`` writes it).
 
 This module holds the options and the entry point; the parts are
 :mod:`growcli.transforms.deepen_layers` (reading a layer and its refusals),
@@ -37,10 +39,11 @@ from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.model import GrowModel
 from growcli.core.select import select
 from growcli.nn import ACTIVATIONS
-from growcli.transforms.deepen_blocks import analyse_block, block_names, insert_blocks
+from growcli.transforms.deepen_blocks import analyse_block, block_names, insert_blocks, plan_copies
 from growcli.transforms.deepen_insert import describe, insert_layer
 from growcli.transforms.deepen_layers import layer_names, plan_layer, refusal
 from growcli.transforms.registry import Context, StepReport, option, register
+from growcli.transforms.stack import StackPlan
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,26 @@ def _check_runs(gm: GrowModel, modules: list[nn.Module]) -> None:
                                "so the model would not be deeper")
 
 
+def plan_streamed_blocks(module: nn.Module, spec: DeepenSpec, batch: Batch) -> tuple[StackPlan, StepReport]:
+    """``deepen --block`` decided on ``module`` (the meta device is fine) without changing it.
+
+    Returns the stack layout with the writers to zero and the config values, and the step's
+    report (without parameter counts or verification) — the same matched blocks, changes and
+    notes as the in-memory :func:`deepen`. Raises :class:`UsageError` unless ``spec.block``,
+    and what the in-memory path raises for the same blocks.
+    """
+    if not spec.block:
+        raise UsageError("--streaming: deepen streams only --block (copies of residual blocks); drop --streaming "
+                         "to insert layers")
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    args, kwargs = batch
+    trace = trace_model(module, (tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}))
+    report = StepReport("deepen", dataclasses.asdict(spec))
+    report.matched = select(spec.after, block_names(module), "block")
+    plan, report.changes, report.notes = plan_copies(trace, module, report.matched)
+    return plan, report
+
+
 def deepen_candidates(gm: GrowModel) -> dict[str, str | None]:
     """Each layer (and residual block, marked ``--block``) → ``None`` if deepen applies, else why not."""
     root = gm.module
@@ -144,7 +167,8 @@ def deepen_candidates(gm: GrowModel) -> dict[str, str | None]:
 
 
 @register("deepen", DeepenSpec, exact=True, candidates=deepen_candidates,
-          help="Insert layers or residual blocks that start as the identity (Net2DeeperNet, Network Morphism).")
+          help="Insert layers or residual blocks that start as the identity (Net2DeeperNet, Network Morphism).",
+          modes=("memory", "streaming"))
 def deepen(gm: GrowModel, spec: DeepenSpec, ctx: Context) -> StepReport:
     """Insert identity-initialised layers after every layer matched by ``spec.after`` (blocks with ``spec.block``).
 

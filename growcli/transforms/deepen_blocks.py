@@ -22,6 +22,7 @@ from growcli.analysis.trace import Trace
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
 from growcli.transforms.registry import StepReport
+from growcli.transforms.stack import StackPlan
 
 
 def block_names(root: nn.Module) -> list[str]:
@@ -62,14 +63,61 @@ def _name(container: str, index: int) -> str:
     return f"{container}.{index}" if container else str(index)
 
 
+def by_position(chosen: list[str]) -> list[str]:
+    """``chosen`` highest index first (per container), so inserting does not move the blocks still to be copied."""
+    return sorted(chosen, key=lambda b: (_split(b)[0], -_split(b)[1]))
+
+
+def block_change(container: str, old_len: int, block: str, zeroed: tuple[str, ...]) -> dict[str, str]:
+    """The report's change for one copy of ``block`` inserted into ``container`` of ``old_len`` blocks."""
+    index = _split(block)[1]
+    return {"name": container or "(root)", "before": f"{old_len} blocks",
+            "after": f"{old_len + 1} blocks: a copy of '{block}' at index {index + 1} with "
+                     f"zeroed residual writers {', '.join(zeroed)}"}
+
+
+def post_notes(analyses: dict[str, BlockWriters]) -> list[str]:
+    """Why blocks ending in an activation after their residual add are still exact."""
+    out = []
+    for a in analyses.values():
+        if a.post:
+            ops = ", ".join(dict.fromkeys(op for op, _ in a.post_sites))
+            out.append(f"'{a.block}' ends in {ops} after its residual add; exact because the copy receives "
+                       "that activation's output, on which it is the identity")
+    return out
+
+
+def copies_layout(root: nn.Module, chosen: list[str]) -> tuple[str, list[int]]:
+    """The one container of ``chosen`` and its new layout: each chosen block followed by its copy.
+
+    ``[0, 1, 1, 2]`` for a copy of block 1 of three: the layout :mod:`growcli.analysis.depth`
+    and the streaming stack executor share. Raises :class:`NotGrowableError` when the blocks
+    lie in more than one container (streaming rewrites one stack).
+    """
+    containers = sorted({_split(b)[0] for b in chosen})
+    if len(containers) != 1:
+        raise NotGrowableError(f"deepen --block --streaming copies blocks of one stack; these lie in "
+                               f"{', '.join(c or '(root)' for c in containers)} (use --no-streaming)")
+    container = containers[0]
+    return container, copies_order(len(root.get_submodule(container)), chosen)
+
+
+def copies_order(length: int, matched: list[str]) -> list[int]:
+    """The layout of a stack of ``length`` blocks after a copy of each ``matched`` block (``"….3"``) follows it.
+
+    Also reads a recorded step back: a ``deepen --block`` step's ``matched`` gives its layout.
+    """
+    picked = {_split(b)[1] for b in matched}
+    return [j for i in range(length) for j in ([i, i] if i in picked else [i])]
+
+
 def insert_blocks(gm: GrowModel, trace: Trace, chosen: list[str], report: StepReport) -> list[nn.Module]:
     """Insert a zeroed copy after every block in ``chosen`` (all analysed first); returns the new blocks."""
     root = gm.module
     analyses = {b: analyse_block(trace, root, b) for b in chosen}
     config = getattr(root, "config", None)
     new_blocks = []
-    # Highest index first, so inserting does not move the blocks still to be copied.
-    for block in sorted(chosen, key=lambda b: (_split(b)[0], -_split(b)[1])):
+    for block in by_position(chosen):
         container, index = _split(block)
         seq = root.get_submodule(container)
         old_len = len(seq)
@@ -90,13 +138,29 @@ def insert_blocks(gm: GrowModel, trace: Trace, chosen: list[str], report: StepRe
                                 "directory output will be refused (.safetensors + growcli.load_grown works)")
         for key, value in (depth.config or {}).items():
             gm.edits.config(root, key, value)
-        report.changes.append({"name": container or "(root)", "before": f"{old_len} blocks",
-                               "after": f"{old_len + 1} blocks: a copy of '{block}' at index {index + 1} with "
-                                        f"zeroed residual writers {', '.join(zeroed)}"})
+        report.changes.append(block_change(container, old_len, block, zeroed))
         new_blocks.append(new)
-    for a in analyses.values():
-        if a.post:
-            ops = ", ".join(dict.fromkeys(op for op, _ in a.post_sites))
-            report.notes.append(f"'{a.block}' ends in {ops} after its residual add; exact because the copy receives "
-                                "that activation's output, on which it is the identity")
+    report.notes += post_notes(analyses)
     return new_blocks
+
+
+def plan_copies(trace: Trace, root: nn.Module, chosen: list[str]) -> tuple[StackPlan, list[dict], list[str]]:
+    """``deepen --block`` as a stack layout, for rewriting a checkpoint: the plan, the report's changes and notes.
+
+    Decided on ``root`` (which may live on the meta device) without changing it: the same
+    analysis (:func:`analyse_block`), config values and report entries as
+    :func:`insert_blocks`, whose sequence of single inserts composes to this one layout.
+    Raises :class:`NotGrowableError` when a block is refused or no config value describes the
+    new depth.
+    """
+    analyses = {b: analyse_block(trace, root, b) for b in chosen}
+    container, order = copies_layout(root, chosen)
+    depth = depth_changes(root, container, order)
+    if depth.config is None:
+        raise NotGrowableError(f"deepen --block: {depth.reason}; growcli cannot keep the config in step with it")
+    length = len(root.get_submodule(container))
+    plan = StackPlan(container, length, order, writers={_split(b)[1]: a.writers for b, a in analyses.items()},
+                     config=depth.config, attrs=depth.attrs)
+    changes = [block_change(container, length + k, block, analyses[block].writers)
+               for k, block in enumerate(by_position(chosen))]
+    return plan, changes, post_notes(analyses)

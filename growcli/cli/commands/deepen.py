@@ -1,4 +1,8 @@
-"""growcli deepen MODEL --after NAME: insert layers or residual blocks that start as the identity."""
+"""growcli deepen MODEL --after NAME: insert layers or residual blocks that start as the identity.
+
+``--block`` on a Hugging Face directory can stream (``--streaming``, automatic above 1 GiB):
+the checkpoint is rewritten tensor by tensor with a progress bar in bytes on stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
-from growcli.cli.render import handle_errors, render_grow_report
+from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
 
 
@@ -35,17 +39,23 @@ def register(app: typer.Typer) -> None:
         bn: Annotated[bool, typer.Option("--bn", help="Add a BatchNorm that is the identity in eval mode.")] = False,
         block: Annotated[bool, typer.Option("--block", help="Insert a copy of the residual block after it, with "
                                             "its residual writers zeroed (pre-LN transformers, ResNets).")] = False,
+        streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="With --block, insert "
+                             "the copies into a Hugging Face directory tensor by tensor without loading it (default: "
+                             "above 1 GiB).")] = None,
+        shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Largest weights file of the output "
+                              "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
         seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
         allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
-        quiet: Quiet = False,  # accepted everywhere; this command shows no progress
+        quiet: Quiet = False,
     ) -> None:
         """Add depth: layers or residual blocks that start as the identity; the grown model computes the same function.
 
         Example: growcli deepen fixtures/mlp.pt2 --after fc1 -o grown.safetensors
         """
         from growcli.run.runner import Output, Source, Step, grow
+        from growcli.run.streaming import parse_shard_size
         from growcli.transforms.catalog import build_spec
 
         options = {"after": after[0] if len(after) == 1 else list(after), "init": init, "activation": activation,
@@ -54,7 +64,41 @@ def register(app: typer.Typer) -> None:
         build_spec("deepen", options)  # every option problem at once, before loading anything
         if not output:
             raise UsageError("deepen needs at least one -o OUTPUT")
-        report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("deepen", options)],
-                      [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite)
+        if streaming and not block:
+            raise UsageError("--streaming: deepen streams only --block (copies of residual blocks); drop --streaming "
+                             "to insert layers")
+        size = parse_shard_size(shard_size) if shard_size is not None else None
+        with _progress(console(quiet, json_out)) as advance:
+            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("deepen", options)],
+                          [Output(p, format, size) for p in output], seed=seed,
+                          settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len),
+                          overwrite=overwrite, streaming=streaming if block else False, progress=advance)
+        if json_out:
+            emit_json(report)
+            return
         render_grow_report(report, json_out)
+        if report.get("execution") == "streaming":
+            for line in report["checked"]:
+                typer.echo(f"checked: {line}")
+            out = report["outputs"][0]
+            typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
+                       f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")
+
+
+class _progress:
+    """A rich progress bar in bytes on stderr for a streamed run; a no-op callback when the console is quiet."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def __enter__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("deepening"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("deepen", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)

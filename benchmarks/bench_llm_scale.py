@@ -1,0 +1,219 @@
+"""Benchmark: streaming growth of generated ~1.1B and ~3B-parameter Llama-shaped bf16 checkpoints.
+
+    python benchmarks/bench_llm_scale.py                       # both sizes (needs ~25 GB of free disk)
+    python benchmarks/bench_llm_scale.py --sizes 1.1b          # TinyLlama-1.1B shape only
+    python benchmarks/bench_llm_scale.py --sizes tiny          # a 4-layer smoke run of the script itself
+
+For each size a sharded safetensors checkpoint with random bf16 weights is generated tensor
+by tensor (``bench_stack.generate``; the model is never built). Then, each in a child process
+started after ``sync``:
+
+- ``growcli deepen --block --streaming`` after every 4th block (blocks 3, 7, 11, …);
+- ``growcli stack --streaming --factor 2 --init identity``;
+- a streaming widen, heads or hidden step if ``growcli/run/stream_executors.py`` has an
+  executor for it (FFN ×1.5, heads ×2, hidden ×1.5);
+- a plain copy (``shutil.copyfile``/``copy_file_range``) of as many bytes as that output holds.
+
+Every growcli run verifies its output in full (outputs above 512 MB block by block from disk,
+float64). Printed per run: wall time (process start to exit, imports and verification
+included), growcli's own write time, the ``sync`` that follows (its dirty pages reaching the
+disk), the verification time (growcli's ``check`` timing: structure check + block-wise run of
+both models), the peak RSS of the growcli process (``os.wait4``), and write + sync against the
+plain copy + its sync. Targets: peak RSS ≤ 1.5 GB, write ≤ 1.3× the copy. The figures are
+saved to ``benchmarks/results/llm_scale.json`` and ``.txt``; generated files are deleted
+afterwards unless ``--keep``. Not a test: it prints figures and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_stack import COPY
+
+HERE = Path(__file__).resolve().parent
+# name → Llama shape (layers, hidden, intermediate, heads, kv heads, vocab)
+SIZES = {
+    "tiny": (4, 512, 1408, 8, 2, 8000),
+    "1.1b": (22, 2048, 5632, 32, 4, 32000),  # TinyLlama-1.1B
+    "3b": (28, 3072, 8192, 24, 8, 32000),  # Llama-3.2-3B's blocks, a 32k vocabulary, untied head
+}
+
+
+def _generate(directory: Path, shape: tuple, shard_size: str) -> int:
+    """Generate in a child process (the parent never imports torch); returns the bytes of tensor data."""
+    layers, hidden, inter, heads, kv, vocab = shape
+    argv = [sys.executable, "-c",
+            "import sys, argparse; sys.path.insert(0, sys.argv[1]); from bench_stack import generate; "
+            "a = argparse.Namespace(layers=int(sys.argv[3]), "
+            "hidden=int(sys.argv[4]), intermediate=int(sys.argv[5]), heads=int(sys.argv[6]), kv_heads=int(sys.argv[7]), "
+            "vocab=int(sys.argv[8]), shard_bytes=int(sys.argv[9])); "
+            "from pathlib import Path; print(generate(Path(sys.argv[2]), a))",
+            str(HERE), str(directory), *map(str, shape), str(_bytes(shard_size))]
+    return int(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def _bytes(size: str) -> int:
+    """``"2GB"`` → 2·10⁹, ``"500MB"``, ``"1GiB"``, or a plain byte count (as growcli's ``--shard-size``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(i?)B?\s*", size)
+    if not m:
+        raise SystemExit(f"--shard-size {size!r}: expected a size like 2GB or 500MB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _with_rss(argv: list[str]) -> dict:
+    """Wall time, peak RSS (MB, ``os.wait4``) and stdout of one child started after ``sync``, and the ``sync`` after it."""
+    os.sync()
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    t = time.perf_counter()
+    os.sync()
+    synced = time.perf_counter() - t
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise RuntimeError(f"{' '.join(argv[2:5])}… exit {code}: {err.decode().strip()[-500:]}")
+    return {"wall_s": wall, "sync_s": synced, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": out.decode()}
+
+
+def streaming_steps() -> set[str]:
+    """The width transforms ``growcli widen --streaming`` can run: executor and flag both in the growcli that runs.
+
+    Read from the source files of the package a child process imports (the parent imports no growcli).
+    """
+    where = subprocess.run([sys.executable, "-c", "import growcli.cli, os; print(os.path.dirname(growcli.cli.__file__))"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    package = Path(where).parent
+    text = (package / "run" / "stream_executors.py").read_text()
+    found = set(re.findall(r'^\s*"(\w+)":', text[text.index("EXECUTORS"):], re.M))
+    return found if "--streaming" in (package / "cli" / "commands" / "widen.py").read_text() else set()
+
+
+def arms(shape: tuple, available: set[str]) -> list[tuple[str, list[str]]]:
+    """(name, growcli arguments after the model) of every run for a checkpoint of ``shape`` (see :data:`SIZES`)."""
+    layers, _, inter, heads = shape[:4]
+    every4 = [a for i in range(3, layers, 4) for a in ("--after", f"model.layers.{i}")]
+    out = [(f"deepen --block after every 4th block ({len(every4) // 2} copies)", ["deepen", "--block", *every4]),
+           ("stack x2 --init identity", ["stack", "--factor", "2", "--init", "identity"])]
+    if "widen" in available:
+        out.append(("widen FFN x1.5", ["widen", "--layer", "model.layers.*.mlp.up_proj", "--to", str(inter * 3 // 2)]))
+    if "heads" in available:
+        out.append(("widen --heads 2x", ["widen", "--heads", str(2 * heads)]))
+    if "hidden" in available:
+        out.append(("widen --hidden 1.5x", ["widen", "--hidden", "1.5x"]))
+    return out
+
+
+def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
+    shape = SIZES[name]
+    src = work / f"src-{name}"
+    t = time.perf_counter()
+    data = _generate(src, shape, args.shard_size)
+    print(f"[{name}] generated {src}: {data / 1e9:.2f} GB of bf16 weights ({data / 2e9:.2f} B parameters) "
+          f"in {time.perf_counter() - t:.1f} s", flush=True)
+    rows = []
+    skip = [p.strip() for p in args.skip.split(",") if p.strip()]
+    for arm, argv in arms(shape, streaming_steps()):
+        if any(arm.startswith(p) for p in skip):
+            continue
+        out = work / f"out-{name}"
+        try:
+            child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
+                               "--shard-size", args.shard_size, "--batches", str(args.batches), "--json", "-q",
+                               "-o", str(out)])
+        except RuntimeError as exc:  # a run that fails is reported, and the others still run
+            print(f"[{name}] {arm}: FAILED: {exc}", flush=True)
+            rows.append({"size": name, "arm": arm, "error": str(exc)})
+            shutil.rmtree(out, ignore_errors=True)
+            continue
+        report = json.loads(child["stdout"])
+        output = report["outputs"][0]
+        written = output["bytes"]
+        shutil.rmtree(out)
+        copy = _with_rss([sys.executable, "-c", COPY, str(src), str(work / "copy"), str(written)])
+        shutil.rmtree(work / "copy")
+        timing = report["timing"]
+        v = report["verification"] or {}
+        row = {"size": name, "params_before": report["params_before"], "params_after": report["params_after"],
+               "arm": arm, "bytes_written": written, "shards": output["shards"],
+               "wall_s": round(child["wall_s"], 2), "plan_s": timing.get("plan"), "write_s": timing.get("write"),
+               "sync_after_write_s": round(child["sync_s"], 2), "verify_s": timing.get("check"),
+               "peak_rss_mb": round(child["peak_rss_mb"]),
+               "copy_s": round(copy["wall_s"], 2), "copy_sync_s": round(copy["sync_s"], 2),
+               "copy_peak_rss_mb": round(copy["peak_rss_mb"]),
+               "verified_with": output.get("loaded_with"), "passed": v.get("passed"),
+               "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches")}
+        row["write_vs_copy"] = round((row["write_s"] + row["sync_after_write_s"]) / (row["copy_s"] + row["copy_sync_s"]), 3)
+        rows.append(row)
+        print(f"[{name}] {_line(row)}", flush=True)
+    shutil.rmtree(src)
+    return rows
+
+
+HEAD = (f"{'size':5} {'run':44} {'GB out':>7} {'wall s':>7} {'write s':>8} {'+sync':>6} {'copy s':>7} {'+sync':>6} "
+        f"{'w/copy':>7} {'verify s':>9} {'peak RSS MB':>12} {'passed':>7} {'max|diff|':>10}")
+
+
+def _line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['size']:5} {r['arm']:44} FAILED: {r['error']}"
+    diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
+    return (f"{r['size']:5} {r['arm']:44} {r['bytes_written'] / 1e9:7.2f} {r['wall_s']:7.1f} {r['write_s']:8.1f} "
+            f"{r['sync_after_write_s']:6.1f} {r['copy_s']:7.1f} {r['copy_sync_s']:6.1f} {r['write_vs_copy']:6.2f}x "
+            f"{r['verify_s']:9.1f} {r['peak_rss_mb']:12.0f} {str(r['passed']):>7} {diff:>10}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1.1b,3b", help=f"comma-separated, of {', '.join(SIZES)}")
+    ap.add_argument("--shard-size", default="2GB", help="input and output shard size")
+    ap.add_argument("--batches", type=int, default=1, help="verification batches per run")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary directory)")
+    ap.add_argument("--skip", default="", help="comma-separated run names to leave out, by prefix (e.g. 'widen --hidden')")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "llm_scale",
+                    help="write <this>.json and <this>.txt (default benchmarks/results/llm_scale)")
+    args = ap.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad:
+        raise SystemExit(f"--sizes: unknown {bad}; choose from {', '.join(SIZES)}")
+    work = Path(tempfile.mkdtemp(prefix="bench_llm_scale_", dir=args.workdir))
+    rows: list[dict] = []
+    started = time.perf_counter()
+    try:
+        for name in sizes:
+            rows += run_size(name, work, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    lines = [HEAD, *map(_line, rows), "",
+             "wall: growcli process start to exit (imports, meta-device plan and trace, writing, structure check, "
+             "block-wise verification); write: growcli's timing of writing the shards; +sync: the sync after the "
+             "process (dirty pages to disk); w/copy: (write + sync) / (copy + sync); verify: growcli's check "
+             "timing; peak RSS: the growcli process's own (wait4)",
+             f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+             f"shard size {args.shard_size}; {args.batches} verification batch(es); total {time.perf_counter() - started:.0f} s"]
+    print("\n".join(lines))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.with_suffix(".json").write_text(json.dumps({"shapes": {s: SIZES[s] for s in sizes}, "runs": rows,
+                                                             "shard_size": args.shard_size, "batches": args.batches},
+                                                            indent=2) + "\n")
+    args.results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
