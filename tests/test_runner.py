@@ -81,8 +81,12 @@ def test_execution_mode_follows_transform_modes(tmp_path):
     assert execution_mode(src, [Step("stack", {})], out, True) == "streaming"
     assert execution_mode(src, [Step("stack", {})], out, False) == "memory"
     assert execution_mode(src, [Step("widen", {})], out, None) == "memory"
-    with pytest.raises(UsageError, match=r"^--streaming: deepen cannot run streaming \(its execution modes: memory\)"):
+    with pytest.raises(UsageError, match=r"^--streaming: branch cannot run streaming \(its execution modes: memory\)"):
+        execution_mode(src, [Step("stack", {}), Step("branch", {})], out, True)
+    with pytest.raises(UsageError, match=r"^--streaming runs exactly one step; this run has 2"):
         execution_mode(src, [Step("stack", {}), Step("deepen", {})], out, True)
+    # deepen streams only block copies: a layer insertion stays in memory unless streaming is forced
+    assert execution_mode(src, [Step("deepen", {"after": "x"})], out, None) == "memory"
     with pytest.raises(UsageError, match="--streaming needs a Hugging Face directory"):
         execution_mode(src, [Step("stack", {})], [Output(tmp_path / "o.safetensors")], True)
 
