@@ -31,7 +31,7 @@ COMMANDS = typer.main.get_command(get_app()).commands
 EXECUTION = {"model", "output", "format", "arch", "arch_kwargs", "trust_pickle", "input_shape", "inputs", "seed", "batches",
              "seq_len", "dtype", "device", "atol", "rtol", "allow_mismatch", "overwrite", "json_out", "quiet"}
 # Options only a command has (they choose how a step is executed, not what it does).
-CLI_ONLY = {"widen": set(), "deepen": {"streaming", "shard_size"}, "stack": {"streaming", "shard_size"}, "branch": set(), "column": set(),
+CLI_ONLY = {"widen": {"streaming", "shard_size"}, "deepen": {"streaming", "shard_size"}, "stack": {"streaming", "shard_size"}, "branch": set(), "column": set(),
             "prune": set(), "vocab": set(), "upcycle": {"streaming", "shard_size"},
             "nest": {"val", "epochs", "lr", "prune_steps", "min_accuracy"}}
 # (command, transform) → {spec field: command parameter} where the command spells a field differently

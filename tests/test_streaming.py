@@ -131,9 +131,9 @@ def test_streaming_catches_a_written_checkpoint_that_differs(checkpoint, tmp_pat
 
 def test_streaming_widen_is_refused(checkpoint, tmp_path):
     with pytest.raises(UsageError) as info:
-        grow(Source(checkpoint("llama")), [Step("widen", {"layer": "model.layers.0.mlp.up_proj", "to": 80})],
+        grow(Source(checkpoint("llama")), [Step("branch", {"layer": "model.layers.0.mlp.up_proj", "merge": "add"})],
              [Output(tmp_path / "out")], streaming=True)
-    assert str(info.value) == ("--streaming: widen cannot run streaming (its execution modes: memory); "
+    assert str(info.value) == ("--streaming: branch cannot run streaming (its execution modes: memory); "
                                "drop --streaming")
     assert list(tmp_path.iterdir()) == []
 

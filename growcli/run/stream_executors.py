@@ -9,10 +9,14 @@ from __future__ import annotations
 from growcli.run.deepen_stream import stream_deepen, streamable
 from growcli.run.streaming import stream_stack
 from growcli.run.upcycle_stream import stream_upcycle
+from growcli.run.width_stream import stream_heads, stream_hidden, stream_widen
 
 EXECUTORS = {
     "stack": stream_stack,
     "upcycle": stream_upcycle,
+    "hidden": stream_hidden,
+    "heads": stream_heads,
+    "widen": stream_widen,
     "deepen": stream_deepen,
 }
 # Transforms only some of whose steps stream (options → whether this one does); unlisted: every step.

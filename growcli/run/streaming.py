@@ -1,8 +1,9 @@
 """Streaming execution of a step: a Hugging Face checkpoint rewritten tensor by tensor, never loaded whole.
 
 One of the runner's execution modes (:func:`growcli.run.runner.grow` chooses it, see
-:func:`choose_streaming`); the report it feeds has the in-memory run's schema. Only
-transforms whose ``modes`` include ``"streaming"`` have an executor here: ``stack``.
+:func:`choose_streaming`); the report it feeds has the in-memory run's schema. This module holds
+``stack``'s executor and what every executor shares (choosing the mode, block-wise checks); the
+others are in their own modules, and :mod:`growcli.run.stream_executors` lists them all.
 
 The model is built on the meta device (no memory) only to find the stack, its residual
 writers and the config changes — the same :func:`growcli.transforms.stack.plan_stack` the

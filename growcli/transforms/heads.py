@@ -7,6 +7,8 @@ columns (shares summing to 1, built to sum to them exactly in the weights' dtype
 factor, each new one bringing copies of its source's query heads, so every query head keeps
 its key/value head; multi-query attention keeps its single one. The head planning here is
 also used by ``hidden`` when the config ties the attention width to the hidden size.
+Planning reads no weight values, so the step also streams (:mod:`growcli.run.width_stream`):
+planned on the meta device, its tensors computed one at a time from disk.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
 
 
 @register("heads", HeadsSpec, exact=True, help="add whole attention heads (q, k, v copied; output columns split)",
-          candidates=heads_candidates)
+          candidates=heads_candidates, modes=("memory", "streaming"))
 def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
     """Grow every attention to ``spec.target(heads)`` query heads, keeping ``head_dim``."""
     report = StepReport("heads", dataclasses.asdict(spec), params_before=gm.num_parameters())

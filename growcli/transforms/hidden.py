@@ -5,6 +5,8 @@ The hidden size grows from ``d`` to ``d' = k·d + r``; every hidden vector becom
 padding rules). Where the model's config ties the attention width to the hidden size (BERT,
 GPT-2, ViT: ``heads × head_dim = hidden_size``), heads grow with it, planned by
 :mod:`growcli.transforms.heads`.
+Planning reads no weight values, so the step also streams (:mod:`growcli.run.width_stream`):
+planned on the meta device, its tensors computed one at a time from disk.
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def _output_maps(gm: GrowModel, plans: list[StreamPlan]) -> dict[str, AxisMap]:
     outputs = [out for plan in plans for out in plan.outputs]
     if not outputs:
         return {}
+    device = next((p.device for p in gm.module.parameters()), torch.device("cpu"))  # meta when planning a stream
     args, kwargs = make_batches(gm.inputs, 1)[0]
+    args, kwargs = tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}
     with torch.no_grad():
         names = list(flatten_outputs(gm.module(*args, **kwargs)))
     d, k, r = plans[0].size, plans[0].k, plans[0].r
@@ -115,7 +119,7 @@ def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
 
 
 @register("hidden", HiddenSpec, exact=True, help="grow the hidden size (tiling; LayerNorm/RMSNorm padding recipes)",
-          candidates=hidden_candidates)
+          candidates=hidden_candidates, modes=("memory", "streaming"))
 def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
     """Grow the hidden size of a transformer exactly, with every tensor that carries it."""
     report = StepReport("hidden", dataclasses.asdict(spec), params_before=gm.num_parameters())

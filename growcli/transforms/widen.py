@@ -3,12 +3,15 @@
 The coupled group from :mod:`growcli.analysis.coupling` says which parameter dimensions follow the
 layer's channels; this module chooses the channel map ``g`` (new unit → source unit) and
 the split of each consumer column among a source's replicas, and rewrites the tensors.
-Recipes: docs/recipes.md#widen.
+Recipes: docs/recipes.md#widen. Init net2net and zero also stream (:mod:`growcli.run.width_stream`):
+inside :func:`growcli.transforms.width_edit.deferred_rewrites`, :func:`widen_group` plans each
+tensor (shape, generator state) and computes it later from the tensor on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +34,7 @@ from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.resize import sync_attributes
 from growcli.transforms.splits import along, split_columns
 from growcli.transforms.sizes import check_one_size, target_size
+from growcli.transforms.width_edit import Rewrite, deferring
 
 INITS = ("net2net", "zero", "gradmax", "firefly")
 DATA_INITS = ("gradmax", "firefly")  # the inits that read calibration data
@@ -163,25 +167,19 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
     g = channel_map(group.size, new_size, group.groups, gen)
     fresh = new_units(g)
     factors = split_factors(g, group.size, spec.split, spec.init, gen)
-    g_t = torch.tensor(g)
+    jobs = deferring()
     for use in group.uses:
         old = _get(root, use.fqn).detach()
-        origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
-        if use.role == "producer":
-            new = old.index_select(use.dim, g_t).clone()
-            if fresh.any():
-                new = _init_new_units(new, old, use, fresh, spec, gen)
-            random = fresh & torch.tensor(spec.init == "zero")
-            origin = axis_origin(use.dim, torch.where(random, -1, g_t), torch.ones(len(g), dtype=torch.float64))
-        elif use.role == "grouped_consumer":
-            new = _grouped_consumer(old, g, factors, group, use.groups)
-        else:
-            idx, chan = remap(use.layout, g, group.size)
-            if use.role == "consumer":  # columns of replicated units: shared out, exactly in the dtype
-                new, scale = split_columns(old, use.dim, idx, factors[chan.clamp(min=0)], chan >= 0)
-            else:
-                new, scale = old.index_select(use.dim, idx), torch.ones(len(chan), dtype=torch.float64)
-            origin = axis_origin(use.dim, idx, scale)
+        if jobs is None:
+            new, origin = _rewrite_use(old, use, g, fresh, factors, group, spec, gen)
+        else:  # planning a stream: the shape now, the values from the tensor on disk later
+            shape = _use_shape(tuple(old.shape), use, g, group)
+            jobs.append(Rewrite(use.fqn, [], spec.noise, gen.get_state(), shape, old.dtype, tuple(old.shape),
+                                fn=functools.partial(_deferred_use, use=use, g=g, fresh=fresh, factors=factors,
+                                                     group=group, spec=spec),
+                                slices=_slice_dims(shape, use, fresh, spec)))
+            _skip_init(shape, use, fresh, spec, gen)
+            new, origin = torch.empty(shape, dtype=old.dtype, device="meta"), None
         gm.edits.param(root, use.fqn, new.to(old.dtype), origin)
         report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
     for name in group.depthwise:
@@ -189,6 +187,66 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
     for name in sorted({u.fqn.rpartition(".")[0] for u in group.uses}):
         sync_attributes(gm, name)
     _patch_views(gm, group, g)
+
+
+def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, factors: torch.Tensor, group: Group,
+                 spec: WidenSpec, gen: torch.Generator) -> tuple[torch.Tensor, Origin | None]:
+    """One use of the group's channels rewritten for the channel map ``g``, and its origin."""
+    g_t = torch.tensor(g)
+    origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
+    if use.role == "producer":
+        new = old.index_select(use.dim, g_t).clone()
+        if fresh.any():
+            new = _init_new_units(new, old, use, fresh, spec, gen)
+        random = fresh & torch.tensor(spec.init == "zero")
+        origin = axis_origin(use.dim, torch.where(random, -1, g_t), torch.ones(len(g), dtype=torch.float64))
+    elif use.role == "grouped_consumer":
+        new = _grouped_consumer(old, g, factors, group, use.groups)
+    else:
+        idx, chan = remap(use.layout, g, group.size)
+        if use.role == "consumer":  # columns of replicated units: shared out, exactly in the dtype
+            new, scale = split_columns(old, use.dim, idx, factors[chan.clamp(min=0)], chan >= 0)
+        else:
+            new, scale = old.index_select(use.dim, idx), torch.ones(len(chan), dtype=torch.float64)
+        origin = axis_origin(use.dim, idx, scale)
+    return new, origin
+
+
+def _deferred_use(old: torch.Tensor, gen: torch.Generator, *, use, g, fresh, factors, group, spec) -> tuple[torch.Tensor, str]:
+    new, _ = _rewrite_use(old, use, g, fresh, factors, group, spec, gen)
+    return new.to(old.dtype), ""
+
+
+def _use_shape(shape: tuple[int, ...], use, g: list[int], group: Group) -> tuple[int, ...]:
+    """The shape :func:`_rewrite_use` gives a tensor of ``shape`` (computed without its values)."""
+    out = list(shape)
+    if use.role == "producer":
+        out[use.dim] = len(g)
+    elif use.role == "grouped_consumer":
+        out[1] = len(g) // use.groups
+    else:
+        out[use.dim] = len(use.layout.keys(g))
+    return tuple(out)
+
+
+def _slice_dims(shape: tuple[int, ...], use, fresh: torch.Tensor, spec: WidenSpec) -> tuple[int, ...]:
+    """Dimensions along which :func:`_rewrite_use` of a slice is that slice of the result: every one but the
+    channels' own, except for grouped consumers and for new units drawn at random (their std is the whole
+    tensor's, their draws the whole block's)."""
+    random = bool(fresh.any()) and (spec.init == "zero" or spec.noise > 0)
+    if use.role == "grouped_consumer" or (use.role == "producer" and random):
+        return ()
+    return tuple(d for d in range(len(shape)) if d != use.dim)
+
+
+def _skip_init(shape: tuple[int, ...], use, fresh: torch.Tensor, spec: WidenSpec, gen: torch.Generator) -> None:
+    """Advance ``gen`` as :func:`_init_new_units` would for this use (the same draws, same shapes)."""
+    if use.role != "producer" or not bool(fresh.any()):
+        return
+    drawn = list(shape)
+    drawn[use.dim] = int(fresh.sum())
+    if (spec.init == "zero" and len(shape) != 1) or (spec.init != "zero" and spec.noise > 0 and len(shape) > 1):
+        torch.randn(drawn, generator=gen, dtype=torch.float64)
 
 
 def axis_origin(dim: int, index: torch.Tensor, scale: torch.Tensor) -> Origin:
@@ -255,13 +313,22 @@ def widen_candidates(gm: GrowModel) -> dict[str, str | None]:
     return result
 
 
+def _trace(gm: GrowModel):
+    """The model traced on one generated batch, moved to the model's device (meta when planning a stream)."""
+    device = next((p.device for p in gm.module.parameters()), torch.device("cpu"))
+    args, kwargs = make_batches(gm.inputs, 1)[0]
+    if device.type != "meta":
+        return trace_model(gm.module, (args, kwargs))
+    return trace_model(gm.module, (tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}))
+
+
 @register("widen", WidenSpec, exact=lambda spec: spec.noise == 0 and not (spec.init == "firefly" and spec.firefly_steps > 0),
           help="Net2WiderNet: grow a layer's units or channels",
-          candidates=widen_candidates)
+          candidates=widen_candidates, modes=("memory", "streaming"))
 def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
     """Widen every layer matched by ``spec.layer``; layers in one coupled group grow together once."""
     report = StepReport("widen", dataclasses.asdict(spec), params_before=gm.num_parameters())
-    trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+    trace = _trace(gm)
     layers = select(spec.layer, producer_layers(trace))
     gen = ctx.generator(salt=1)
     done: set[frozenset[str]] = set()
@@ -275,7 +342,7 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
         if touched & {use.fqn for use in group.uses} and spec.init != "firefly":
             # An earlier group grew a tensor this one uses too (a consumer of both, e.g. after torch.cat):
             # its offsets moved, so analyse again on the model as it is now.
-            trace = trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+            trace = _trace(gm)
             group = analyze(trace, layer)
         key = frozenset(group.producers)
         if key in done:

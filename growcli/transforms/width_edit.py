@@ -11,13 +11,22 @@ of a reader, the output columns of a copied head) are built to sum to the origin
 that dtype. Every rewritten tensor is then checked against its float64 values, and the step's
 report says whether it is exact in the dtype (``report.exact_in_dtype``), which sets the
 verification tolerance (:func:`growcli.verification.compare.verify_models`).
+
+Planning never reads a weight's value, so a step can also run on a meta-device model: inside
+:func:`deferred_rewrites`, :func:`apply_edit` installs meta tensors of the new shapes and returns
+one :class:`Rewrite` per tensor (its maps and the generator state it would have been computed
+with); :func:`growcli.run.width_stream.apply_rewrite` later computes each from the tensor read
+from disk, bit for bit what the in-memory path computes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -70,7 +79,7 @@ class Edit:
             maps.append(m)
 
 
-def _rewrite(old: torch.Tensor, maps: list[DimMap], noise: float,
+def rewrite(old: torch.Tensor, maps: list[DimMap], noise: float,
              gen: torch.Generator) -> tuple[torch.Tensor, list[DimMap], str]:
     """Apply ``maps`` to ``old``, returning a tensor of ``old``'s dtype, the maps with the scales the
     positions actually got, and why the result is not exact in that dtype ("" when it is: every copy
@@ -97,7 +106,7 @@ def _ideal(t64: torch.Tensor, m: DimMap) -> torch.Tensor:
 
 
 def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator) -> tuple[torch.Tensor, DimMap, str]:
-    """One dimension of :func:`_rewrite`: the split positions (``m.split``) exact in ``t``'s dtype."""
+    """One dimension of :func:`rewrite`: the split positions (``m.split``) exact in ``t``'s dtype."""
     t64 = t.to(torch.float64)
     new64 = _ideal(t64, m)
     idx = torch.tensor(m.idx)
@@ -162,6 +171,81 @@ def _paired_noise(t: torch.Tensor, m: DimMap, std: float, gen: torch.Generator) 
     return t
 
 
+# --------------------------------------------------------------------------- deferred application
+@dataclass
+class Rewrite:
+    """One planned tensor whose values are computed later (streaming):
+    :func:`growcli.run.width_stream.apply_rewrite` gives exactly what :func:`apply_edit` would have
+    stored, ``state`` being its generator's state then."""
+
+    name: str
+    maps: list[DimMap]
+    noise: float
+    state: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    before: tuple[int, ...]
+    fn: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, str]] | None = None  # instead of ``maps``
+    slices: tuple[int, ...] = ()  # with ``fn``: dimensions along which ``fn`` of a slice is that slice of ``fn``
+
+
+_DEFERRED: contextvars.ContextVar[list[Rewrite] | None] = contextvars.ContextVar("growcli_deferred", default=None)
+
+
+def deferring() -> list[Rewrite] | None:
+    """The list planned rewrites go to inside :func:`deferred_rewrites`, else None (compute now)."""
+    return _DEFERRED.get()
+
+
+@contextlib.contextmanager
+def deferred_rewrites() -> Iterator[list[Rewrite]]:
+    """Within the block, :func:`apply_edit` plans instead of computing: every planned tensor becomes a
+    meta tensor of its new shape (so config and attributes follow as usual) and a :class:`Rewrite`
+    appended to the yielded list, in the order the in-memory path computes them."""
+    jobs: list[Rewrite] = []
+    token = _DEFERRED.set(jobs)
+    try:
+        yield jobs
+    finally:
+        _DEFERRED.reset(token)
+
+
+def planned_shape(shape, maps: list[DimMap]) -> tuple[int, ...]:
+    """The shape of a tensor of ``shape`` rewritten by ``maps``."""
+    out = list(shape)
+    for m in maps:
+        out[m.dim] = len(m.idx)
+    return tuple(out)
+
+
+def _skip_noise(shape, maps: list[DimMap], noise: float, gen: torch.Generator) -> None:
+    """Advance ``gen`` exactly as :func:`rewrite` would (the same draws, in the same order and shapes)."""
+    t = list(shape)
+    for m in sorted(maps, key=lambda m: m.dim):
+        t[m.dim] = len(m.idx)
+        if m.noise_tiles > 1 and noise > 0:
+            tile = list(t)
+            tile[m.dim] = sum(1 for i in m.idx if i >= 0) // m.noise_tiles
+            for _ in range(0, m.noise_tiles - 1, 2):
+                torch.randn(tile, generator=gen, dtype=torch.float64)
+
+
+def _same_maps(a: list[DimMap], b: list[DimMap], noise: float) -> bool:
+    """Whether ``a`` and ``b`` rewrite one tensor into equal tensors whatever its values: the same
+    positions, scales and shifts; padding and splitting compared only where they act. Paired noise
+    is drawn afresh for every tensor, so tensors that get it never come out equal."""
+    if noise > 0 and any(m.noise_tiles > 1 for m in [*a, *b]):
+        return False
+
+    def key(m: DimMap) -> tuple:
+        pads = -1 in m.idx
+        kept = [i for i in m.idx if i >= 0]
+        repeats = len(set(kept)) < len(kept)
+        return (m.dim, tuple(m.idx), tuple(m.scale), m.shift, m.pad if pads else None, m.split and repeats,
+                m.noise_tiles if noise > 0 and m.noise_tiles > 1 else 0)
+    return sorted(map(key, a)) == sorted(map(key, b))
+
+
 # --------------------------------------------------------------------------- applying
 def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, report: StepReport) -> None:
     """Write every planned tensor through ``gm.edits``; unties tied weights that now differ."""
@@ -174,11 +258,20 @@ def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, re
     new_tensors: dict[str, torch.Tensor] = {}
     done: dict[str, list[DimMap]] = {}
     rounded: dict[str, str] = {}
+    jobs = _DEFERRED.get()
     for name, maps in edit.maps.items():
-        new_tensors[name], done[name], why = _rewrite(named[name], maps, noise, gen)
-        if why:
-            rounded[name] = why
-    note_rounding(report, rounded, named[min(rounded)].dtype if rounded else torch.float64)
+        if jobs is None:
+            new_tensors[name], done[name], why = rewrite(named[name], maps, noise, gen)
+            if why:
+                rounded[name] = why
+        else:  # planning a stream: shapes now, values later (the generator's state kept for each tensor)
+            job = Rewrite(name, maps, noise, gen.get_state(), planned_shape(named[name].shape, maps), named[name].dtype,
+                          tuple(named[name].shape))
+            _skip_noise(named[name].shape, maps, noise, gen)
+            jobs.append(job)
+            new_tensors[name], done[name] = torch.empty(job.shape, dtype=job.dtype, device="meta"), maps
+    if jobs is None:
+        note_rounding(report, rounded, named[min(rounded)].dtype if rounded else torch.float64)
     untied, still_tied = set(), set()
     for name in new_tensors:
         siblings = tuple(sorted(by_tensor[id(named[name])]))
@@ -186,7 +279,10 @@ def apply_edit(gm: GrowModel, edit: Edit, noise: float, gen: torch.Generator, re
             missing = [s for s in siblings if s not in new_tensors]
             if missing:
                 raise NotGrowableError(f"parameter {name} is shared with {missing[0]}, which the growth does not reach")
-            equal = all(torch.equal(new_tensors[s], new_tensors[name]) for s in siblings)
+            if jobs is None:
+                equal = all(torch.equal(new_tensors[s], new_tensors[name]) for s in siblings)
+            else:  # no values yet: the same maps of the same tensor give the same result
+                equal = all(_same_maps(edit.maps[s], edit.maps[name], noise) for s in siblings)
             (still_tied if equal else untied).add(siblings)
     for name, new in new_tensors.items():
         old = named[name]
@@ -252,4 +348,6 @@ def trace_width(gm: GrowModel):
     if getattr(gm, "kind", None) == "pt2":
         raise NotGrowableError("growing heads or the hidden size of a .pt2 program is not supported (its reshapes "
                                "hard-code the sizes); grow the Hugging Face directory or the state_dict instead")
-    return trace_model(gm.module, make_batches(gm.inputs, 1)[0])
+    device = next((p.device for p in gm.module.parameters()), torch.device("cpu"))  # meta when planning a stream
+    args, kwargs = make_batches(gm.inputs, 1)[0]
+    return trace_model(gm.module, (tuple(a.to(device) for a in args), {k: v.to(device) for k, v in kwargs.items()}))

@@ -9,7 +9,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
-from growcli.cli.render import handle_errors, render_grow_report
+from growcli.cli.render import console, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
 
 
@@ -65,11 +65,15 @@ def register(app: typer.Typer) -> None:
                                                       "residual stream).")] = None,
         pair_noise: Annotated[float, typer.Option("--pair-noise", help="With --hidden: +N/-N noise on paired tiles of the "
                                                   "matrices reading the hidden states (exact; breaks symmetry).")] = 0.0,
+        streaming: Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Widen a Hugging Face "
+                             "directory tensor by tensor without loading it (default: above 1 GiB).")] = None,
+        shard_size: Annotated[Optional[str], typer.Option("--shard-size", help="Largest weights file of the output "
+                              "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
         seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
         allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
-        quiet: Quiet = False,  # accepted everywhere; this command shows no progress
+        quiet: Quiet = False,
     ) -> None:
         """Widen a layer's units or channels; the grown model computes the same function.
 
@@ -77,8 +81,10 @@ def register(app: typer.Typer) -> None:
         (transformers: growcli widen llama/ --hidden 2x --heads 16 -o grown/ ; growcli widen llama/ --heads 8 -o grown/)
         (gradmax: growcli widen model.pt2 --layer fc1 --by 8 --init gradmax --data calib.safetensors -o grown.safetensors)
         (firefly: growcli widen model.pt2 --layer fc1 --layer fc2 --budget 8 --init firefly --data calib.safetensors -o g.safetensors)
+        (streaming: growcli widen llama/ --hidden 2x --streaming --shard-size 2GB -o grown/ ; above 1 GiB by default)
         """
         from growcli.run.runner import Output, Source, Step, grow
+        from growcli.run.streaming import parse_shard_size
 
         if not output:
             raise UsageError("widen needs at least one -o OUTPUT")
@@ -92,15 +98,20 @@ def register(app: typer.Typer) -> None:
                    "init": init, "split": split, "noise": noise, "scale": scale,
                    "data": str(data) if data is not None else None, "loss": loss, "data_batches": data_batches,
                    "batch_size": batch_size, "budget": budget}
+        size = parse_shard_size(shard_size) if shard_size is not None else None
+        if layer and init in ("gradmax", "firefly") and streaming is None:
+            streaming = False  # their gradients on calibration data need the model in memory, whatever its size
         firefly = {"candidates": candidates, "eps": eps, "firefly_steps": firefly_steps, "firefly_lr": firefly_lr}
         # only for init firefly, or when set (so the spec can refuse them for another init)
         options.update({k: v for k, v in firefly.items() if init == "firefly" or v != _FIREFLY_DEFAULTS[k]})
-        report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
-                      ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
-                      [Output(p, format) for p in output], seed=seed,
-                      settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len), overwrite=overwrite,
-                      protect=(data,) if data is not None else ())
-        render_grow_report(report, json_out)
+        with _progress(console(quiet, json_out)) as advance:
+            report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
+                          ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
+                          [Output(p, format, size) for p in output], seed=seed,
+                          settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len),
+                          overwrite=overwrite, protect=(data,) if data is not None else (), streaming=streaming,
+                          progress=advance)
+        _render(report, json_out)
 
 
 _FIREFLY_DEFAULTS = {"candidates": 32, "eps": 0.1, "firefly_steps": 0, "firefly_lr": 1.0}
@@ -123,3 +134,34 @@ def _transformer_steps(heads: int | None, hidden: str | None, pair_noise: float,
     if heads is not None:
         options["heads"] = heads
     return [Step("hidden", options)]
+
+
+class _progress:
+    """A rich progress bar in bytes on stderr while a step streams; a no-op callback when the console is quiet."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def __enter__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("widening"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("widen", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _render(report: dict, json_out: bool) -> None:
+    """The common summary; a streamed run adds what it checked and how it wrote the shards."""
+    render_grow_report(report, json_out)
+    if json_out or report.get("execution") != "streaming":
+        return
+    for line in report["checked"]:
+        typer.echo(f"checked: {line}")
+    for out in report["outputs"]:
+        typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
+                   f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")

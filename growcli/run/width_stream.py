@@ -1,0 +1,344 @@
+"""Streaming execution of the width steps ``hidden``, ``heads`` and FFN ``widen``: a Hugging Face checkpoint widened tensor by tensor.
+
+The model is built on the meta device (no memory) and the step runs on it exactly as in
+memory — the same trace-based analysis, the same head choices drawn from the same seeded
+generator, the same config updates — except that :func:`growcli.transforms.width_edit.apply_edit`
+only plans (:func:`deferred_rewrites`): every tensor it would rewrite becomes a
+:class:`~growcli.transforms.width_edit.Rewrite` (its dimension maps and the generator state
+the in-memory path would have at that tensor). Then each output tensor is written on its own:
+a tensor the step does not change is a byte copy from the input shards; a rewritten one is read
+from disk, rewritten by :func:`apply_rewrite` (the in-memory path's own code; large tensors in
+slices along a dimension no map touches) and written, so peak memory is about a tensor, not the
+model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
+``widen`` defers the same way (:func:`growcli.transforms.widen.widen_group`); its data-driven
+inits (gradmax, firefly) are refused. A tied weight the step unties (the output projection of a tied
+embedding) is computed from the one tensor the checkpoint stores for both.
+
+Outputs up to ``verify_limit`` bytes are loaded back from disk and run against the input, also
+loaded from disk, at the tolerance the in-memory step would use (exact in the dtype or not);
+larger outputs are run block by block from disk (:func:`growcli.run.streaming.blockwise_check`,
+which maps the hidden axis of a grown hidden size by its tiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from growcli.core.errors import GrowError, NotGrowableError, UsageError, VerificationFailed
+from growcli.core.model import GrowModel
+from growcli.io.atomic import atomic_output
+from growcli.io.hf_dir import hf_input_spec
+from growcli.io.load import load_model
+from growcli.io.shards import INDEX, TensorRef, read_tensors, shard_names
+from growcli.io.sidefiles import copy_side_files
+from growcli.run.steps import VerifySettings, verification_batches
+from growcli.run.stream_names import checkpoint_names, meta_model
+from growcli.run.streaming import BLOCKWISE, VERIFY_LIMIT, Progress, Streamed, blockwise_check
+from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
+from growcli.transforms.catalog import get_transform
+from growcli.transforms.hfconfig import config_error, mismatches, validate_config
+from growcli.transforms.registry import Context, StepReport
+from growcli.transforms.width_edit import Rewrite, deferred_rewrites, note_rounding, rewrite
+from growcli.verification.compare import VerifyReport, verify_models
+
+
+CHUNK = 1 << 22  # elements of output per piece when a tensor is rewritten in pieces (float64 temporaries: 32 MB)
+
+
+def apply_rewrite(old: torch.Tensor, job: Rewrite, chunk: int | None = None) -> tuple[torch.Tensor, str]:
+    """``job`` applied to the tensor it planned for (read from disk): the new tensor, and why it is not
+    exact in its dtype ("" when it is); bit for bit what :func:`growcli.transforms.width_edit.apply_edit`
+    computes in memory.
+
+    A tensor of more than ``chunk`` output elements (default :data:`CHUNK`) is rewritten in slices
+    along the dimension :func:`_slice_dim` picks: every step of the rewrite acts on each such slice
+    on its own, so the slices are the whole result's and the float64 temporaries stay small.
+    """
+    if tuple(old.shape) != job.before or old.dtype != job.dtype:
+        raise NotGrowableError(f"{job.name}: the tensor read is {old.dtype} {list(old.shape)}, planned for "
+                               f"{job.dtype} {list(job.before)}")
+    gen = torch.Generator()
+    gen.set_state(job.state)
+    chunk = chunk or CHUNK
+    d = _slice_dim(job) if math.prod(job.shape) > chunk else None
+    if job.fn is not None and d is not None:
+        step = max(1, chunk * job.shape[d] // math.prod(job.shape))
+        pieces = [job.fn(old.narrow(d, a, min(step, old.shape[d] - a)), gen) for a in range(0, old.shape[d], step)]
+        new, why = torch.cat([p[0] for p in pieces], d), next((p[1] for p in pieces if p[1]), "")
+    elif job.fn is not None:
+        new, why = job.fn(old, gen)
+    elif d is not None:
+        step = max(1, chunk * job.shape[d] // math.prod(job.shape))
+        mapped = next((m for m in job.maps if m.dim == d), None)
+        pieces, why = [], ""
+        for a in range(0, job.shape[d], step):
+            b = min(a + step, job.shape[d])
+            if mapped is None:  # a slice of the input gives that slice of the output
+                piece, _, reason = rewrite(old.narrow(d, a, b - a), job.maps, job.noise, gen)
+            else:  # output positions a:b copy old positions of their own: the map restricted to them
+                part = dataclasses.replace(mapped, idx=mapped.idx[a:b], scale=mapped.scale[a:b])
+                piece, _, reason = rewrite(old, [part if m is mapped else m for m in job.maps], job.noise, gen)
+            pieces.append(piece)
+            why = why or reason
+        new = torch.cat(pieces, d)
+    else:
+        new, _, why = rewrite(old, job.maps, job.noise, gen)
+    if tuple(new.shape) != tuple(job.shape):
+        raise NotGrowableError(f"{job.name}: came out {list(new.shape)}, planned {list(job.shape)}")
+    return new, why
+
+
+def _slice_dim(job: Rewrite) -> int | None:
+    """A dimension along which ``job`` can be computed slice by slice with the same result: one no map
+    touches, else one whose map copies (no split shared among copies) — or None. Paired noise draws
+    whole tiles, so a noisy rewrite is never sliced. A rewrite by ``fn`` slices along ``slices``."""
+    if job.fn is not None:
+        return next((d for d in job.slices if job.shape[d] > 1), None)
+    if job.noise > 0 and any(m.noise_tiles > 1 for m in job.maps):
+        return None
+    mapped = {m.dim: m for m in job.maps}
+    free = [d for d in range(len(job.shape)) if d not in mapped and job.shape[d] > 1]
+    if free:
+        return free[0]
+    for d in sorted(mapped):
+        kept = [i for i in mapped[d].idx if i >= 0]
+        if job.shape[d] > 1 and not (mapped[d].split and len(set(kept)) < len(kept)):
+            return d
+    return None
+
+
+def read_tensor(ref: TensorRef) -> torch.Tensor:
+    """One tensor's values read from its shard (only its bytes)."""
+    with open(ref.file, "rb") as fh:
+        fh.seek(ref.start)
+        raw = bytearray(fh.read(ref.nbytes))
+    if not raw:
+        return torch.empty(ref.shape, dtype=DTYPES[ref.dtype])
+    return torch.frombuffer(raw, dtype=DTYPES[ref.dtype]).reshape(ref.shape)
+
+
+def plan_width(src: Path, name: str, spec: Any, seed: int) -> tuple[GrowModel, StepReport, list[Rewrite], dict, dict]:
+    """Run step ``name`` on ``src``'s meta-device model with its rewrites deferred.
+
+    Returns the grown meta model, the step's report (rounding not yet known), the planned
+    rewrites in the in-memory order, the parameter name → names sharing its tensor before
+    the step, and the config keys the step changed (new values). Raises :class:`NotGrowableError`
+    when the plan needs the weights' values, :class:`UsageError` when no Hugging Face config
+    describes the grown model (as saving it in memory would).
+    """
+    module = meta_model(src)
+    floats = [r for r in read_tensors(src).values() if r.dtype in ("F64", "F32", "F16", "BF16")]
+    if floats:  # from_pretrained loads the weights in their own dtype, and the step computes in it
+        dtype = max({r.dtype for r in floats}, key=lambda d: sum(r.numel for r in floats if r.dtype == d))
+        module = module.to(DTYPES[dtype])
+    gm = GrowModel(module, "hf", src, "", hf_input_spec(module), hf_class=(module.config.architectures or [None])[0])
+    shared: dict[int, list[str]] = {}
+    for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        shared.setdefault(id(t), []).append(n)
+    siblings = {n: names for names in shared.values() for n in names}
+    config_before = module.config.to_dict()
+    try:
+        with deferred_rewrites() as jobs:
+            report = get_transform(name).apply(gm, spec, Context(seed=seed))
+    except GrowError:
+        raise
+    except Exception as exc:  # an analysis rule that reads a value the meta device does not have
+        raise NotGrowableError(f"{name} --streaming: planning on the meta device needs the weights' values "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                               "use --no-streaming") from None
+    # The in-memory path refuses the same models when it saves the directory (growcli.io.save), in the same words.
+    bad = mismatches(gm.module)
+    if bad:
+        raise UsageError("the grown model cannot be described by a Hugging Face config (its layers differ from each "
+                         f"other: {bad[0]}); write .safetensors (--no-streaming) and load it with growcli.load_grown")
+    try:
+        validate_config(gm.module.config)
+    except Exception as exc:  # e.g. Llama: hidden_size must be a multiple of num_attention_heads
+        raise UsageError(f"transformers rejects the grown model's config ({config_error(exc)}); write .safetensors "
+                         "(--no-streaming) and load it with growcli.load_grown") from None
+    changed = {k: v for k, v in gm.module.config.to_dict().items() if config_before.get(k, object()) != v}
+    return gm, report, jobs, siblings, changed
+
+
+def plan_entries(refs: dict[str, TensorRef], disk: dict[str, str], jobs: list[Rewrite], siblings: dict[str, list[str]],
+                 keep: set[str], on_rounded: Callable[[str, str, torch.dtype], None]) -> list[Entry]:
+    """Every output tensor: byte copies of unchanged ones, rewritten ones computed when written.
+
+    ``disk`` maps parameter names to checkpoint names; ``keep`` is the set of checkpoint names
+    the grown model saves (a tied weight that stays tied is saved once). A rewritten tensor
+    the checkpoint does not store (a tied copy) is read through a sibling that it stores.
+    """
+    by_disk = {disk.get(j.name, j.name): j for j in jobs}
+    entries = []
+    for disk_name, ref in refs.items():
+        if disk_name in by_disk:
+            continue
+        if disk_name in keep:
+            entries.append(Entry(disk_name, ref.dtype, ref.shape, [ref]))
+    for disk_name, job in by_disk.items():
+        if disk_name not in keep:
+            continue
+        source = next((disk.get(s, s) for s in [job.name, *siblings.get(job.name, [])] if disk.get(s, s) in refs), None)
+        if source is None:
+            raise NotGrowableError(f"the checkpoint has no tensor for {job.name} (nor for a weight tied to it)")
+        ref = refs[source]
+        entries.append(Entry(disk_name, ref.dtype, job.shape, [_computed(ref, job, on_rounded)]))
+    return sorted(entries, key=lambda e: _natural(e.name))
+
+
+def _computed(ref: TensorRef, job: Rewrite, on_rounded) -> Callable[[], torch.Tensor]:
+    def make() -> torch.Tensor:
+        new, why = apply_rewrite(read_tensor(ref), job)
+        if why:
+            on_rounded(job.name, why, job.dtype)
+        return new
+    return make
+
+
+def saved_names(gm: GrowModel) -> set[str]:
+    """The checkpoint names ``save_pretrained`` writes for the grown (meta) model: tied copies once, no
+    non-persistent buffers."""
+    module = gm.module
+    names = checkpoint_names(module)
+    seen: dict[int, str] = {}
+    tied = set(getattr(module, "_tied_weights_keys", None) or ())
+    for n, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen and n in names:
+            continue
+        seen[id(t)] = n
+    keep = {names[n] for n in seen.values() if n in names}
+    if getattr(module.config, "tie_word_embeddings", False):
+        keep -= {names.get(k, k) for k in tied}
+    return keep
+
+
+def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int, settings: VerifySettings | None = None,
+                 seed: int = 0, progress: Progress | None = None, verify_limit: int = VERIFY_LIMIT) -> Streamed:
+    """Grow the HF directory ``src`` into the HF directory ``out`` by width step ``name``, tensor by tensor.
+
+    Run inside the runner's transaction (the directory is staged, not committed). An exact step
+    whose written checkpoint differs from the input raises :class:`VerificationFailed` and
+    nothing is written.
+    """
+    settings = settings or VerifySettings()
+    started = time.perf_counter()
+    refs = read_tensors(src)
+    before = json.loads((src / "config.json").read_text())
+    gm, report, jobs, siblings, changed = plan_width(src, name, spec, seed)
+    report.exact = get_transform(name).exact(spec) and report.exact
+    disk = checkpoint_names(gm.module)
+    rounded: dict[str, str] = {}
+    dtypes: dict[str, torch.dtype] = {}
+
+    def on_rounded(param: str, why: str, dtype: torch.dtype) -> None:
+        rounded[param] = why
+        dtypes[param] = dtype
+
+    keep = saved_names(gm)
+    entries = plan_entries(refs, disk, jobs, siblings, keep, on_rounded)
+    total = sum(e.nbytes for e in entries)
+    shards = pack(entries, shard_size)
+    files = shard_names(len(shards))
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    computed = sum(1 for e in entries for p in e.pieces if callable(p))
+    checked = [f"{len(entries)} tensors written: {len(entries) - computed} byte copies from the input, {computed} "
+               "rewritten one at a time from the planned maps"]
+    timing = {"plan": time.perf_counter() - started}
+    output: dict[str, Any] = {"path": str(out), "format": "hf", "shards": len(shards), "bytes": total,
+                              "loaded_with": None, "max_abs_diff": None, "readback": None}
+    verification = None
+    with atomic_output(out, directory=True) as tmp:
+        for file, group in zip(files, shards):
+            write_file(tmp / file, group, advance)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {e.name: f for f, g in zip(files, shards) for e in g}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        timing["write"] = time.perf_counter() - started - timing["plan"]
+        note_rounding(report, rounded, dtypes[min(rounded)] if rounded else torch.float64)
+        before.update(changed)
+        (tmp / "config.json").write_text(json.dumps(before, indent=2, sort_keys=True) + "\n")
+        copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's weights
+        checked.append(_structure(tmp, {e.name: e.shape for e in entries}))
+        if total <= verify_limit:
+            loaded_with, verification = _run_both(src, tmp, report, settings, seed)
+            output.update(loaded_with=loaded_with)
+        else:
+            blockwise = blockwise_check(src, tmp, settings, seed)
+            verification = blockwise.verify_report()
+            output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
+        if verification is None:
+            checked.append("not run: there were no verification batches")
+        else:
+            report.verification = verification.to_dict()
+            output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
+            checked.append(f"ran both models from disk: {verification.summary()}")
+            if not report.exact:
+                report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
+            elif not verification.passed and not settings.allow_mismatch:
+                raise VerificationFailed(f"step 1 ({name}) changed the function: {verification.summary()}", verification)
+        timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
+    return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
+                    {k: round(v, 3) for k, v in timing.items()})
+
+
+def _structure(tmp: Path, written: dict[str, tuple[int, ...]]) -> str:
+    """The written config rebuilds (on the meta device) exactly the written tensors: names and shapes."""
+    fresh = meta_model(tmp)
+    names = checkpoint_names(fresh)
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    want = {names.get(k, k): shapes[k] for k in shapes}
+    bad = [f"{k} {list(s)} vs config {list(want[k])}" for k, s in written.items() if k in want and want[k] != tuple(s)]
+    bad += [f"unexpected {k}" for k in written if k not in want]
+    if bad:
+        raise NotGrowableError(f"the written tensors do not fit the new config ({bad[0]})")
+    return f"the new config rebuilds {len(want)} tensors; all {len(written)} written ones match in name and shape"
+
+
+def _run_both(src: Path, tmp: Path, report: StepReport, settings: VerifySettings, seed: int) -> tuple[str, VerifyReport]:
+    """The written directory loaded back from disk and run against the input, also loaded from disk, at the
+    tolerance the in-memory step gets (exact in the weights' dtype or not)."""
+    original = load_model(src)
+    grown = load_model(tmp)
+    batches = verification_batches(original, settings, seed)
+    result = verify_models(original.module, grown.module, batches, dtype=settings.dtype, atol=settings.atol,
+                           rtol=settings.rtol, exact_in_dtype=report.exact_in_dtype if report.exact else None,
+                           output_maps=getattr(report, "output_maps", None))
+    return f"transformers.{grown.hf_class}.from_pretrained", result
+
+
+def stream_widen(src: Path, out: Path, spec: Any, **kwargs) -> Streamed:
+    """FFN ``widen`` (init net2net or zero) streamed: see :func:`stream_width`; the data-driven inits are refused."""
+    if spec.init in ("gradmax", "firefly"):
+        raise NotGrowableError(f"widen --init {spec.init} --streaming: the new units come from gradients on "
+                               "calibration data, which needs the model in memory; use --no-streaming")
+    return stream_width("widen", src, out, spec, **kwargs)
+
+
+def stream_hidden(src: Path, out: Path, spec: Any, **kwargs) -> Streamed:
+    """``hidden`` streamed: see :func:`stream_width`."""
+    return stream_width("hidden", src, out, spec, **kwargs)
+
+
+def stream_heads(src: Path, out: Path, spec: Any, **kwargs) -> Streamed:
+    """``heads`` streamed: see :func:`stream_width`."""
+    return stream_width("heads", src, out, spec, **kwargs)
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
