@@ -115,6 +115,10 @@ def _check_runs(gm: GrowModel, modules: list[nn.Module]) -> None:
         args, kwargs = _sample(gm)
         with torch.no_grad():
             gm.module(*args, **kwargs)
+    except (RuntimeError, ValueError, TypeError) as exc:  # the model's own code failing on a sample batch
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise NotGrowableError(f"deepen: the model's forward pass fails on a sample batch "
+                               f"({type(exc).__name__}: {detail})") from None
     finally:
         for h in hooks:
             h.remove()

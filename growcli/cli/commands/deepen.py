@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Dtype, Format, InputsFile, InputShape, Json,
+from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
 from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
 from growcli.core.errors import UsageError
@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
                               "directory (default when streaming: 5GB).")] = None,
         output: Outputs = None, format: Format = None, arch: Arch = None, arch_kwargs: ArchKwargs = None,
         trust_pickle: TrustPickle = False, input_shape: InputShape = None, inputs: InputsFile = None,
-        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", atol: Atol = None, rtol: Rtol = None,
+        seed: Seed = 0, batches: Batches = 3, seq_len: SeqLen = None, dtype: Dtype = "float64", device: Device = "cpu", atol: Atol = None, rtol: Rtol = None,
         allow_mismatch: AllowMismatch = False, overwrite: Overwrite = False, json_out: Json = False,
         quiet: Quiet = False,
     ) -> None:
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         with _progress(console(quiet, json_out)) as advance:
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("deepen", options)],
                           [Output(p, format, size) for p in output], seed=seed,
-                          settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len),
+                          settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device),
                           overwrite=overwrite, streaming=streaming if block else False, progress=advance)
         if json_out:
             emit_json(report)
