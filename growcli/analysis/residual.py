@@ -10,6 +10,12 @@ the identity without post-LN when ``x`` is a fixed point of ``post`` (:func:`fol
 Recipes: docs/recipes.md#deepen-residual-blocks and #stack-identity-init. Read from a trace of real or meta-device weights,
 with blocks found by the trace's module stack, never from names; an op without a rule makes
 the block not growable, and :class:`Refusal` names the block, the op and the module.
+
+A branch may end in a product or quotient whose factors are not parameters, as a norm after
+its last layer does (sandwich and output norms, ``t·rsqrt(mean(t²) + ε)·(1 + γ)``): it is zero
+when zeroing one factor's writers makes it zero, which :func:`at_zero` decides from the ops'
+values at 0 (``ε > 0`` needed; ``t/‖t‖`` is 0/0 and refused). Longer than 400 lines because
+those value-at-zero rules belong with the writer analysis they decide for.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from growcli.core.errors import NotGrowableError
 VALUE_PRESERVING = {"clone", "contiguous", "dropout", "native_dropout", "feature_dropout", "alpha_dropout", "alias",
                     "detach", "view", "_unsafe_view", "reshape", "lift_fresh_copy"}
 CASTS = {"to", "_to_copy", "type_as"}
-# Ops that map an all-zero input to an all-zero output (layout changes, slicing, negation).
+# Ops that map an all-zero input to an all-zero output (layout changes, slicing, negation, sums).
 ZERO_PRESERVING = VALUE_PRESERVING | CASTS | {
-    "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice", "split",
-    "split_with_sizes", "chunk", "unbind", "narrow", "neg", "repeat"}
+    "transpose", "permute", "t", "numpy_T", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice",
+    "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat"}
 NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
             "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
             "instance_norm"}
@@ -240,16 +246,19 @@ class _Block:
         base = _resolve(node)
         visited.add(base)
         op, tensors = op_of(base), _tensors(base)
-        params = [t for t in tensors if t.op == "get_attr" and attr_of(t) in self.params]
-        others = [t for t in tensors if t not in params]
+        chains = {t: c for t in tensors if (c := self.param_chain(t))}  # parameters, maybe through t()/view/casts
+        params = list(chains)
+        others = [t for t in tensors if t not in chains]
         if op in ZERO_PRESERVING and tensors:
             self.branch(tensors[0], writers, visited)
         elif op in ("mul", "div") and len(tensors) == 1 and base.args and base.args[0] is tensors[0]:
             self.branch(tensors[0], writers, visited)  # scaled by a constant: zero stays zero
         elif op == "mul" and len(params) == 1 and len(others) == 1:
-            writers[attr_of(params[0])] = params[0]  # a learned scale (ReZero α, layer scale) is the last writer
-        elif op in ("add", "sub") and tensors:
-            for t in tensors:
+            self.write(chains[params[0]], writers, visited)  # a learned scale (ReZero α, layer scale): the last writer
+        elif op in ("mul", "div") and (factor := self.zero_factor(base)) is not None:
+            self.branch(factor, writers, visited)  # norm(0) = 0, gate ⊙ 0 = 0: zero the writers before it
+        elif op in ("add", "sub") and tensors and all(_number(a) in (None, "zero") for a in base.args):
+            for t in tensors:  # (a nonzero constant, as in 1 + γ, is no writer: it stays when the rest is zero)
                 self.branch(t, writers, visited)  # a bias added after the layer, or parallel branches
         elif op in LINEAR_OPS or op in NORM_OPS:
             data = [t for t in others if not (op in STATS_OPS and t.op == "get_attr")]
@@ -257,10 +266,119 @@ class _Block:
                 raise self.refuse(base, f"{at(base)} writes to the residual stream but its weights are not "
                                         "parameters of the block")
             for p in params:
-                writers[attr_of(p)] = p
+                self.write(chains[p], writers, visited)
         else:
             raise self.refuse(base, f"{at(base)} sits on a residual branch and growcli has no rule to make it "
                                     "write zero")
+
+    def param_chain(self, node: fx.Node) -> list[fx.Node] | None:
+        """``[op…, param]`` when ``node`` is a parameter of the model seen through zero-preserving ops of the block
+        (FalconLinear's ``x @ W.T``, a ``weight.float()``): zeroing the parameter zeroes ``node``; else ``None``."""
+        chain = []
+        while node.op == "call_function" and node in self.nodes:
+            base = _resolve(node)
+            if op_of(base) not in ZERO_PRESERVING or len(_tensors(base)) != 1:
+                return None
+            chain += [node, base]
+            node = _tensors(base)[0]
+        return chain + [node] if node.op == "get_attr" and attr_of(node) in self.params else None
+
+    @staticmethod
+    def write(chain: list[fx.Node], writers: dict[str, fx.Node], visited: set[fx.Node]) -> None:
+        writers[attr_of(chain[-1])] = chain[-1]
+        visited.update(chain[:-1])
+
+    def zero_factor(self, node: fx.Node) -> fx.Node | None:
+        """The operand of ``node`` (a mul or div) whose zeroing makes ``node`` exactly zero, if one does.
+
+        An operand ``t`` qualifies when :meth:`branch` can zero it and :func:`at_zero` shows that
+        ``node`` is then zero: every other factor is unchanged or finite once the writers (and so
+        every node between them and ``t``) are zero. That
+        covers a norm after the branch's last layer (RMSNorm ``t·rsqrt(mean(t²) + ε)·(1 + γ)`` with
+        ``ε > 0`` is 0 at ``t = 0``: sandwich and output norms) and gates ``g ⊙ F``.
+        """
+        tensors = _tensors(node)
+        for t in tensors[:1] if op_of(node) == "div" else tensors:
+            if t.op == "get_attr" or t not in self.nodes:
+                continue
+            writers: dict[str, fx.Node] = {}
+            zeroed: set[fx.Node] = set()
+            try:
+                self.branch(t, writers, zeroed)
+            except NotGrowableError:
+                continue
+            if at_zero(node, zeroed | set(writers.values()), self.nodes, {}) == "zero":
+                return t
+        return None
+
+
+# What a node is when some nodes of the trace are all zeros (see :func:`at_zero`).
+_KEEP_AT_ZERO = VALUE_PRESERVING | CASTS  # values unchanged: zero stays zero, positive stays positive
+_ZERO_AT_ZERO = ZERO_PRESERVING | {"abs", "tanh", "relu", "gelu", "silu", "leaky_relu", "sqrt", "sum", "var", "std",
+                                   "amax", "amin", "mean"}  # φ(0) = 0 for these maps and reductions
+_POSITIVE = {"exp", "sigmoid", "softplus"}  # positive on every finite input
+
+
+def _number(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return "zero" if value == 0 else "pos" if value > 0 else "finite"
+
+
+def at_zero(node: fx.Node, zeros: set[fx.Node], scope: set[fx.Node], memo: dict) -> str | None:
+    """What ``node`` is when the nodes ``zeros`` are all zeros: ``"zero"``, ``"pos"`` (finite, > 0), ``"finite"``,
+    ``"same"`` (reads none of ``zeros``: its value, finite in a model that computes) or ``None`` (unknown).
+
+    Rules are the ops' values at 0 (``0·a = 0`` for finite ``a``, ``mean(0²) + ε = ε > 0``,
+    ``rsqrt(ε)`` finite); an op without a rule that reads ``zero`` is unknown, never guessed.
+    """
+    if node in zeros:
+        return "zero"
+    if node.op != "call_function" or node not in scope:
+        return "same"
+    if node in memo:
+        return memo[node]
+    memo[node] = None
+    base = _resolve(node)
+    op, tensors = op_of(base), _tensors(base)
+    states = [at_zero(t, zeros, scope, memo) for t in tensors]
+    numbers = [s for a in base.args[1:] if (s := _number(a)) is not None]
+    result: str | None = None
+    if all(s == "same" for s in states):
+        result = "same"
+    elif None in states or not tensors:
+        result = None
+    elif op in CASTS | ZERO_PRESERVING and op not in ("neg",) and base.args and base.args[0] is tensors[0]:
+        first = states[0]  # a cast's other tensor (type_as) gives only its dtype
+        narrows = op in CASTS and _dtype(tensors[0]) not in _HOLDS.get(_dtype(base), {_dtype(base)})
+        if first == "zero" or not narrows:  # a narrowing cast may overflow a nonzero value to inf
+            result = first if op in _KEEP_AT_ZERO else "zero" if first == "zero" else "finite"
+    elif op in ("add", "sub"):
+        both = states + numbers
+        if all(s == "zero" for s in both):
+            result = "zero"
+        elif op == "add" and all(s in ("zero", "pos") for s in both):
+            result = "pos"
+        else:
+            result = "finite"
+    elif op == "mul":
+        both = states + numbers
+        result = "zero" if "zero" in both else "pos" if all(s == "pos" for s in both) else "finite"
+    elif op == "div" and base.args and base.args[0] is tensors[0]:
+        den = states[1] if len(states) > 1 else (numbers[0] if numbers else None)
+        if den in ("pos",) or (den == "finite" and len(states) == 1):  # a nonzero number or a positive tensor
+            result = "zero" if states[0] == "zero" else "finite"
+    elif op == "pow" and len(tensors) == 1 and numbers and numbers[0] == "pos":
+        integer = isinstance(base.args[1], int) or float(base.args[1]).is_integer()  # (-1)^0.5 is NaN
+        result = states[0] if states[0] in ("zero", "pos") else "finite" if integer else None
+    elif op in ("rsqrt", "sqrt") and states[0] == "pos":
+        result = "pos"
+    elif op in _ZERO_AT_ZERO and states[0] == "zero":
+        result = "zero"
+    elif op in _POSITIVE and states[0] in ("zero", "pos", "finite"):
+        result = "pos"
+    memo[node] = result
+    return result
 
 
 def block_writers(trace: Trace, root: nn.Module, block: str) -> BlockWriters:
