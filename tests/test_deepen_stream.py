@@ -136,7 +136,7 @@ def test_same_report_and_verification_in_both_modes(arch, deepened):
     assert v["passed"] and v["batches"] == 2 and v["dtype"] == "float64" and v["against"] == f"readback of {out}"
     assert v["outputs"] and all(o["scale"] > 0 for o in v["outputs"])
     assert v["max_abs_diff"] <= 1e-10
-    assert any(c.startswith("ran both models: equal") for c in stream["checked"])
+    assert any(c.startswith("ran both models from disk: equal") for c in stream["checked"])
     assert any(c.startswith("the new config rebuilds") for c in stream["checked"])
     total = stream["outputs"][0]["bytes"]
     assert seen[-1] == (total, total) and all(d <= total for d, _ in seen)
@@ -210,7 +210,7 @@ def test_cli_streams_with_progress_and_shard_size(checkpoint, cli, tmp_path):
     lines = r.out.splitlines()
     assert lines[0].startswith("step 1: deepen transformer.h.1 — exact; max abs diff 0; params ")
     assert "verification (float64, 1 batches): PASSED, max abs diff 0" in lines
-    assert any(line.startswith("checked: ran both models: equal") for line in lines)
+    assert any(line.startswith("checked: ran both models from disk: equal") for line in lines)
     assert any(line.startswith("execution (streaming):") for line in lines)
     report = json.loads((tmp_path / "out" / "growth_report.json").read_text())
     assert report["execution"] == "streaming" and report["outputs"][0]["shards"] > 1

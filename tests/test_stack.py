@@ -390,7 +390,7 @@ def test_cli_streaming_human_output_is_quiet_on_stderr(hf_dir, cli, tmp_path):
             "-o", tmp_path / "out")
     assert r.code == 0, r.err
     assert r.err == ""  # no progress bar when stdout is not a terminal
-    assert "(streaming)" in r.out and "checked: ran both models: equal" in r.out
+    assert "(streaming)" in r.out and "checked: ran both models from disk: equal" in r.out
     assert (tmp_path / "out" / "growth_report.json").exists()
 
 

@@ -109,7 +109,7 @@ def test_streaming_verification_ran_both_models(arch, stacked, checkpoint):
     assert entry["loaded_with"].endswith(".from_pretrained")
     assert entry["max_abs_diff"] == v["max_abs_diff"] and entry["readback"]["outputs"] == v["outputs"]
     assert report["steps"][0]["verification"]["outputs"] == v["outputs"]
-    assert any(c.startswith("ran both models: equal") for c in report["checked"])
+    assert any(c.startswith("ran both models from disk: equal") for c in report["checked"])
 
 
 def test_streaming_catches_a_written_checkpoint_that_differs(checkpoint, tmp_path, monkeypatch):
@@ -162,7 +162,7 @@ def test_cli_uses_the_common_summary_in_both_modes(checkpoint, cli, tmp_path):
     assert stream == memory and len(stream) == 3
     assert stream[0].startswith("step 1: stack transformer.h — exact; max abs diff 0; params ")
     assert stream[1] == "verification (float64, 1 batches): PASSED, max abs diff 0"
-    assert "checked: ran both models: equal" in runs["--streaming"] and "(streaming)" in runs["--streaming"]
+    assert "checked: ran both models from disk: equal" in runs["--streaming"] and "(streaming)" in runs["--streaming"]
     assert "checked:" not in runs["--no-streaming"]
 
 

@@ -21,18 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from growcli.core.errors import VerificationFailed
 from growcli.core.inputs import cast_batch, make_batches
 from growcli.io.atomic import atomic_output
 from growcli.io.hf_dir import hf_input_spec
-from growcli.io.load import load_model
 from growcli.io.shards import pack_shards, read_tensors, shard_names, write_index, write_shard
 from growcli.io.sidefiles import copy_side_files
-from growcli.run.steps import VerifySettings, verification_batches
+from growcli.run.steps import VerifySettings
 from growcli.run.stream_names import meta_model, stack_names, structure_check
-from growcli.run.streaming import BLOCKWISE, VERIFY_LIMIT, Progress, Streamed, blockwise_check, plan_tensors
+from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, plan_tensors, verify_written
 from growcli.transforms.deepen import DeepenSpec, plan_streamed_blocks
-from growcli.verification.readback import Readback
 from growcli.verification.stream_map import stacked
 
 
@@ -65,13 +62,7 @@ def stream_deepen(src: Path, out: Path, spec: DeepenSpec, *, shard_size: int, se
     report.params_after = sum(t.ref.numel for t in tensors)
     shards = pack_shards(tensors, shard_size)
     files = shard_names(len(shards))
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+    advance = byte_progress(total, progress)
 
     checked: list[str] = []
     timing = {"plan": time.perf_counter() - started}
@@ -89,29 +80,8 @@ def stream_deepen(src: Path, out: Path, spec: DeepenSpec, *, shard_size: int, se
         timing["write"] = time.perf_counter() - started - timing["plan"]
         new_config = module.config.__class__.from_pretrained(str(tmp), local_files_only=True)
         checked.append(structure_check(type(module), new_config, names, tensors))
-        blockwise = None
-        if total <= verify_limit:
-            original = load_model(src)
-            readback = Readback(original, verification_batches(original, settings, seed), dtype=settings.dtype,
-                                atol=settings.atol, rtol=settings.rtol, reference="the input model")
-            loaded_with, verification = readback.measure("hf", tmp, out)
-            del original
-            output.update(loaded_with=loaded_with)
-        else:
-            blockwise = blockwise_check(src, tmp, settings, seed, stacked(plan.order, plan.copies))
-            verification = blockwise.verify_report()
-            output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
-        if verification is None:
-            checked.append("not run: there were no verification batches")
-        else:
-            report.verification = verification.to_dict()
-            output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
-            summary = verification.summary() if blockwise is None else blockwise.summary()
-            checked.append(f"ran both models: {summary}" if blockwise is None else
-                           f"ran both models from disk, block by block (the output, {total / 1e9:.2f} GB, is above "
-                           f"the {verify_limit / 1e6:.0f} MB limit for loading both): {summary}")
-            if not verification.passed and not settings.allow_mismatch:
-                raise VerificationFailed(f"step 1 (deepen) changed the function: {summary}", verification)
+        verification = verify_written(src, tmp, out, "deepen", report, output, checked, settings, seed, total=total,
+                                      verify_limit=verify_limit, stream_map=stacked(plan.order, plan.copies))
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})

@@ -153,14 +153,7 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
     report = step_report(spec, plan, sum(r.numel for r in refs.values()), sum(t.ref.numel for t in tensors))
     shards = pack_shards(tensors, shard_size)
     files = shard_names(len(shards))
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
-
+    advance = byte_progress(total, progress)
     checked: list[str] = []
     timing = {"plan": time.perf_counter() - started}
     output: dict[str, Any] = {"path": str(out), "format": "hf", "shards": len(shards), "bytes": total,
@@ -178,35 +171,70 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's (stale) weights
         new_config = module.config.__class__.from_pretrained(str(tmp), local_files_only=True)
         checked.append(structure_check(type(module), new_config, names, tensors))
-        blockwise = None
-        if small:
-            loaded_with, verification = _read_back(src, tmp, out, settings, seed)
-            output.update(loaded_with=loaded_with)
-        else:
-            blockwise = blockwise_check(src, tmp, settings, seed, stacked(plan.order, plan.copies))
-            verification = blockwise.verify_report()
-            output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
-        if verification is None:
-            checked.append("not run: there were no verification batches")
-        else:
-            report.verification = verification.to_dict()
-            output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
-            checked.append(f"ran both models: {verification.summary()}" if blockwise is None else
-                           f"ran both models from disk (the output, {_size(total)}, is above the "
-                           f"{_size(verify_limit)} limit for loading both): {blockwise.summary()}")
-            if not report.exact:
-                report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
+
+        def refuse(verification: VerifyReport) -> None:
             if post_ln and not spec.allow_inexact:
                 raise NotGrowableError(f"stack --init identity: {post_ln_reason(plan)}; measured: "
                                        f"{verification.summary()}. Pass --allow-mismatch to write it anyway (reported "
                                        "as not function-preserving), or use --init copy")
-            if report.exact and not verification.passed and not settings.allow_mismatch:
-                summary = verification.summary() if blockwise is None else blockwise.summary()
-                raise VerificationFailed(f"step 1 (stack) changed the function: {summary}", verification)
+
+        verification = verify_written(src, tmp, out, "stack", report, output, checked, settings, seed, total=total,
+                                      verify_limit=verify_limit, stream_map=stacked(plan.order, plan.copies), refuse=refuse)
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})
 
+
+def byte_progress(total: int, progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """An ``advance(n)`` callback for the shard writers: bytes written so far, reported as ``progress(done, total)``."""
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    return advance
+
+
+def verify_written(src: Path, tmp: Path, out: Path, name: str, report, output: dict[str, Any], checked: list[str],
+                   settings: VerifySettings, seed: int, *, total: int, verify_limit: int,
+                   stream_map: StreamMap | None = None,
+                   read_back: Callable[[], tuple[str, VerifyReport | None]] | None = None,
+                   refuse: Callable[[VerifyReport], None] | None = None) -> VerifyReport | None:
+    """Run the written directory ``tmp`` against the input ``src``, record it, and fail a broken exact step.
+
+    Up to ``verify_limit`` bytes the output is loaded whole from disk (``read_back``, default
+    ``from_pretrained`` against the input loaded from disk); above it, block by block
+    (:func:`blockwise_check` with ``stream_map``). The result goes into ``report``, ``output``
+    and ``checked``; ``refuse`` may raise first (a refusal that needs the measurement). An exact
+    step that differs raises :class:`VerificationFailed`, unless ``settings.allow_mismatch``.
+    """
+    blockwise = None
+    if total <= verify_limit:
+        loaded_with, verification = read_back() if read_back else _read_back(src, tmp, out, settings, seed)
+        output.update(loaded_with=loaded_with)
+    else:
+        blockwise = blockwise_check(src, tmp, settings, seed, stream_map)
+        verification = blockwise.verify_report()
+        output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
+    if verification is None:
+        checked.append("not run: there were no verification batches")
+        return None
+    report.verification = verification.to_dict()
+    output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
+    summary = verification.summary() if blockwise is None else blockwise.summary()
+    checked.append(f"ran both models from disk: {summary}" if blockwise is None else
+                   f"ran both models from disk, block by block (the output, {_size(total)}, is above the "
+                   f"{_size(verify_limit)} limit for loading both): {summary}")
+    if not report.exact:
+        report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
+    if refuse:
+        refuse(verification)
+    if report.exact and not verification.passed and not settings.allow_mismatch:
+        raise VerificationFailed(f"step 1 ({name}) changed the function: {summary}", verification)
+    return verification
 
 def _read_back(src: Path, tmp: Path, out: Path, settings: VerifySettings, seed: int) -> tuple[str, VerifyReport | None]:
     """The written directory loaded back from disk and run against the input model, also loaded from disk."""

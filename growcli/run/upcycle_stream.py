@@ -26,14 +26,14 @@ from typing import Any, Callable
 
 import torch
 
-from growcli.core.errors import FormatError, NotGrowableError, VerificationFailed
+from growcli.core.errors import FormatError, NotGrowableError
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
 from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.stream_names import checkpoint_names, meta_model
 from growcli.run.steps import VerifySettings, verification_batches
-from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed
+from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, verify_written
 from growcli.transforms.upcycle import (UpcycleSpec, expert_part, router_kind, router_weight, shared_part,
                                         step_report)
 from growcli.transforms.upcycle_saved import Saved, real_layout
@@ -287,13 +287,7 @@ def stream_upcycle(src: Path, out: Path, spec: UpcycleSpec, *, shard_size: int, 
                          sum(p.numel() for p in moe.parameters()))
     shards = pack(entries, shard_size)
     files = shard_names(len(shards))
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+    advance = byte_progress(total, progress)
 
     kinds = [type(p).__name__ for e in entries for p in e.pieces]
     checked = [f"names and shapes as transformers saves {plan.target_class} (its save conversion, probed on a "
@@ -312,16 +306,10 @@ def stream_upcycle(src: Path, out: Path, spec: UpcycleSpec, *, shard_size: int, 
         _write_config(plan, src, tmp, dtype)
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's weights
         if total <= verify_limit:
-            loaded_with, verification = _run_both(src, tmp, plan.target_class, settings, seed)
-            output.update(loaded_with=loaded_with, max_abs_diff=verification.max_abs_diff,
-                          readback=verification.to_dict())
-            report.verification = verification.to_dict()
-            checked.append(f"ran both models from disk: {verification.summary()}")
-            if not report.exact:
-                report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
-            elif not verification.passed and not settings.allow_mismatch:
-                raise VerificationFailed(f"step 1 (upcycle) changed the function: {verification.summary()}", verification)
-        else:
+            verification = verify_written(src, tmp, out, "upcycle", report, output, checked, settings, seed, total=total,
+                                          verify_limit=verify_limit,
+                                          read_back=lambda: _run_both(src, tmp, plan.target_class, settings, seed))
+        else:  # block-wise verification does not read transformers' fused expert tensors yet
             checked.append(f"not run: the output ({total / 1e9:.2f} GB) is above the {verify_limit / 1e9:.2f} GB "
                            "limit for loading both models")
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]

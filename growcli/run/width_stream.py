@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from growcli.core.errors import GrowError, NotGrowableError, UsageError, VerificationFailed
+from growcli.core.errors import GrowError, NotGrowableError, UsageError
 from growcli.core.model import GrowModel
 from growcli.io.atomic import atomic_output
 from growcli.io.hf_dir import hf_input_spec
@@ -41,7 +41,7 @@ from growcli.io.shards import INDEX, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings, verification_batches
 from growcli.run.stream_names import checkpoint_names, meta_model
-from growcli.run.streaming import BLOCKWISE, VERIFY_LIMIT, Progress, Streamed, blockwise_check
+from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, verify_written
 from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
 from growcli.transforms.catalog import get_transform
 from growcli.transforms.hfconfig import config_error, mismatches, validate_config
@@ -247,13 +247,7 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
     total = sum(e.nbytes for e in entries)
     shards = pack(entries, shard_size)
     files = shard_names(len(shards))
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total)
+    advance = byte_progress(total, progress)
 
     computed = sum(1 for e in entries for p in e.pieces if callable(p))
     checked = [f"{len(entries)} tensors written: {len(entries) - computed} byte copies from the input, {computed} "
@@ -275,23 +269,8 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
         (tmp / "config.json").write_text(json.dumps(before, indent=2, sort_keys=True) + "\n")
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's weights
         checked.append(_structure(tmp, {e.name: e.shape for e in entries}))
-        if total <= verify_limit:
-            loaded_with, verification = _run_both(src, tmp, report, settings, seed)
-            output.update(loaded_with=loaded_with)
-        else:
-            blockwise = blockwise_check(src, tmp, settings, seed)
-            verification = blockwise.verify_report()
-            output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
-        if verification is None:
-            checked.append("not run: there were no verification batches")
-        else:
-            report.verification = verification.to_dict()
-            output.update(max_abs_diff=verification.max_abs_diff, readback=report.verification)
-            checked.append(f"ran both models from disk: {verification.summary()}")
-            if not report.exact:
-                report.notes.append(f"not function-preserving by design; measured: {verification.summary()}")
-            elif not verification.passed and not settings.allow_mismatch:
-                raise VerificationFailed(f"step 1 ({name}) changed the function: {verification.summary()}", verification)
+        verification = verify_written(src, tmp, out, name, report, output, checked, settings, seed, total=total,
+                                      verify_limit=verify_limit, read_back=lambda: _run_both(src, tmp, report, settings, seed))
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})
