@@ -79,10 +79,11 @@ def render_grow_report(report: dict[str, Any], json_out: bool) -> None:
         emit_json(report)
         return
     for i, step in enumerate(report["steps"], 1):
-        v = step.get("verification") or {}
+        v = step.get("verification")
         status = "exact" if step["exact"] else "not function-preserving by design"
+        measured = "not run against the input" if v is None else f"max abs diff {v.get('max_abs_diff', 0):.3g}"
         typer.echo(f"step {i}: {step['transform']} {', '.join(step['matched'])} — {status}; "
-                   f"max abs diff {v.get('max_abs_diff', 0):.3g}; params {step['params_before']:,} → {step['params_after']:,}")
+                   f"{measured}; params {step['params_before']:,} → {step['params_after']:,}")
         for note in step.get("notes", []):
             typer.echo(f"  note: {note}")
     v = report["verification"]
@@ -99,3 +100,27 @@ def render_grow_report(report: dict[str, Any], json_out: bool) -> None:
     for out in report["outputs"]:
         extra = f" (onnxruntime check: max abs diff {out['check']['max_abs_diff']:.3g})" if out.get("check") else ""
         typer.echo(f"wrote {out['path']} [{out['format']}]{extra}")
+
+
+def render_streamed(report: dict[str, Any], json_out: bool) -> None:
+    """:func:`render_grow_report`, then, for a streamed run, what was checked and how the shards were written."""
+    render_grow_report(report, json_out)
+    if json_out or report.get("execution") != "streaming":
+        return
+    for line in report["checked"]:
+        typer.echo(f"checked: {line}")
+    for out in report["outputs"]:
+        typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
+                   f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")
+
+
+@contextlib.contextmanager
+def byte_progress_bar(con, label: str):
+    """A rich progress bar in bytes on stderr while a step streams, as a ``progress(done, total)`` callback
+    (a no-op when the console is quiet)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=con, disable=con.quiet, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -12,7 +12,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
-from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
+from growcli.cli.render import byte_progress_bar, console, handle_errors, render_streamed
 from growcli.core.errors import UsageError
 
 
@@ -68,37 +68,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--streaming: deepen streams only --block (copies of residual blocks); drop --streaming "
                              "to insert layers")
         size = parse_shard_size(shard_size) if shard_size is not None else None
-        with _progress(console(quiet, json_out)) as advance:
+        with byte_progress_bar(console(quiet, json_out), "deepening") as advance:
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("deepen", options)],
                           [Output(p, format, size) for p in output], seed=seed,
                           settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device),
                           overwrite=overwrite, streaming=streaming if block else False, progress=advance)
-        if json_out:
-            emit_json(report)
-            return
-        render_grow_report(report, json_out)
-        if report.get("execution") == "streaming":
-            for line in report["checked"]:
-                typer.echo(f"checked: {line}")
-            out = report["outputs"][0]
-            typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
-                       f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")
-
-
-class _progress:
-    """A rich progress bar in bytes on stderr for a streamed run; a no-op callback when the console is quiet."""
-
-    def __init__(self, con):
-        self.con = con
-
-    def __enter__(self):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self.bar = Progress(TextColumn("deepening"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task("deepen", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        render_streamed(report, json_out)

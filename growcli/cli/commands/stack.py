@@ -8,7 +8,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape,
                                  Json, Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
-from growcli.cli.render import console, emit_json, handle_errors, render_grow_report
+from growcli.cli.render import byte_progress_bar, console, handle_errors, render_streamed
 from growcli.core.errors import UsageError
 
 
@@ -52,49 +52,8 @@ def register(app: typer.Typer) -> None:
         settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device)
         size = parse_shard_size(shard_size) if shard_size is not None else None
         outputs = [Output(p, format, size) for p in output]
-        with _progress(console(quiet, json_out)) as advance:
+        with byte_progress_bar(console(quiet, json_out), "stacking") as advance:
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), [Step("stack", options)],
                           outputs, seed=seed, settings=settings, overwrite=overwrite, streaming=streaming,
                           progress=advance)
-        _render(report, json_out)
-
-
-class _progress:
-    """A rich progress bar in bytes on stderr; a no-op callback when the console is quiet."""
-
-    def __init__(self, con):
-        self.con = con
-
-    def __enter__(self):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self.bar = Progress(TextColumn("stacking"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task("stack", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-
-def _render(report: dict, json_out: bool) -> None:
-    """The common summary; a streamed run adds what it checked and how it wrote the shards."""
-    if json_out:
-        emit_json(report)
-        return
-    if report["verification"] is not None:
-        render_grow_report(report, json_out)
-    else:  # a streamed output above the read-back limit: only its structure was checked
-        step = report["steps"][0]
-        typer.echo(f"step 1: stack {', '.join(step['matched'])} — not run against the input; "
-                   f"params {step['params_before']:,} → {step['params_after']:,}")
-        for note in step["notes"]:
-            typer.echo(f"  note: {note}")
-    if report.get("execution") != "streaming":
-        return
-    for line in report["checked"]:
-        typer.echo(f"checked: {line}")
-    for out in report["outputs"]:
-        typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
-                   f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")
+        render_streamed(report, json_out)

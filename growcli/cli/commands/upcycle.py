@@ -8,7 +8,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Atol, Batches, Device, Dtype, Format, InputsFile, Json, Model, Outputs,
                                  Overwrite, Quiet, Rtol, SeqLen, Seed, verify_settings)
-from growcli.cli.render import emit_json, handle_errors, render_grow_report
+from growcli.cli.render import byte_progress_bar, console, handle_errors, render_streamed
 from growcli.core.errors import UsageError
 
 
@@ -58,24 +58,9 @@ def register(app: typer.Typer) -> None:
                                  "architecture. Use -o DIR/")
         settings = verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device)
         size = parse_shard_size(shard_size) if shard_size is not None else None
-        report = grow(Source(model, inputs_file=inputs), [Step("upcycle", options)],
-                      [Output(p, format, size) for p in output], seed=seed, settings=settings, overwrite=overwrite,
-                      streaming=streaming)
-        if json_out:
-            emit_json(report)
-            return
-        if report["verification"] is not None:
-            render_grow_report(report, json_out)
-        else:
-            _render_unverified(report)
-        for line in report["checked"] if report.get("execution") == "streaming" else ():
-            typer.echo(f"checked: {line}")
+        with byte_progress_bar(console(quiet, json_out), "upcycling") as advance:
+            report = grow(Source(model, inputs_file=inputs), [Step("upcycle", options)],
+                          [Output(p, format, size) for p in output], seed=seed, settings=settings, overwrite=overwrite,
+                          streaming=streaming, progress=advance)
+        render_streamed(report, json_out)
 
-
-def _render_unverified(report: dict) -> None:
-    """A streamed output above the read-back limit: only its structure was checked."""
-    step = report["steps"][0]
-    typer.echo(f"step 1: upcycle {len(step['matched'])} FFNs — not run against the input; "
-               f"params {step['params_before']:,} → {step['params_after']:,}")
-    for note in step["notes"]:
-        typer.echo(f"  note: {note}")

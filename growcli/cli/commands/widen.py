@@ -9,7 +9,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Batches, Device, Dtype, Format, InputsFile, InputShape, Json,
                                  Model, Outputs, Overwrite, Quiet, Rtol, SeqLen, Seed, TrustPickle, verify_settings)
-from growcli.cli.render import console, handle_errors, render_grow_report
+from growcli.cli.render import byte_progress_bar, console, handle_errors, render_streamed
 from growcli.core.errors import UsageError
 
 
@@ -104,14 +104,14 @@ def register(app: typer.Typer) -> None:
         firefly = {"candidates": candidates, "eps": eps, "firefly_steps": firefly_steps, "firefly_lr": firefly_lr}
         # only for init firefly, or when set (so the spec can refuse them for another init)
         options.update({k: v for k, v in firefly.items() if init == "firefly" or v != _FIREFLY_DEFAULTS[k]})
-        with _progress(console(quiet, json_out)) as advance:
+        with byte_progress_bar(console(quiet, json_out), "widening") as advance:
             report = grow(Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs),
                           ([Step("widen", {k: v for k, v in options.items() if v is not None})] if layer else []) + steps,
                           [Output(p, format, size) for p in output], seed=seed,
                           settings=verify_settings(batches, dtype, atol, rtol, allow_mismatch, seq_len=seq_len, device=device),
                           overwrite=overwrite, protect=(data,) if data is not None else (), streaming=streaming,
                           progress=advance)
-        _render(report, json_out)
+        render_streamed(report, json_out)
 
 
 _FIREFLY_DEFAULTS = {"candidates": 32, "eps": 0.1, "firefly_steps": 0, "firefly_lr": 1.0}
@@ -134,34 +134,3 @@ def _transformer_steps(heads: int | None, hidden: str | None, pair_noise: float,
     if heads is not None:
         options["heads"] = heads
     return [Step("hidden", options)]
-
-
-class _progress:
-    """A rich progress bar in bytes on stderr while a step streams; a no-op callback when the console is quiet."""
-
-    def __init__(self, con):
-        self.con = con
-
-    def __enter__(self):
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-        self.bar = Progress(TextColumn("widening"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            TimeRemainingColumn(), console=self.con, disable=self.con.quiet, transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task("widen", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-
-def _render(report: dict, json_out: bool) -> None:
-    """The common summary; a streamed run adds what it checked and how it wrote the shards."""
-    render_grow_report(report, json_out)
-    if json_out or report.get("execution") != "streaming":
-        return
-    for line in report["checked"]:
-        typer.echo(f"checked: {line}")
-    for out in report["outputs"]:
-        typer.echo(f"execution (streaming): {out['path']} written tensor by tensor, {out['shards']} shard(s), "
-                   f"{out['bytes']:,} bytes in {report['seconds']:.1f} s")
