@@ -130,3 +130,27 @@ def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8, mask: bool = 
         return InputSpec(kwargs=tuple(kwargs), seq=tuple(k for k, _ in kwargs), max_seq=max_seq,
                          mask="attention_mask" if mask and takes_mask else None, pad_id=pad_id)
     raise InputsError(f"growcli cannot generate inputs named {name!r}; pass --inputs FILE")
+
+
+def saved_names(module, refuse) -> dict[str, str]:
+    """Model state_dict key → the key ``save_pretrained`` writes it under (the same before transformers 5).
+
+    transformers 5 renames some families' weights on load and back on save (ViT's
+    ``layers.0.attention.q_proj`` is ``encoder.layer.0.attention.attention.query`` on disk); the
+    reverse conversion is run on placeholder meta tensors to read the mapping off. A conversion that
+    merges or splits tensors has no one-to-one mapping: ``refuse(saved_name)`` makes the exception raised.
+    """
+    import torch
+
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores weights under the model's own names
+        return {k: k for k in state}
+    by_id = {id(v): k for k, v in state.items()}
+    names = {}
+    for saved, tensor in revert_weight_conversion(module, dict(state)).items():
+        if id(tensor) not in by_id:
+            raise refuse(saved)
+        names[by_id[id(tensor)]] = saved
+    return names

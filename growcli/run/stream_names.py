@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from growcli.core.errors import FormatError, NotGrowableError
-from growcli.io.hf_dir import load_hf_config
+from growcli.io.hf_dir import load_hf_config, saved_names
 from growcli.io.shards import OutTensor, TensorRef
 
 
@@ -37,26 +37,11 @@ def meta_model(src: Path) -> torch.nn.Module:
 
 
 def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
-    """Model parameter name → the name ``save_pretrained`` writes it under.
-
-    transformers 5 renames some families' weights on load and back on save (ViT's
-    ``layers.0.attention.q_proj`` is ``encoder.layer.0.attention.attention.query`` on disk);
-    the reverse conversion is run on placeholder meta tensors to read the mapping off. A
-    conversion that merges or splits tensors cannot be streamed tensor by tensor: refused.
-    """
-    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4 stores weights under the model's own names
-        return {k: k for k in state}
-    by_id = {id(v): k for k, v in state.items()}
-    names = {}
-    for saved, tensor in revert_weight_conversion(module, dict(state)).items():
-        if id(tensor) not in by_id:
-            raise NotGrowableError(f"stack --streaming: transformers converts {type(module).__name__}'s weights when "
-                                   f"saving ({saved} is computed from several tensors); use --no-streaming")
-        names[by_id[id(tensor)]] = saved
-    return names
+    """Model parameter name → the name ``save_pretrained`` writes it under (:func:`growcli.io.hf_dir.saved_names`);
+    a conversion that merges or splits tensors cannot be streamed tensor by tensor: refused."""
+    return saved_names(module, lambda saved: NotGrowableError(
+        f"stack --streaming: transformers converts {type(module).__name__}'s weights when saving ({saved} is computed "
+        "from several tensors); use --no-streaming"))
 
 
 @dataclass(frozen=True)

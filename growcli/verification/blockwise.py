@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_leaves
 
 from growcli.core.errors import GrowError, InputsError, NotGrowableError
 from growcli.core.inputs import Batch, cast_batch
-from growcli.verification.compare import DEFAULT_TOL, OutputCheck, VerifyReport, compare_outputs, flatten_outputs
+from growcli.verification.compare import (DEFAULT_TOL, OutputCheck, VerifyReport, compare_outputs, finite_json,
+                                         flatten_outputs)
 from growcli.verification.ondisk import OnDisk
 from growcli.verification.stream_map import StreamMap
 
@@ -67,7 +68,7 @@ class BlockwiseReport:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
+        return finite_json(asdict(self))
 
     def summary(self) -> str:
         worst = max(self.blocks, key=lambda b: b.max_abs_diff, default=None)
@@ -82,17 +83,6 @@ class BlockwiseReport:
                                      f"first breaking: {self.first_failing}" if self.first_failing else "") if n)
         return VerifyReport(self.passed, self.dtype, self.batches, self.atol, self.rtol, self.max_abs_diff,
                             list(self.outputs), note)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe: infinities and NaN as strings (as :meth:`VerifyReport.to_dict` writes them)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 class _MetaUse(NotGrowableError):

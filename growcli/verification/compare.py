@@ -120,7 +120,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return _finite(d)
+        return finite_json(d)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VerifyReport":
@@ -139,13 +139,14 @@ class VerifyReport:
                 f"max abs diff {self.max_abs_diff:.3g}{where}")
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """JSON-safe: infinities and NaN as strings."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 

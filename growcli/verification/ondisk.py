@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from growcli.core.errors import FormatError, NotGrowableError
-from growcli.io.hf_dir import load_hf_config
+from growcli.io.hf_dir import load_hf_config, saved_names
 from growcli.io.shards import TensorRef, read_tensors
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -55,20 +55,10 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def _disk_names(module: nn.Module, who: str) -> dict[str, str]:
-    """Model state_dict key → the key ``save_pretrained`` writes (identity before transformers 5)."""
-    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:
-        return {k: k for k in state}
-    by_id = {id(v): k for k, v in state.items()}
-    names = {}
-    for saved, tensor in revert_weight_conversion(module, dict(state)).items():
-        if id(tensor) not in by_id:
-            raise NotGrowableError(f"block-wise verification: transformers converts {who}'s weights when saving "
-                                   f"({saved} is computed from several tensors), so they cannot be read one by one")
-        names[by_id[id(tensor)]] = saved
-    return names
+    """Model state_dict key → the key ``save_pretrained`` writes (:func:`growcli.io.hf_dir.saved_names`)."""
+    return saved_names(module, lambda saved: NotGrowableError(
+        f"block-wise verification: transformers converts {who}'s weights when saving ({saved} is computed from "
+        "several tensors), so they cannot be read one by one"))
 
 
 class OnDisk:
