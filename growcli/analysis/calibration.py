@@ -207,6 +207,17 @@ def prediction(output: Any) -> torch.Tensor:
     return named.get("logits", next(iter(named.values())))
 
 
+def run_on_batch(module: torch.nn.Module, cal: "Calibration", i: int, args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` on calibration batch ``i``; the model's own error becomes one
+    :class:`InputsError` naming the data file and the batch."""
+    try:
+        return module(*args, **kwargs)
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputsError(f"{cal.source}: the model failed on calibration batch {i + 1} "
+                          f"({type(exc).__name__}: {detail})") from None
+
+
 def batch_loss(output: Any, target: torch.Tensor | None, loss: str, source: str) -> torch.Tensor:
     """The mean loss of one batch; :class:`InputsError` when target and output do not fit."""
     if loss == "model":

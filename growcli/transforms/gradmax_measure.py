@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from growcli.analysis.calibration import Calibration, batch_loss
-from growcli.core.errors import InputsError, NotGrowableError
+from growcli.analysis.calibration import Calibration, batch_loss, run_on_batch
+from growcli.core.errors import NotGrowableError
 from growcli.core.inputs import cast_batch
 from growcli.transforms.gradmax_site import ConvGeom, Site
 
@@ -129,12 +129,7 @@ def measure(module: torch.nn.Module, probes: list[Probe], cal: Calibration) -> f
         n = int((args[0] if args else next(iter(kwargs.values()))).shape[0])
         mode = _Observe(ins, outs)
         with torch.enable_grad(), mode:
-            try:
-                output = module(*args, **kwargs)
-            except Exception as exc:  # the model's own error, reported with the data file
-                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                raise InputsError(f"{cal.source}: the model failed on calibration batch {i + 1} "
-                                  f"({type(exc).__name__}: {detail})") from None
+            output = run_on_batch(module, cal, i, args, kwargs)
         loss = batch_loss(output, target, cal.loss, cal.source)
         mean_loss += float(loss.detach()) * n / total
         auxes = [a for pr in probes for a in mode.seen_out[id(pr.cw)]]

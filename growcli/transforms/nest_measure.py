@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from growcli.analysis.calibration import Calibration, batch_loss
-from growcli.core.errors import InputsError, NoMatchingModuleError, NotGrowableError
+from growcli.analysis.calibration import Calibration, batch_loss, run_on_batch
+from growcli.core.errors import NoMatchingModuleError, NotGrowableError
 from growcli.core.inputs import cast_batch
 from growcli.core.select import select
 from growcli.nn.masks import MASKED_TYPES
@@ -97,12 +97,7 @@ def measure(module: nn.Module, layers: list[str], cal: Calibration,
         n = int((args[0] if args else next(iter(kwargs.values()))).shape[0])
         mode = _Observe(mods)
         with torch.enable_grad(), mode:
-            try:
-                output = module(*args, **kwargs)
-            except Exception as exc:  # the model's own error, reported with the data file
-                detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                raise InputsError(f"{cal.source}: the model failed on calibration batch {i + 1} "
-                                  f"({type(exc).__name__}: {detail})") from None
+            output = run_on_batch(module, cal, i, args, kwargs)
         for name in mods:
             if len(mode.leaves[name]) != 1 or len(mode.auxes[name]) != 1:
                 raise NotGrowableError(f"'{name}': NeST could not observe it computing with its masked weight once per "
