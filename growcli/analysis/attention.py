@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from growcli.analysis.attention_eager import AttentionCall, eager_calls
 from growcli.analysis.attention_inputs import MOVES, Projection, back_heads, projection_in, projection_outputs
 from growcli.analysis.trace import (ADDMM, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, attr_of, merge_groups,
                                     module_of, op_name, shape, source_dim, where)
@@ -109,7 +110,9 @@ def attention_sites(trace: Trace, required: bool = True) -> list[AttentionSite]:
     output pass through an op this module has no rule for, or, if ``required``, when the
     model computes attention without ``scaled_dot_product_attention`` (else that gives ``[]``).
     """
-    nodes = [n for n in trace.graph.nodes if n.op == "call_function" and n.target in SDPA]
+    nodes = [AttentionCall(module_of(n), *n.args[:3], n) for n in trace.graph.nodes
+             if n.op == "call_function" and n.target in SDPA]
+    nodes += eager_calls(trace)
     if not nodes and not required:
         return []
     if not nodes:
@@ -122,10 +125,10 @@ def attention_sites(trace: Trace, required: bool = True) -> list[AttentionSite]:
     return [_site(n, data) for n in nodes]
 
 
-def _site(node: fx.Node, data: set[fx.Node]) -> AttentionSite:
-    module = module_of(node)
+def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
+    module, node = call.module, call.out
     try:
-        q, k, v = node.args[:3]
+        q, k, v = call.q, call.k, call.v
         hq, hk, hv = shape(q)[1], shape(k)[1], shape(v)[1]
         hd = shape(q)[3]
         found = {}
