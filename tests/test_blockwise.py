@@ -310,3 +310,17 @@ def test_hidden_then_stack_in_one_run_is_mapped_from_its_report(tmp_path):
     report = blockwise_check(src, tmp_path / "grown", SETTINGS)
     assert report.passed and [b.original for b in report.blocks] == [0, 1, 1, 2, 2]
     assert max(b.max_abs_diff for b in report.blocks) <= 1e-12 and report.max_abs_diff <= 1e-12
+
+
+def test_float64_checkpoint_is_held_to_the_tolerance_whole_model_verification_uses(tmp_path):
+    """The model's buffers count as it makes them (Llama's rotary frequencies in float32), in both checks."""
+    import transformers as T
+
+    torch.manual_seed(5)
+    T.LlamaForCausalLM(ARCHS["llama"][1](T)).to(torch.float64).save_pretrained(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert OnDisk(tmp_path / "a").dtypes() == {torch.float64}
+    report = blockwise_check(tmp_path / "a", tmp_path / "b", VerifySettings(batches=1))
+    whole = compare_checkpoints(Source(tmp_path / "a"), tmp_path / "b", VerifySettings(batches=1))
+    assert report.passed and whole.passed and (report.atol, report.rtol) == (whole.atol, whole.rtol) == (1e-6, 1e-5)
+    assert [o.tolerance for o in report.outputs] == pytest.approx([o.tolerance for o in whole.outputs], rel=1e-12)

@@ -17,6 +17,12 @@ boundary of the grown model (``max|a − b| ≤ atol + rtol · max|a|``, per bou
 over the batches) and on every final output as :func:`growcli.verification.compare.verify_models`
 does. The verdict needs both; the first boundary that differs names the block that broke.
 The block stack itself is found by the caller (by the analysis, :mod:`growcli.analysis.blocks`).
+
+The two models may be of different classes with one residual stream, such as a dense decoder
+and its upcycled mixture of experts: each is built from its own config, its blocks read their
+own tensors (fused 3-D experts through transformers' load conversion, :class:`OnDisk`), and a
+router sees only its block's input, so the comparison at each boundary is the same computation
+as in the whole models.
 """
 
 from __future__ import annotations
@@ -214,8 +220,14 @@ def _hidden(output: Any) -> torch.Tensor | None:
 
 def tolerances(original: OnDisk, grown: OnDisk, dtype: torch.dtype, atol: float | None,
                rtol: float | None) -> tuple[float, float]:
-    """growcli's defaults for the least precise of ``dtype`` and both checkpoints' stored dtypes."""
-    precision = max({dtype} | original.dtypes() | grown.dtypes(), key=lambda d: torch.finfo(d).eps)
+    """growcli's defaults for the least precise of ``dtype``, both checkpoints' stored dtypes and their buffers'.
+
+    As whole-model verification (:func:`growcli.verification.compare.storage_precision`), the
+    buffers count as the model makes them: a float64 checkpoint whose model keeps its rotary
+    frequencies in float32 is held to float32 rounding by either check.
+    """
+    stored = original.dtypes() | grown.dtypes() | original.buffer_dtypes | grown.buffer_dtypes
+    precision = max({dtype} | stored, key=lambda d: torch.finfo(d).eps)
     d_atol, d_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
     return (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
 

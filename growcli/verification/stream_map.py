@@ -6,7 +6,8 @@ grown model, which boundary of the original it equals (``depth``), and, along th
 which original entry each grown entry holds (``hidden``; ``-1``: an entry with nothing to
 compare, such as hidden growth's padding).
 
-- Same depth: boundary ``j`` equals boundary ``j``.
+- Same depth: boundary ``j`` equals boundary ``j`` (also between a dense model and its upcycled
+  mixture of experts, whose blocks compute the same function of the stream).
 - Stacked with identity copies (:func:`stacked`): a copy that starts as the identity leaves
   the stream as it found it, so its boundary equals the previous one; an original block's
   boundary is the original's boundary after that block. With ``copy`` init the same map holds
