@@ -24,6 +24,12 @@ def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """No test reaches the Hugging Face Hub: a missing relative path shaped like org/name stays offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @dataclass
 class CliResult:
     code: int

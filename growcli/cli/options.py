@@ -14,7 +14,10 @@ from typing import Annotated, Optional
 import typer
 
 # Options shared by every command that loads a model.
-Model = Annotated[Path, typer.Argument(help="Checkpoint: .pt2, .safetensors, .pt/.pth, or a Hugging Face directory.", show_default=False)]
+# A Hub id stays a Path here; growcli.io.hub resolves it where the model is read (a local path always wins).
+Model = Annotated[Path, typer.Argument(help="Checkpoint: .pt2, .safetensors, .pt/.pth, a Hugging Face directory, or a "
+                                       "Hugging Face id org/name[@revision] (read from the local cache first).",
+                                       show_default=False)]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="package.module:factory that builds the model for a state_dict.")]
 ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help="JSON keyword arguments for --arch.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling a whole module (runs code from the file).")]

@@ -3,6 +3,8 @@
 It dispatches by what ``path`` is: a Hugging Face directory (:mod:`growcli.io.hf_dir`), a
 ``torch.export`` program (``.pt2``, loaded here: it is its own architecture), or weights that
 need one (``.safetensors``, ``.pt``/``.pth``/``.bin``/``.ckpt``: :mod:`growcli.io.weights`).
+A Hub id ``org/name[@revision]`` that is not a local path becomes its cached snapshot
+directory first (:mod:`growcli.io.hub`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from growcli.core.inputs import InputSpec, parse_input_shape, spec_from_batch
 from growcli.core.model import GrowModel, eval_mode
 from growcli.io.formats import require_exists, sha256_of
 from growcli.io.hf_dir import load_hf_dir
+from growcli.io.hub import resolve_path
 from growcli.io.weights import load_safetensors, load_torch
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -41,10 +44,11 @@ def load_model(
 
     ``arch``/``arch_kwargs`` build the module for state_dict files; ``base`` is the
     original model onto which a grown ``.safetensors`` replays its recorded edits when it
-    names no architecture of its own. Never modifies ``path``. Raises a
-    :class:`~growcli.core.errors.GrowError` subclass for anything the user can fix.
+    names no architecture of its own. ``path`` may be a Hugging Face id ``org/name[@revision]``
+    when no such local path exists (:func:`growcli.io.hub.resolve_source`). Never modifies
+    ``path``. Raises a :class:`~growcli.core.errors.GrowError` subclass for anything the user can fix.
     """
-    path = Path(path)
+    path = resolve_path(path)
     require_exists(path)
     if isinstance(arch_kwargs, str):
         try:

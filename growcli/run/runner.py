@@ -29,6 +29,7 @@ from growcli.core.model import GrowModel, eval_mode
 from growcli.io.atomic import (atomic_output, check_distinct, check_output_path, ensure_space, staged_path,
                                transaction)
 from growcli.io.formats import load_inputs_file
+from growcli.io.hub import HubSnapshot, resolve_source
 from growcli.io.load import load_model
 from growcli.io.save import check_output
 from growcli.run.outputs import save_models
@@ -42,12 +43,20 @@ from growcli.verification.compare import VerifyReport, compose_maps, verify_mode
 
 @dataclass
 class Source:
+    """The model to read. A Hub id ``org/name[@revision]`` that is no local path becomes its cached snapshot
+    directory here (:func:`growcli.io.hub.resolve_source`), so ``path`` is always local; ``hub`` says where it came from."""
+
     path: Path
     arch: str | None = None
     arch_kwargs: str | dict | None = None
     trust_pickle: bool = False
     input_shape: str | None = None
     inputs_file: Path | None = None
+    hub: HubSnapshot | None = None
+
+    def __post_init__(self) -> None:
+        self.path, found = resolve_source(self.path)
+        self.hub = self.hub or found
 
     def load(self, base: GrowModel | None = None) -> GrowModel:
         return load_model(self.path, arch=self.arch, arch_kwargs=self.arch_kwargs, trust_pickle=self.trust_pickle,
@@ -221,6 +230,7 @@ def _report(source: Source, steps: list[dict], exact: bool, verification: dict[s
     """The growth report; its keys are the same whichever mode executed the steps."""
     report: dict[str, Any] = {
         "input": str(source.path),
+        **({"source": source.hub.to_dict()} if source.hub else {}),  # a Hub id: the id and the commit read
         "steps": steps,
         "function_preserving": exact,
         "verification": verification,

@@ -51,12 +51,13 @@ def register(app: typer.Typer) -> None:
         from growcli.cl.store import is_cpg_file
         from growcli.core.errors import UsageError
         from growcli.io.atomic import check_output_path
+        from growcli.io.hub import resolve_path
         from growcli.io.load import load_model
 
         config = CPGConfig(epochs=epochs, lr=lr, batch_size=batch_size, prune_ratio=prune_ratio,
                            keep_accuracy=keep_accuracy, prune_steps=prune_steps, accuracy_goal=accuracy_goal,
                            grow_by=grow_by, max_grows=max_grows, seed=seed)
-        check_output_path(output, [model, tasks], overwrite=overwrite)  # before any training
+        check_output_path(output, [resolve_path(model), tasks], overwrite=overwrite)  # before any training
         data = load_task_dir(tasks)
         if is_cpg_file(model):
             if arch or arch_kwargs:
@@ -68,7 +69,7 @@ def register(app: typer.Typer) -> None:
         net, reports = learn_tasks(net, data, config, on_task=lambda r: con.print(
             f"task {r.task}: accuracy {r.accuracy:.4f}, {r.units_added} units added, earlier tasks unchanged"))
         rows = [r.to_dict() for r in reports]
-        save_cpg(net, output, overwrite=overwrite, report=rows, inputs=[model, tasks])
+        save_cpg(net, output, overwrite=overwrite, report=rows, inputs=[resolve_path(model), tasks])
         if json_out:
             emit_json({"model": str(model), "output": str(output), "tasks": rows, "earlier_tasks_bit_identical": True})
             return

@@ -43,13 +43,14 @@ def register(app: typer.Typer) -> None:
         from growcli.analysis.calibration import DataRequest, check_loss, load_calibration
         from growcli.core.errors import NotGrowableError, UsageError
         from growcli.io.atomic import atomic_output, check_output_path
+        from growcli.io.hub import resolve_path
         from growcli.io.load import load_model
         from growcli.advise.suggest import plan_text, suggest
 
         if lr <= 0 or scale <= 0:
             raise UsageError(f"--lr and --scale must be positive, got {lr} and {scale}")
         if plan_out is not None:  # before any work: never the model or the data, an existing file only with --overwrite
-            check_output_path(plan_out, (model, data), overwrite=overwrite)
+            check_output_path(plan_out, (resolve_path(model), data), overwrite=overwrite)
         gm = load_model(model, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, input_shape=input_shape)
         request = DataRequest(str(data), check_loss(loss), batches, batch_size)
         cal = load_calibration(request, gm.inputs, gm.kind)

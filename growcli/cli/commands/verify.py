@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
         Example: growcli verify model.pt2 grown.pt2 --json
         """
         settings = verify_settings(batches, dtype, atol, rtol, seq_len=seq_len, device=device)
+        from growcli.io.hub import resolve_path
+        original, grown = resolve_path(original), resolve_path(grown)  # either may be a Hugging Face id
         if blockwise:
             _blockwise(original, grown, settings, inputs, json_out, quiet, arch or input_shape or trust_pickle)
             return
