@@ -83,8 +83,11 @@ def test_execution_mode_follows_transform_modes(tmp_path):
     assert execution_mode(src, [Step("widen", {})], out, None) == "memory"
     with pytest.raises(UsageError, match=r"^--streaming: branch cannot run streaming \(its execution modes: memory\)"):
         execution_mode(src, [Step("stack", {}), Step("branch", {})], out, True)
-    with pytest.raises(UsageError, match=r"^--streaming runs exactly one step; this run has 2"):
+    with pytest.raises(UsageError, match=r"^--streaming: deepen cannot run streaming with these options \(deepen streams "
+                                         r"only block copies: block: true\) in step 2 of 2; drop --streaming$"):
         execution_mode(src, [Step("stack", {}), Step("deepen", {})], out, True)
+    # a chain whose steps all stream streams as one (growcli.run.stream_chain)
+    assert execution_mode(src, [Step("stack", {}), Step("deepen", {"after": "x", "block": True})], out, True) == "streaming"
     # deepen streams only block copies: a layer insertion stays in memory unless streaming is forced
     assert execution_mode(src, [Step("deepen", {"after": "x"})], out, None) == "memory"
     with pytest.raises(UsageError, match="--streaming needs a Hugging Face directory"):

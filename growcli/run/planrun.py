@@ -38,16 +38,19 @@ class RunConfig:
     seed: int
     settings: VerifySettings
     overwrite: bool = False  # replace existing outputs (files, growcli's own directories)
+    streaming: bool | None = None  # --streaming/--no-streaming; None: a chain of streamable steps streams when large
 
 
 def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, format: str | None = None,
               seed: int | None = None, batches: int | None = None, dtype: str | None = None,
               atol: float | None = None, rtol: float | None = None, allow_mismatch: bool = False,
-              require_output: bool = True, overwrite: bool = False, device: str = "cpu") -> RunConfig:
+              require_output: bool = True, overwrite: bool = False, device: str = "cpu",
+              streaming: bool | None = None, shard_size: int | None = None) -> RunConfig:
     """Merge command-line values (``None``: not given) with the plan's.
 
-    ``-o`` replaces the plan's output path and format. Raises :class:`UsageError` for a
-    bad ``dtype`` and, with ``require_output``, when neither gives an output.
+    ``-o`` replaces the plan's output path and format; ``shard_size`` (bytes, ``--shard-size``)
+    the plan's ``output.shard_size``. Raises :class:`UsageError` for a bad ``dtype`` and, with
+    ``require_output``, when neither gives an output.
     """
     if dtype is not None and dtype not in ("float64", "float32"):
         raise UsageError(f"--dtype {dtype!r}: expected float64 or float32")
@@ -66,16 +69,20 @@ def configure(plan: Plan, source: Source, *, outputs: list[Path] | None = None, 
         outs = []
     if not outs and require_output:
         raise UsageError(f"{plan.file} has no output.path; pass -o OUTPUT")
-    if plan.output.shard_size is not None:  # the writer uses it for Hugging Face directories only
-        outs = [dataclasses.replace(o, shard_size=plan.output.shard_size) for o in outs]
-    return RunConfig(source, outs, seed if seed is not None else (plan.seed or 0), settings, overwrite)
+    size = shard_size if shard_size is not None else plan.output.shard_size
+    if size is not None:  # the writer uses it for Hugging Face directories only
+        outs = [dataclasses.replace(o, shard_size=size) for o in outs]
+    return RunConfig(source, outs, seed if seed is not None else (plan.seed or 0), settings, overwrite, streaming)
 
 
-def run_plan(plan: Plan, cfg: RunConfig) -> dict[str, Any]:
+def run_plan(plan: Plan, cfg: RunConfig, progress=None) -> dict[str, Any]:
     """Load, apply every step (each verified), verify overall, write the outputs and the report.
 
     The report gets the plan's text, as the safetensors metadata does. A step that fails
     stops the run; its error is re-raised with ``FILE:LINE:COLUMN: step N (name):`` in front.
+    A streaming run (``cfg.streaming``, see :func:`growcli.run.runner.execution_mode`) plans the
+    steps one after the other on the meta device and writes the output once, verified once;
+    ``progress(done, total)`` follows the bytes it writes.
     """
     for step in plan.steps:
         if not step.valid:
@@ -86,7 +93,7 @@ def run_plan(plan: Plan, cfg: RunConfig) -> dict[str, Any]:
     try:
         return grow(source, runner_steps, cfg.outputs, seed=cfg.seed, settings=cfg.settings, plan_text=plan.text,
                     on_step=lambda i, _step: started.append(i), overwrite=cfg.overwrite,
-                    protect=(Path(plan.file),) if plan.file else ())
+                    protect=(Path(plan.file),) if plan.file else (), streaming=cfg.streaming, progress=progress)
     except Exception as exc:  # noqa: BLE001 — re-raised as is, with the step's position added
         failed = _failed_step(plan, source.loaded, started, exc)
         if failed is not None:
@@ -111,6 +118,9 @@ def _runner_step(step: PlanStep) -> Step:
 
 def _failed_step(plan: Plan, gm: GrowModel | None, started: list[int], exc: BaseException) -> PlanStep | None:
     """The step that raised ``exc``, or ``None`` when it came before or after the steps (loading, saving)."""
+    planned = getattr(exc, "plan_step", None)  # a streaming run: the step whose planning raised
+    if isinstance(planned, int) and 0 <= planned < len(plan.steps):
+        return plan.steps[planned]
     if gm is None or not started:
         return None
     i, done = started[-1], len(gm.steps)

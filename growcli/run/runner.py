@@ -5,7 +5,9 @@ returns the report that is printed, embedded in safetensors metadata and written
 ``<output stem>.growth_report.json``. A step is executed in memory (the model loaded and
 changed in place) or, for transforms that declare it in ``Transform.modes``, streaming
 (:mod:`growcli.run.streaming`: the checkpoint rewritten tensor by tensor); both modes give
-the same report schema, with ``execution`` saying which ran.
+the same report schema, with ``execution`` saying which ran. A chain of streamable steps
+streams as one (:mod:`growcli.run.stream_chain`: the steps planned one after the other on the
+meta device, their tensor maps composed, the output written and verified once).
 
 What the report's ``verification`` is: for one step, that step's comparison with the input;
 for a chain, the input against the grown model (both in memory); for a conversion (no step),
@@ -34,7 +36,8 @@ from growcli.io.load import load_model
 from growcli.io.save import check_output
 from growcli.run.outputs import save_models
 from growcli.run.steps import VerifySettings, final_report, run_step, verification_batches
-from growcli.run.stream_executors import APPLIES, EXECUTORS as STREAMING
+from growcli.run.stream_chain import chain_refusal, stream_chain
+from growcli.run.stream_executors import APPLIES, DOES_NOT_STREAM, EXECUTORS as STREAMING
 from growcli.run.streaming import DEFAULT_SHARD_SIZE, choose_streaming, parse_shard_size
 from growcli.transforms.catalog import build_spec, get_transform
 from growcli.transforms.registry import Context
@@ -96,16 +99,17 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
     the report are renamed into place together, or not at all.
 
     ``streaming`` chooses the execution mode (see :func:`execution_mode`): ``None`` streams a
-    single streamable step of a large Hugging Face checkpoint, ``True`` forces it, ``False``
-    never streams. ``progress(done, total)`` follows the bytes a streaming step writes.
-    Both modes return the same report schema.
+    large Hugging Face checkpoint when every step can stream, ``True`` forces it, ``False``
+    never streams. ``progress(done, total)`` follows the bytes a streaming run writes.
+    Both modes return the same report schema; a streamed chain's steps carry no verification
+    of their own (they are composed, then the output is verified once against the input).
     """
     started = time.perf_counter()
     settings = settings or VerifySettings()
     inputs = (source.inputs_file, *protect)
     check_distinct([o.path for o in outputs])
     if execution_mode(source, steps, outputs, streaming) == "streaming":
-        return _grow_streaming(source, steps[0], outputs[0], seed, settings, plan_text, on_step, overwrite, inputs,
+        return _grow_streaming(source, steps, outputs[0], seed, settings, plan_text, on_step, overwrite, inputs,
                                progress, started)
     timing: dict[str, float] = {}
     gm = source.load()
@@ -163,50 +167,73 @@ def grow(source: Source, steps: list[Step], outputs: list[Output], *, seed: int 
 def execution_mode(source: Source, steps: list[Step], outputs: list[Output], streaming: bool | None) -> str:
     """``"streaming"`` or ``"memory"``, from each step's ``Transform.modes`` and ``--streaming/--no-streaming``.
 
-    Forcing streaming on a transform that cannot stream, on a chain or on no step at all is a
-    :class:`UsageError`; so is forcing it on inputs or outputs it cannot handle (see
-    :func:`growcli.run.streaming.choose_streaming`). Unforced, a single streamable step
-    streams when the checkpoint is large.
+    Forcing streaming on a transform that cannot stream, on a chain with a step that cannot
+    stream or that :func:`growcli.run.stream_chain.chain_refusal` refuses (the step named), or on
+    no step at all is a :class:`UsageError`; so is forcing it on inputs or outputs it cannot
+    handle (see :func:`growcli.run.streaming.choose_streaming`). Unforced, a single streamable
+    step, or a chain of steps that all stream, streams when the checkpoint is large.
     """
     if streaming is False:
         return "memory"
-    for step in steps:
+    chain = len(steps) > 1
+    for i, step in enumerate(steps, 1):
         modes = get_transform(step.transform).modes
         if streaming and "streaming" not in modes:
+            where = f" in step {i} of {len(steps)}" if chain else ""
             raise UsageError(f"--streaming: {step.transform} cannot run streaming (its execution modes: "
-                             f"{', '.join(modes)}); drop --streaming")
-    if len(steps) != 1 or "streaming" not in get_transform(steps[0].transform).modes:
+                             f"{', '.join(modes)}){where}; drop --streaming")
+    if not steps or "streaming" not in get_transform(steps[0].transform).modes:
         if streaming:
-            raise UsageError(f"--streaming runs exactly one step; this run has {len(steps)}")
+            raise UsageError(f"--streaming runs one step or a chain of steps; this run has {len(steps)}")
         return "memory"
-    applies = APPLIES.get(steps[0].transform)
-    if streaming is None and applies is not None and not applies(steps[0].options):
-        return "memory"  # a step of that transform that cannot stream (deepen without block): forced, it is refused
+    if chain and any("streaming" not in get_transform(s.transform).modes for s in steps):
+        return "memory"
+    refusal = chain_refusal([s.transform for s in steps]) if chain else None
+    if refusal:
+        if streaming:
+            raise UsageError(f"--streaming: {refusal}; drop --streaming")
+        return "memory"
+    for i, step in enumerate(steps, 1):
+        applies = APPLIES.get(step.transform)
+        if applies is not None and not applies(step.options):
+            if streaming and chain:
+                raise UsageError(f"--streaming: {step.transform} cannot run streaming with these options "
+                                 f"({DOES_NOT_STREAM.get(step.transform, 'see its recipe')}) in step {i} of "
+                                 f"{len(steps)}; drop --streaming")
+            if streaming is None:
+                return "memory"  # a step of that transform that cannot stream (deepen without block)
     fmt = outputs[0].format if outputs else None
     return "streaming" if choose_streaming(source.path, [o.path for o in outputs], fmt, streaming) else "memory"
 
 
-def _grow_streaming(source: Source, step: Step, output: Output, seed: int, settings: VerifySettings,
+def _grow_streaming(source: Source, steps: list[Step], output: Output, seed: int, settings: VerifySettings,
                     plan_text: str | None, on_step, overwrite: bool, inputs: tuple, progress,
                     started: float) -> dict[str, Any]:
-    """The streaming execution of one step, reported like an in-memory run."""
-    spec = build_spec(step.transform, dict(step.options))
+    """The streaming execution of one step or a chain of steps (composed, one output), reported like an
+    in-memory run: every step's report, and one verification of the output against the input."""
+    specs = [build_spec(step.transform, dict(step.options)) for step in steps]
     check_output_path(output.path, (source.path, *inputs), overwrite=overwrite, directory=True)
     if source.inputs_file is not None:
         settings.inputs = [load_inputs_file(source.inputs_file)]
-    if on_step:
-        on_step(0, step)
     shard_size = output.shard_size or parse_shard_size(DEFAULT_SHARD_SIZE)
     with transaction():
-        executor = STREAMING[step.transform]
-        run = executor(source.path, output.path, spec, shard_size=shard_size, settings=settings, seed=seed,
-                       progress=progress)
+        if len(steps) == 1:
+            if on_step:
+                on_step(0, steps[0])
+            run = STREAMING[steps[0].transform](source.path, output.path, specs[0], shard_size=shard_size,
+                                                settings=settings, seed=seed, progress=progress)
+            step_reports = [run.step]
+        else:
+            run = stream_chain(source.path, output.path, [(s.transform, spec) for s, spec in zip(steps, specs)],
+                               shard_size=shard_size, settings=settings, seed=seed, progress=progress,
+                               on_step=(lambda k: on_step(k, steps[k])) if on_step else None)
+            step_reports = run.steps
         verification = run.verification.to_dict() if run.verification is not None else None
         if verification is not None:
             verification["against"] = (f"block-wise run of {output.path} from disk" if run.output.get("blockwise")
                                        else f"readback of {output.path}")
-        report = _report(source, [run.step], run.step["exact"], verification, run.params_before, run.params_after,
-                         [run.output], plan_text, "streaming", run.checked, run.timing, started)
+        report = _report(source, step_reports, all(s["exact"] for s in step_reports), verification, run.params_before,
+                         run.params_after, [run.output], plan_text, "streaming", run.checked, run.timing, started)
         write_report(report, output.path, "hf")
     return report
 

@@ -1,7 +1,9 @@
 """Every streaming executor, by transform name: how a step rewrites a checkpoint tensor by tensor.
 
 A transform whose ``modes`` include ``"streaming"`` has exactly one entry here; the runner
-(:func:`growcli.run.runner.grow`) looks executors up in :data:`EXECUTORS` and nowhere else.
+(:func:`growcli.run.runner.grow`) looks executors up in :data:`EXECUTORS` and nowhere else. A run
+of several steps streams through :func:`growcli.run.stream_chain.stream_chain`, which plans each
+step with the same analysis and composes their tensor maps.
 """
 
 from __future__ import annotations
@@ -21,3 +23,5 @@ EXECUTORS = {
 }
 # Transforms only some of whose steps stream (options → whether this one does); unlisted: every step.
 APPLIES = {"deepen": streamable}
+# Why a step APPLIES turns down does not stream, for the refusal when streaming is forced on it.
+DOES_NOT_STREAM = {"deepen": "deepen streams only block copies: block: true"}

@@ -202,14 +202,16 @@ def verify_written(src: Path, tmp: Path, out: Path, name: str, report, output: d
                    settings: VerifySettings, seed: int, *, total: int, verify_limit: int,
                    stream_map: StreamMap | None = None,
                    read_back: Callable[[], tuple[str, VerifyReport | None]] | None = None,
-                   refuse: Callable[[VerifyReport], None] | None = None) -> VerifyReport | None:
+                   refuse: Callable[[VerifyReport], None] | None = None,
+                   label: str | None = None) -> VerifyReport | None:
     """Run the written directory ``tmp`` against the input ``src``, record it, and fail a broken exact step.
 
     Up to ``verify_limit`` bytes the output is loaded whole from disk (``read_back``, default
     ``from_pretrained`` against the input loaded from disk); above it, block by block
     (:func:`blockwise_check` with ``stream_map``). The result goes into ``report``, ``output``
     and ``checked``; ``refuse`` may raise first (a refusal that needs the measurement). An exact
-    step that differs raises :class:`VerificationFailed`, unless ``settings.allow_mismatch``.
+    step that differs raises :class:`VerificationFailed` (its message starts with ``label``, default
+    ``step 1 (name)``), unless ``settings.allow_mismatch``.
     """
     blockwise = None
     if total <= verify_limit:
@@ -233,7 +235,7 @@ def verify_written(src: Path, tmp: Path, out: Path, name: str, report, output: d
     if refuse:
         refuse(verification)
     if report.exact and not verification.passed and not settings.allow_mismatch:
-        raise VerificationFailed(f"step 1 ({name}) changed the function: {summary}", verification)
+        raise VerificationFailed(f"{label or f'step 1 ({name})'} changed the function: {summary}", verification)
     return verification
 
 def _read_back(src: Path, tmp: Path, out: Path, settings: VerifySettings, seed: int) -> tuple[str, VerifyReport | None]:
@@ -260,8 +262,9 @@ def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None
     between the streams is ``stream_map``, else the one ``grown``'s ``growth_report.json``
     records (:func:`recorded_map`), else same depth; the hidden axis is mapped by width
     (identity, or hidden growth's tiling). Batches: ``settings.inputs``, ``inputs_file``, or
-    generated from the original's config with ``seed``. Raises :class:`UsageError` when either
-    path is not a Hugging Face directory of safetensors.
+    generated from the original's config with ``seed``. The two may be of different classes with
+    one residual stream (a dense decoder and its upcycled mixture of experts: same depth, identity
+    map). Raises :class:`UsageError` when either path is not a Hugging Face directory of safetensors.
     """
     settings = settings or VerifySettings()
     for path in (original, grown):

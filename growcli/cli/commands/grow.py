@@ -9,7 +9,7 @@ import typer
 
 from growcli.cli.options import (AllowMismatch, Arch, ArchKwargs, Atol, Device, Format, InputsFile, InputShape, Json, Model,
                                  Outputs, Overwrite, Quiet, Rtol, TrustPickle)
-from growcli.cli.render import emit_json, handle_errors, render_grow_report
+from growcli.cli.render import byte_progress_bar, console, emit_json, handle_errors, render_streamed
 
 PlanFile = Annotated[Path, typer.Option("--plan", "-p", help="The growth plan (YAML, version 1).", show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Apply the steps in memory and show what they do; write nothing.")]
@@ -17,6 +17,11 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Apply the steps in memo
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for every random choice (default: the plan's, else 0).")]
 BatchesOpt = Annotated[Optional[int], typer.Option("--batches", min=1, help="Input batches to compare (default: the plan's, else 3).")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float64 or float32 (default: the plan's, else float64).")]
+StreamingOpt = Annotated[Optional[bool], typer.Option("--streaming/--no-streaming", help="Run every step of the plan "
+                         "on a Hugging Face directory tensor by tensor without loading it, composing the steps into "
+                         "one output (default: above 1 GiB, when every step can stream).")]
+ShardSizeOpt = Annotated[Optional[str], typer.Option("--shard-size", help="Largest weights file of the output directory "
+                         "(default: the plan's output.shard_size, else 5GB when streaming).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -27,14 +32,17 @@ def register(app: typer.Typer) -> None:
                  inputs: InputsFile = None, seed: SeedOpt = None, batches: BatchesOpt = None, dtype: DtypeOpt = None,
                  device: Device = "cpu",
                  atol: Atol = None, rtol: Rtol = None, allow_mismatch: AllowMismatch = False, dry_run: DryRun = False,
+                 streaming: StreamingOpt = None, shard_size: ShardSizeOpt = None,
                  overwrite: Overwrite = False, json_out: Json = False, quiet: Quiet = False) -> None:
         """Apply a growth plan's steps in order, verifying each, and write the result with the plan as provenance.
 
         Example: growcli grow fixtures/mlp.pt --arch growcli.zoo:mlp --plan examples/mlp.yaml -o grown/mlp.safetensors
+        (streaming: growcli grow llama/ --plan plan.yaml --streaming -o grown/ ; above 1 GiB by default)
         """
         from growcli.run.plan import load_plan
         from growcli.run.planrun import configure, dry_run as preview, run_plan
         from growcli.run.runner import Source
+        from growcli.run.streaming import parse_shard_size
 
         from growcli.cli.options import check_device
 
@@ -43,9 +51,12 @@ def register(app: typer.Typer) -> None:
         cfg = configure(p, Source(model, arch, arch_kwargs, trust_pickle, input_shape, inputs), outputs=output,
                         format=format, seed=seed, batches=batches, dtype=dtype, atol=atol, rtol=rtol,
                         allow_mismatch=allow_mismatch, require_output=not dry_run, overwrite=overwrite,
-                        device=device)
+                        device=device, streaming=streaming,
+                        shard_size=parse_shard_size(shard_size) if shard_size is not None else None)
         if not dry_run:
-            render_grow_report(run_plan(p, cfg), json_out)
+            with byte_progress_bar(console(quiet, json_out), "growing") as advance:
+                report = run_plan(p, cfg, progress=advance)
+            render_streamed(report, json_out)
             return
         report, error = preview(p, cfg)
         if json_out:
