@@ -270,12 +270,6 @@ def _bert_base():
     return T.BertModel.from_pretrained(str(FIXTURES / "bert-tiny")).eval(), {"input_ids": torch.randint(0, VOCAB, (2, 6))}
 
 
-def _eager_llama():
-    m, inputs = _build("llama")
-    m.config._attn_implementation = "eager"
-    return m, inputs
-
-
 REFUSALS = [
     ("bert", "hidden", {"to": 40}, "post-LN"),
     ("bert", "heads", {"to": 8}, "derives head_dim from hidden_size / num_attention_heads"),
@@ -283,7 +277,6 @@ REFUSALS = [
     ("llama", "heads", {"to": 5}, "multiple of 2"),
     ("llama", "hidden", {"to": 32}, "not larger"),
     ("bert-base", "hidden", {"to": 40}, "post-LN"),  # BertModel ×2 grows (tests/test_embedding_models.py)
-    ("llama-eager", "heads", {"to": 8}, "scaled_dot_product_attention"),
     ("zoo-transformer", "hidden", {"factor": 2.0}, "attention in 'blocks.0.attn'"),
 ]
 
@@ -292,8 +285,6 @@ REFUSALS = [
 def test_unsupported_growth_is_refused_naming_what_is_missing(models, family, transform, options, reason):
     if family == "bert-base":
         gm = as_model(_bert_base(), torch.float64)
-    elif family == "llama-eager":
-        gm = as_model(_eager_llama(), torch.float64)
     elif family == "zoo-transformer":
         m = zoo.TinyTransformer().double().eval()
         gm = GrowModel(m, "state_dict", Path("mem"), "0", spec_from_batch((m.example_inputs(), {})))

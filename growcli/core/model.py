@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from growcli.core.edits import EditLog
 from growcli.core.inputs import InputSpec
 
 KINDS = ("pt2", "hf", "pickle", "state_dict")
+
+
+@contextlib.contextmanager
+def weights_default_dtype(module: nn.Module) -> Iterator[None]:
+    """Run with torch's default dtype set to ``module``'s float64 weights' dtype (else unchanged).
+
+    Model code that makes tensors without a dtype (``torch.full((), finfo(x.dtype).min)``) makes
+    them in the default dtype; for a model growcli runs in float64 that would be float32, and such
+    a model fails (a float64 minimum overflows float32) or silently computes a part in float32.
+    """
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype != torch.float64 or torch.get_default_dtype() == dtype:
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def eval_mode(module: nn.Module) -> nn.Module:

@@ -36,7 +36,7 @@ from growcli.analysis.blocks import block_stacks
 from growcli.analysis.trace import Trace, trace_model
 from growcli.core.errors import NoMatchingModuleError, NotGrowableError, UsageError
 from growcli.core.inputs import Batch, cast_batch, make_batches
-from growcli.core.model import GrowModel
+from growcli.core.model import GrowModel, weights_default_dtype
 from growcli.core.select import select
 from growcli.nn import ACTIVATIONS
 from growcli.transforms.deepen_blocks import analyse_block, block_names, insert_blocks, plan_copies
@@ -113,7 +113,7 @@ def _check_runs(gm: GrowModel, modules: list[nn.Module]) -> None:
     hooks = [m.register_forward_hook(lambda mod, _i, _o: called.add(id(mod))) for m in modules]
     try:
         args, kwargs = _sample(gm)
-        with torch.no_grad():
+        with torch.no_grad(), weights_default_dtype(gm.module):
             gm.module(*args, **kwargs)
     except (RuntimeError, ValueError, TypeError) as exc:  # the model's own code failing on a sample batch
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -20,7 +20,7 @@ from torch import nn
 
 from growcli.core.errors import InputsError
 from growcli.core.inputs import Batch, cast_batch, to_device
-from growcli.core.model import eval_mode
+from growcli.core.model import eval_mode, weights_default_dtype
 from growcli.core.origins import AxisMap
 
 # (atol, rtol) by the precision the weights are stored in, for a step that rounds weights to that
@@ -172,7 +172,7 @@ def run_model(module: nn.Module, batch: Batch, who: str = "the model") -> dict[s
     """
     args, kwargs = batch
     try:
-        with torch.no_grad():
+        with torch.no_grad(), weights_default_dtype(module):
             return flatten_outputs(module(*args, **kwargs))
     except Exception as exc:
         shapes = ", ".join([str(list(t.shape)) for t in args] + [f"{k}={list(v.shape)}" for k, v in kwargs.items()])

@@ -102,7 +102,8 @@ class Readback:
                 module, loaded_with = self._load_safetensors(tmp)
                 batches = self.batches
             elif fmt == "hf":
-                module, loaded_with = _load_hf(tmp)
+                module, loaded_with = _load_hf(tmp, getattr(getattr(self.gm.module, "config", None),
+                                                            "_attn_implementation", None))
                 batches = self.batches
             elif fmt == "pt":
                 module = torch.load(tmp, map_location="cpu", weights_only=False)
@@ -234,7 +235,9 @@ class _WrittenFileFails(InputsError):
     """The read-back model (not the reference) failed on a batch."""
 
 
-def _load_hf(directory: Path) -> tuple[nn.Module, str]:
+def _load_hf(directory: Path, attn_implementation: str | None = None) -> tuple[nn.Module, str]:
+    """The directory loaded as growcli loads a Hugging Face model, with the attention implementation the model in
+    memory ran with (eager attention computes its softmax in float32, sdpa does not)."""
     from growcli.io.hf_dir import load_hf_config
 
     transformers, config = load_hf_config(directory)
@@ -244,7 +247,8 @@ def _load_hf(directory: Path) -> tuple[nn.Module, str]:
     if not archs or getattr(transformers, archs[0], None) is None:
         raise ValueError(f"config.json names no transformers class ({archs[:1]})")
     cls = getattr(transformers, archs[0])
-    module = cls.from_pretrained(str(directory), config=config, local_files_only=True)
+    extra = {"attn_implementation": attn_implementation} if isinstance(attn_implementation, str) else {}
+    module = cls.from_pretrained(str(directory), config=config, local_files_only=True, **extra)
     return module, f"transformers.{archs[0]}.from_pretrained"
 
 
