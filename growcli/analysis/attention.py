@@ -8,20 +8,24 @@ Linear (or Conv1D ``addmm``) that produced them (:mod:`growcli.analysis.attentio
 forward from its output to the projection that reads it. Every op on those paths must be one it
 understands; anything else makes heads not growable, with the op and module named.
 
-Features are assumed head-major inside a projection (head ``h`` owns features
-``[h·head_dim, (h+1)·head_dim)``), which is what the split view ``[..., H·hd] → [..., H, hd]``
-means in row-major order; the walk checks that this view is the only reshape of the features.
+Features are head-major inside a projection: the view that splits them into heads,
+``[..., H·block] → [..., H, block]`` in row-major order, gives head ``h`` the features
+``[h·block, (h+1)·block)``, ``block`` being ``head_dim`` or, for a per-head fused ``qkv``, the
+head's query, key and value together; the walk checks that this view is the only reshape that
+mixes heads with anything else. A site also lists the per-feature parameters met on the
+features before that split (a norm's ``γ`` over all heads, which grows with them) and the norms
+whose statistic spans all heads (exact under growth only if every head is copied equally often).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from growcli.analysis.attention_eager import AttentionCall, eager_calls
-from growcli.analysis.attention_inputs import MOVES, Projection, back_heads, projection_in, projection_outputs
+from growcli.analysis.attention_inputs import MOVES, Projection, projection_in, projection_outputs, walk_input
 from growcli.analysis.trace import (ADDMM, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, attr_of, merge_groups,
                                     module_of, op_name, shape, source_dim, where)
 from growcli.core.errors import NotGrowableError
@@ -44,6 +48,12 @@ class AttentionSite:
     heads: int
     kv_heads: int
     head_dim: int
+    # Per-feature parameters on the q/k/v features before the head split (a norm's γ over all heads), as
+    # ("q" | "k" | "v", features): they grow with the heads of that input.
+    params: list[tuple[str, Projection]] = field(default_factory=list)
+    # Norms whose statistic is over all heads' features (OLMo-2's q_norm): exact only when every head is
+    # copied the same number of times.
+    stats: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -131,16 +141,19 @@ def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
         q, k, v = call.q, call.k, call.v
         hq, hk, hv = shape(q)[1], shape(k)[1], shape(v)[1]
         hd = shape(q)[3]
-        found = {}
+        found, params, stats = {}, [], set()
         for name, arg in (("q", q), ("k", k), ("v", v)):
-            hits: set = set()
-            repeat: list[int] = []
-            back_heads(arg, 1, 3, hits, repeat, data)
-            if len(hits) != 1:
-                raise Refuse(f"the attention's {name} comes from {len(hits)} projections")
-            (proj, offset), = hits
-            heads = shape(arg)[1] // (repeat[0] if repeat else 1)
-            found[name] = (projection_in(proj, offset, heads * hd), heads)
+            walk = walk_input(arg, data)
+            if len(walk.found) != 1:
+                raise Refuse(f"the attention's {name} comes from {len(walk.found)} projections")
+            (proj, offset, block), = walk.found
+            heads = shape(arg)[1] // (walk.repeat[0] if walk.repeat else 1)
+            found[name] = (projection_in(proj, offset, heads * block, block if block != hd else None), heads)
+            if block % hd:
+                raise Refuse(f"the attention's {name} reads heads of {block} features, not a multiple of head_dim {hd}")
+            params += [(name, Projection(p, dim, None, off, heads * b, where_, b if b != hd else None))
+                       for p, dim, off, b, where_ in sorted(walk.params)]
+            stats |= walk.stats
         if not (found["k"][1] == found["v"][1] and hq % found["k"][1] == 0 and hk == hv):
             raise Refuse(f"key and value heads ({found['k'][1]}, {found['v'][1]}) do not divide the {hq} query heads")
         o = _forward_output(node)
@@ -148,4 +161,5 @@ def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
             raise Refuse(f"the output projection reads {o.size} features, not {hq} heads × {hd}")
     except Refuse as exc:
         raise NotGrowableError(f"attention in '{module}': {exc}") from None
-    return AttentionSite(module, found["q"][0], found["k"][0], found["v"][0], o, hq, found["k"][1], hd)
+    return AttentionSite(module, found["q"][0], found["k"][0], found["v"][0], o, hq, found["k"][1], hd, params,
+                         sorted(stats))
