@@ -34,7 +34,7 @@ from torch import fx, nn
 from growcli.analysis.stream_plan import MEAN, StreamPlan, ZERO
 from growcli.analysis.stream_rules import Planner
 from growcli.analysis.stream_tensors import PRODUCERS, StreamAnalysis
-from growcli.analysis.trace import Trace, module_of, weight_of
+from growcli.analysis.trace import Trace, data_of, module_of, weight_of
 from growcli.core.errors import NotGrowableError
 
 aten = torch.ops.aten
@@ -54,10 +54,67 @@ def stream_start(trace: Trace, layer: str | None = None) -> fx.Node:
         return hits[0]
     embeddings = [n for n in candidates if n.target == aten.embedding.default]
     if embeddings:
-        return embeddings[0]
+        return past_factorisation(trace, embeddings[0], candidates)
     if not candidates:
         raise NotGrowableError("hidden size: the traced model has no Embedding, Linear or Conv to start the hidden states from")
     return candidates[0]
+
+
+def past_factorisation(trace: Trace, start: fx.Node, producers: list[fx.Node]) -> fx.Node:
+    """``start``, or the projection after it when the embedding is factorised (ALBERT: ``embedding_size``
+    128 → ``embeddings_project`` → ``hidden_size``).
+
+    The residual stream is the group that has a residual add (``x + F(x)``: one operand computed from the
+    other). When the group ``start`` writes has none, and exactly one layer reading it writes a group that
+    has one, that layer starts the stream: growing it grows the projection's rows, not the embedding.
+    """
+    try:
+        analysis = StreamAnalysis(trace, start)
+        analysis.run()
+    except NotGrowableError:  # the embedding's group cannot be followed: plan_stream says why
+        return start
+    if has_residual(analysis.core):
+        return start
+    readers = [n for n in producers if n not in analysis.core and data_of(n) in analysis.core]
+    found = {}
+    for node in readers:
+        try:
+            after = StreamAnalysis(trace, node)
+            after.run()
+        except NotGrowableError:
+            continue
+        if has_residual(after.core):
+            found.setdefault(module_of(node), node)
+    return next(iter(found.values())) if len(found) == 1 else start
+
+
+def has_residual(core: dict[fx.Node, int]) -> bool:
+    """Whether an add of two tensors of the group has one operand computed from the other (``x + F(x)``),
+    rather than independent terms (word + position embeddings)."""
+    order = {n: i for i, n in enumerate(next(iter(core)).graph.nodes)} if core else {}
+    for node in core:
+        if node.op != "call_function" or node.target not in (aten.add.Tensor, aten.add_.Tensor):
+            continue
+        a, b = (node.args + (None, None))[:2]
+        if a in core and b in core and (_reaches(a, b, order) or _reaches(b, a, order)):
+            return True
+    return False
+
+
+def _reaches(src: fx.Node, dst: fx.Node, order: dict[fx.Node, int]) -> bool:
+    """Whether ``dst`` is computed from ``src`` (walking ``dst``'s inputs back to ``src``'s position)."""
+    if order[src] >= order[dst]:
+        return False
+    seen, work = set(), [dst]
+    while work:
+        node = work.pop()
+        for arg in node.all_input_nodes:
+            if arg is src:
+                return True
+            if arg not in seen and order.get(arg, -1) > order[src]:
+                seen.add(arg)
+                work.append(arg)
+    return False
 
 
 def stream_size(trace: Trace, start: fx.Node) -> int:

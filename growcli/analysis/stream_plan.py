@@ -106,6 +106,9 @@ class StreamPlan:
     # Hidden states the model returns: (position in the flat graph output, hidden dim, tile scale alpha);
     # grown position i holds alpha · old[i mod size] on the tiles, the padded ones are fresh.
     outputs: list[tuple[int, int, float]] = field(default_factory=list)
+    # Casts of the hidden states to a less precise float dtype inside the model ("module: float64 → float32",
+    # OLMo's LayerNorm): sums over the grown dimension round there, so the step is exact only to that dtype.
+    casts: list[str] = field(default_factory=list)
 
     @property
     def k(self) -> int:

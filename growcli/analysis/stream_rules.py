@@ -113,6 +113,7 @@ class Planner(PlanBook):
         x = node.args[0]
         s = self.st[x]
         is_ln = node.target == aten.layer_norm.default
+        self._note_cast(node)
         self.pads_at(x, MEAN if is_ln else ZERO, f"{'LayerNorm' if is_ln else 'RMSNorm'}{where(node)}")
         # var' = c·α²·var: eps follows, γ' = γ·√c restores the unit scale (docs/recipes.md#hidden-padding).
         eps_index = 4 if is_ln else 3
@@ -122,15 +123,27 @@ class Planner(PlanBook):
                 self.refuse(f"{op_name(node)}{where(node)} uses a default eps that growcli cannot rescale")
         else:
             self.eps_fix(node, float(eps), self.c * s.alpha ** 2)
-        weight = attr_of(node.args[2]) if len(node.args) > 2 else None
+        weight = self._norm_weight(node.args[2]) if len(node.args) > 2 else None
         bias = attr_of(node.args[3]) if is_ln and len(node.args) > 3 else None
         root_c = math.sqrt(self.c)
         if weight is not None:
-            self.param(weight, 0, "norm_weight", root_c, node)
+            self.param(weight[0], weight[1], "norm_weight", root_c, node, weight[2:])
         if bias is not None:
             self.param(bias, 0, "norm_bias", 1.0 if weight is not None else 1.0 / root_c, node)
         self.set(node, 1.0 if weight is not None else 1.0 / root_c, {ZERO}, [s])
         self.plan.norms.append(module_of(node))
+
+    def _norm_weight(self, arg) -> tuple[str, int, float, float] | None:
+        """The norm's ``γ`` as ``(fqn, dim, a, b)`` when it is ``a·param + b`` (Nemotron's LayerNorm1P passes
+        ``1 + weight``), None when the norm has none; refuses a ``γ`` computed from anything else."""
+        if not isinstance(arg, fx.Node):
+            return None
+        if attr_of(arg) is not None:
+            return attr_of(arg), 0, 1.0, 0.0
+        expr = self.params.get(arg) or self.param_expr(arg, 0)
+        if expr is None:
+            self.refuse(f"the weight of the norm{where(arg)} is computed by {op_name(arg)}, which growcli cannot follow")
+        return expr
 
     def binary_op(self, node: fx.Node, dim: int) -> None:
         t = node.target
@@ -231,6 +244,23 @@ class Planner(PlanBook):
                 self.refuse(f"{op_name(node)}{where(node)} may make the padded entries infinite or NaN")
             self.set(node, 1.0, s.pads & {ZERO} if t in ZERO_TO_ZERO else (), [s])
 
+    def _note_cast(self, node: fx.Node) -> None:
+        """Record a norm computed in a less precise float dtype than the weights' (``StreamPlan.casts``).
+
+        LayerNorm's variance (Welford's running sums), and any norm of a padded vector, round differently
+        over ``d'`` entries than over ``d``; an RMSNorm of a vector tiled a power-of-two times sums
+        each half to the same value and scales by a power of two, so it stays bit-exact."""
+        src = _dtype(node.args[0])
+        weights = next((p.dtype for p in self.named.values() if p.is_floating_point()), None)
+        if src is None or weights is None or not src.is_floating_point or torch.finfo(src).eps <= torch.finfo(weights).eps:
+            return
+        k = self.plan.k
+        if node.target != aten.layer_norm.default and self.exact_r and k & (k - 1) == 0:
+            return
+        what = f"{module_of(node) or 'the model'} ({str(src).removeprefix('torch.')})"
+        if what not in self.plan.casts:
+            self.plan.casts.append(what)
+
     def stat_op(self, node: fx.Node) -> None:
         t = node.target
         if t in REDUCE and node.args[0] in self.st:  # the statistic itself
@@ -279,6 +309,11 @@ class Planner(PlanBook):
             self.refuse(f"{op_name(node)}{where(node)} transforms a statistic over the hidden dimension "
                         "and growcli has no rule for it")
         self.stats[node] = StatState(alpha)
+
+
+def _dtype(node) -> torch.dtype | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return getattr(val, "dtype", None)
 
 
 def _scalar_buffer(arg) -> str | None:

@@ -22,7 +22,7 @@ import torch
 from growcli.analysis.attention import AttentionSite, attention_sites
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
-from growcli.transforms.hfconfig import config_error, sync_config, with_config
+from growcli.transforms.hfconfig import config_error, set_new_keys, sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.widen import split_factors
@@ -47,33 +47,50 @@ class HeadsSpec:
 
 def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Generator) -> tuple[dict, int]:
     """One attention grown to ``new_heads``: ``{(weight, dim, offset): (idx, scale, size, bias)}`` — the old
-    feature of every new feature of each projection part, its scale (output columns: the copies' shares) —
-    and the new number of key/value heads. Refuses sizes grouped-query attention cannot take."""
+    feature of every new feature of each projection part (and per-feature parameter), its scale (output
+    columns: the copies' shares) — and the new number of key/value heads. Refuses sizes grouped-query
+    attention cannot take, and uneven copies where a norm's statistic spans all heads."""
     h, kv, hd = site.heads, site.kv_heads, site.head_dim
     if new_heads <= h:
         raise NotGrowableError(f"attention in '{site.module}' has {h} heads; the new number {new_heads} is not larger")
+    even = bool(site.stats)  # every head copied equally often keeps a mean over all heads' features
+    if even and new_heads % h:
+        raise NotGrowableError(f"attention in '{site.module}': {', '.join(site.stats)} normalises all heads' features "
+                               f"together, which keeps its statistic only when every head is copied the same number "
+                               f"of times; the new number of heads must be a multiple of {h}, got {new_heads}")
+    pick = lambda n, extra: list(range(n)) + ([j % n for j in range(extra)] if even  # noqa: E731
+                                              else torch.randint(0, n, (extra,), generator=gen).tolist())
     if kv == 1 and h > 1:  # multi-query: every new query head shares the one key/value head
         new_kv, g_kv = 1, [0]
-        g_q = list(range(h)) + torch.randint(0, h, (new_heads - h,), generator=gen).tolist()
+        g_q = pick(h, new_heads - h)
     else:
         group = h // kv
         if new_heads % group:
             raise NotGrowableError(f"attention in '{site.module}' is grouped-query with {group} query heads per key/value "
                                    f"head; the new number of heads must be a multiple of {group}, got {new_heads}")
         new_kv = new_heads // group
-        g_kv = list(range(kv)) + torch.randint(0, kv, (new_kv - kv,), generator=gen).tolist()
+        g_kv = pick(kv, new_kv - kv)
         # Query head j·G + i uses key/value head j (Hugging Face's repeat_kv): copies come in whole groups.
         g_q = [g_kv[j] * group + i for j in range(new_kv) for i in range(group)]
     shares = split_factors(g_q, h, split, "net2net", gen).tolist()
+    g_of = {"q": g_q, "k": g_kv, "v": g_kv}
 
-    def rows(offset: int, g: list[int]) -> list[int]:
-        return [offset + src * hd + t for src in g for t in range(hd)]
+    def rows(p, g: list[int]) -> list[int]:
+        block = p.head_size or hd  # a per-head fused qkv: the head's q, k and v rows together
+        return [p.offset + src * block + t for src in g for t in range(block)]
 
-    out = {}
-    for p, g in ((site.q, g_q), (site.k, g_kv), (site.v, g_kv)):
-        out[(p.weight, p.dim, p.offset)] = (rows(p.offset, g), [1.0] * (len(g) * hd), p.size, p.bias)
+    out: dict = {}
+    parts = [(site.q, g_q, site.q.bias), (site.k, g_kv, site.k.bias), (site.v, g_kv, site.v.bias)]
+    parts += [(p, g_of[name], None) for name, p in site.params]  # a norm's γ over all heads' features
+    for p, g, bias in parts:
+        idx = rows(p, g)
+        key = (p.weight, p.dim, p.offset)
+        if key in out and out[key][0] != idx:
+            raise NotGrowableError(f"attention in '{site.module}': {p.weight} holds query and key/value heads in one "
+                                   "block, which cannot grow by different numbers of heads")
+        out[key] = (idx, [1.0] * len(idx), p.size, bias)
     o = site.o
-    out[(o.weight, o.dim, o.offset)] = (rows(o.offset, g_q), [s for s in shares for _ in range(hd)], o.size, None)
+    out[(o.weight, o.dim, o.offset)] = (rows(o, g_q), [s for s in shares for _ in range(hd)], o.size, None)
     return out, new_kv
 
 
@@ -90,7 +107,7 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
             segments.setdefault((weight, dim), []).append((offset, size, idx, scale))
             if bias is not None:
                 segments.setdefault((bias, 0), []).append((offset, size, idx, [1.0] * len(idx)))
-        for p in (site.q, site.k, site.v, site.o):
+        for p in (site.q, site.k, site.v, site.o, *(p for _, p in site.params)):
             edit.planned_ops.setdefault(p.weight, set()).add(p.module)
             if p.bias:
                 edit.planned_ops.setdefault(p.bias, set()).add(p.module)
@@ -111,10 +128,76 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
     return new_kv
 
 
-def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int],
-                 validate: bool = False) -> tuple[int | None, str]:
+def query_features(site: AttentionSite, rows: int, kv_heads: int) -> int:
+    """How many query features ``rows`` rows of ``site``'s query weight hold when it has ``kv_heads`` key/value
+    heads, laid out as now: a fused ``qkv`` weight also holds the key and value parts (``kv_heads`` heads each,
+    unless they share the query's per-head block)."""
+    hd = site.head_dim
+    others = {p.offset: p for p in (site.k, site.v) if p.weight == site.q.weight and p.offset != site.q.offset}
+    rest = rows - sum(kv_heads * (p.head_size or hd) for p in others.values())
+    return rest * hd // (site.q.head_size or hd)
+
+
+def check_layout(gm: GrowModel, sites: list[AttentionSite], updates: dict[str, int]) -> None:
+    """Refuse when a model built from ``config + updates`` places its heads' features elsewhere than ``sites`` say.
+
+    Heads grow where the trace of the model as it is puts them; that is exact only if the grown model reads them
+    from the same places, with more heads. A reshape by a constant that is not the number of heads (CodeGen's
+    fixed four head groups) moves them when the heads grow, which only a trace of the grown model shows. A model
+    that cannot be built or traced on the meta device is left to the verification.
+    """
+    if not gm.is_hf or getattr(gm.module, "config", None) is None:
+        return
+    try:
+        fresh = with_config(gm, updates)
+        trace = trace_width(GrowModel(fresh, gm.kind, gm.source, gm.source_sha256, gm.inputs))
+    except Exception:  # noqa: BLE001 — no trace of the grown model: the verification still decides
+        return
+    heads = updates.get("num_attention_heads")
+    try:
+        grown = attention_sites(trace, required=False)
+    except NotGrowableError as exc:
+        raise NotGrowableError(f"a model with {heads} attention heads computes its attention in another way than this "
+                               f"one ({exc}), so copying whole heads in place would not be exact") from None
+    for old, new in zip(sites, grown):
+        if _layout(old) != _layout(new) or len(grown) != len(sites):
+            raise NotGrowableError(f"attention in '{old.module}': a model with {heads} attention heads reads its query, "
+                                   "key and value features from other places than this one (a reshape by a constant "
+                                   "that is not the number of heads), so copying whole heads in place would not be exact")
+
+
+def _layout(site: AttentionSite) -> tuple:
+    """Where q, k and v sit in their weights, independent of the number of heads."""
+    parts = (site.q, site.k, site.v)
+    order = {w: sorted({p.offset for p in parts if p.weight == w}) for w in {p.weight for p in parts}}
+    return tuple((p.weight, p.dim, order[p.weight].index(p.offset), (p.head_size or site.head_dim) / site.head_dim)
+                 for p in parts) + ((site.o.weight, site.o.dim),)
+
+
+def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int], validate: bool = False,
+                head_dim: int | None = None) -> tuple[int | None, str, dict[str, int]]:
     """The number of query features a model built from ``config + updates`` gives ``site``'s query projection,
-    or None and the reason the config rejects these sizes."""
+    or None and the reason the config rejects these sizes; and the updates that gave it.
+
+    With ``head_dim``, a config that does not give ``updates["num_attention_heads"] × head_dim`` query
+    features is tried again with an explicit ``head_dim`` key: many attentions read ``config.head_dim``
+    and derive ``hidden_size // num_attention_heads`` only when it is unset. Whether the key works is
+    decided by the shapes of the model built from it, never by the family.
+    """
+    tries = [updates]
+    if head_dim is not None and "head_dim" not in updates and getattr(gm.module.config, "head_dim", None) is None:
+        tries.append({**updates, "head_dim": head_dim})
+    first = None
+    for tried in tries:
+        got, why = _probe(gm, site, tried, validate)
+        first = first or (got, why, tried)
+        if head_dim is None or got == updates.get("num_attention_heads", site.heads) * head_dim:
+            return got, why, tried
+    return first
+
+
+def _probe(gm: GrowModel, site: AttentionSite, updates: dict[str, int], validate: bool) -> tuple[int | None, str]:
+    """:func:`probe_heads` for one set of updates."""
     try:
         shapes = {k: tuple(v.shape) for k, v in with_config(gm, updates, validate).state_dict().items()}
     except Exception as exc:  # the config rejects these sizes (say, hidden_size not divisible by the heads)
@@ -122,9 +205,7 @@ def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int],
     shape = shapes.get(site.q.weight)
     if shape is None:
         return None, f"a model built from the config has no {site.q.weight}"
-    total = shape[site.q.dim]
-    fused = site.q.weight == site.k.weight  # q, k, v in one weight: its query part is a third (MHA)
-    return (total // 3 if fused and site.kv_heads == site.heads else total), ""
+    return query_features(site, shape[site.q.dim], updates.get("num_key_value_heads", site.kv_heads)), ""
 
 
 def uniform_shape(sites: list[AttentionSite]) -> tuple[int, int, int]:
@@ -145,15 +226,17 @@ def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
     reason = None
     if gm.is_hf and getattr(gm.module, "config", None) is not None:
         group = h // kv if 1 < kv < h else 1  # grouped-query attention grows in whole groups
-        reason = ("the config derives head_dim from hidden_size / num_attention_heads, so heads grow only with "
-                  "the hidden size (widen --hidden)")
+        derived = ("the config derives head_dim from hidden_size / num_attention_heads, so heads grow only with "
+                   "the hidden size (widen --hidden)")
+        built, rejected = False, ""
         for new_h in range(h + group, 4 * h + 1, group):
-            got, why = probe_heads(gm, sites[0], {"num_attention_heads": new_h,
-                                                   "num_key_value_heads": 1 if kv == 1 else new_h // group}, True)
+            got, why, _ = probe_heads(gm, sites[0], {"num_attention_heads": new_h,
+                                                      "num_key_value_heads": 1 if kv == 1 else new_h // group}, True, hd)
             if got == new_h * hd:
-                reason = None
                 break
-            reason = why or reason
+            built, rejected = built or got is not None, why or rejected
+        else:  # a config that builds with the wrong shapes derives head_dim; one that never builds says why
+            reason = derived if built or not rejected else rejected
     return {s.module: reason for s in sites}
 
 
@@ -170,16 +253,21 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
     shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
     new_kv = plan_heads(edit, sites, new_heads, spec.split, ctx.generator(salt=61), shapes)
     if gm.is_hf and getattr(gm.module, "config", None) is not None:
-        got, why = probe_heads(gm, sites[0], {"num_attention_heads": new_heads, "num_key_value_heads": new_kv})
+        got, why, updates = probe_heads(gm, sites[0], {"num_attention_heads": new_heads, "num_key_value_heads": new_kv},
+                                        head_dim=hd)
         if got is None:
             raise NotGrowableError(f"a model with {new_heads} attention heads cannot be built from the config: {why}")
         if got != new_heads * hd:
             raise NotGrowableError(f"{type(gm.module).__name__}'s config derives head_dim from hidden_size / "
-                                   f"num_attention_heads, so {new_heads} heads of {hd} cannot be described; grow the "
-                                   f"hidden size with them (widen --hidden {new_heads * hd} --heads {new_heads})")
+                                   f"num_attention_heads (an explicit head_dim key does not change its projections), so "
+                                   f"{new_heads} heads of {hd} cannot be described; grow the hidden size with them "
+                                   f"(widen --hidden {new_heads * hd} --heads {new_heads})")
+    else:
+        updates = {"num_attention_heads": new_heads, "num_key_value_heads": new_kv}
+    check_layout(gm, sites, updates)
     check_shared(gm, trace, edit)
     apply_edit(gm, edit, 0.0, ctx.generator(salt=62), report)
-    updates = {"num_attention_heads": new_heads, "num_key_value_heads": new_kv}
+    set_new_keys(gm, updates, report.notes)
     sync_config(gm, updates, size_map(h, kv, hd, new_heads, new_kv), {hd: "head_dim"}, [], report.notes)
     report.matched = [s.module for s in sites]
     report.notes.insert(0, f"{sites[0].kind} attention: heads {h} → {new_heads}, key/value heads {kv} → {new_kv}, "

@@ -8,7 +8,10 @@ size attributes of every module (``GPT2Attention.split_size``, ``LlamaAttention.
 computes what ``from_pretrained`` of the saved directory computes. Config keys describing a grown
 size, and unset sizes the model derives (GPT-2's ``n_inner``), get the value the weights have
 (:func:`fit_sizes`, used by every width transform); values that must not change (``head_dim``)
-are refused when the config would change them.
+are refused when the config would change them. A ``head_dim`` the config lacks is written when a model
+built with it is the grown model (:data:`NEW_KEYS`), sizes stated as ratios (``mlp_ratio``) follow the
+weights, and names the grown model shares but a model built from the config does not (BERT's MLM
+decoder bias once the embeddings are untied) get copies of their own.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch import nn
 
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
+from growcli.core.origins import Origin
+from growcli.transforms.width_edit import Rewrite, deferring
 
 
 def fresh_model(module: nn.Module) -> nn.Module:
@@ -91,10 +96,49 @@ def sync_config(gm: GrowModel, updates: dict[str, int], sizes: dict[int, set[int
     except Exception as exc:  # transformers refuses to save it, though the model itself is fine
         notes.append(f"transformers' checks reject the updated config ({config_error(exc)}): a Hugging Face "
                      "directory cannot be written; write .safetensors and load it with growcli.load_grown")
+    untie_as_config(gm, notes)
     bad = mismatches(module)
     if bad:
         notes.append(f"the Hugging Face config cannot describe the grown model ({bad[0]}); "
                      "write .safetensors and load it with growcli.load_grown")
+
+
+def untie_as_config(gm: GrowModel, notes: list[str]) -> None:
+    """Give every name its own copy of a tensor it shares in ``gm.module`` but not in a model built from the config.
+
+    Untying the word embeddings (``tie_word_embeddings: False``) unties every tie the model declares, not
+    only the one the growth changed: BERT's ``cls.predictions.decoder.bias`` is tied to
+    ``cls.predictions.bias`` only while the config ties. A saved file keeps one name of a shared tensor, so
+    ``from_pretrained`` would leave the other at its initial value; a copy of its own keeps the values.
+    """
+    module = gm.module
+    try:
+        fresh = fresh_model(module)
+    except Exception:  # the config no longer builds a model: mismatches() reports it
+        return
+    fresh_ids = {name: id(t) for name, t in _named_tensors(fresh).items()}
+    groups: dict[int, list[str]] = {}
+    for name, t in _named_tensors(module).items():
+        groups.setdefault(id(t), []).append(name)
+    for names in groups.values():
+        if len(names) < 2 or any(n not in fresh_ids for n in names):
+            continue
+        keep = names[0]
+        for other in names[1:]:
+            if fresh_ids[other] != fresh_ids[keep]:
+                value = _named_tensors(module)[keep]
+                gm.edits.param(module, other, value, Origin())
+                jobs = deferring()
+                if jobs is not None:  # planning a stream: the copy is read from disk through the name stored
+                    shape = tuple(value.shape)
+                    jobs.append(Rewrite(other, [], 0.0, torch.Generator().get_state(), shape, value.dtype, shape))
+                notes.append(f"untied {other} from {keep}: a model built from the config does not tie them")
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
 
 
 def attr_diffs(module: nn.Module) -> list[tuple]:
@@ -164,7 +208,7 @@ def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> lis
         for new in tries:
             try:
                 setattr(config, key, new)
-                after = len(_shape_diffs(module))
+                after = len(_shape_diffs(module)) if _same_names(module) else bad
             except Exception:  # typed config fields and model constructors reject values that do not fit
                 after = bad
             setattr(config, key, value)
@@ -173,19 +217,78 @@ def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> lis
                 changed.append(f"{key}: {value} → {new}")
                 bad = after
                 break
+    if bad:
+        changed += _fit_ratios(gm, bad)
     return changed
+
+
+def _fit_ratios(gm: GrowModel, bad: int) -> list[str]:
+    """Config keys that state a size as a multiple of another (``mlp_ratio``: intermediate = ratio × hidden)
+    get ``value × have / want`` for a dimension where the weights (``have``) and a model built from the config
+    (``want``) disagree; kept, like :func:`fit_sizes`' values, only when fewer shapes then differ."""
+    module = gm.module
+    config = module.config
+    changed = []
+    for key, value in sorted(config.to_dict().items()):
+        if not bad:
+            break
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value or "eps" in key:
+            continue
+        for have, want in _size_pairs(module):
+            new = value * have / want
+            new = int(new) if isinstance(value, int) and float(new).is_integer() else float(new)
+            try:
+                setattr(config, key, new)
+                after = len(_shape_diffs(module)) if _same_names(module) else bad
+            except Exception:  # typed config fields and model constructors reject values that do not fit
+                after = bad
+            setattr(config, key, value)
+            if after < bad:
+                gm.edits.config(module, key, new)
+                changed.append(f"{key}: {value:g} → {new:g} (a ratio of sizes)")
+                bad = after
+                break
+    return changed
+
+
+def _same_names(module: nn.Module) -> bool:
+    """A model built from the config has exactly ``module``'s tensor names (a ratio key that halves the layer
+    count leaves fewer shapes to differ, and describes another model)."""
+    return set(fresh_model(module).state_dict()) == set(module.state_dict())
+
+
+def _size_pairs(module: nn.Module) -> list[tuple[int, int]]:
+    """``(size in the weights, size in a model built from the config)`` along every dimension that differs."""
+    try:
+        want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
+    except Exception:  # the config no longer builds a model
+        return []
+    pairs = []
+    for k, v in module.state_dict().items():
+        if k in want and len(want[k]) == v.dim():
+            pairs += [(h, w) for h, w in zip(v.shape, want[k]) if h != w and w and (h, w) not in pairs]
+    return pairs
+
+
+# Keys a config may lack and growth may still write: the attention of many families reads
+# ``config.head_dim`` when it is set and derives ``hidden_size // num_attention_heads`` otherwise.
+NEW_KEYS = ("head_dim",)
 
 
 def with_config(gm: GrowModel, updates: dict[str, int], validate: bool = False) -> nn.Module:
     """A meta-device model built from the config with ``updates`` applied (the config itself is restored).
 
+    Keys the config does not have are left out, except :data:`NEW_KEYS`, which are set for the build.
     With ``validate``, raises what the config's own validators raise (Llama wants ``hidden_size``
     divisible by the heads, although its explicit ``head_dim`` makes the model work either way).
     """
     config = gm.module.config
     saved = {k: getattr(config, k) for k in updates if getattr(config, k, None) is not None}
+    added = [k for k in updates if k in NEW_KEYS and k not in saved]
     try:
         for k in saved:
+            setattr(config, k, updates[k])
+        for k in added:
             setattr(config, k, updates[k])
         if validate:
             validate_config(config)
@@ -193,6 +296,23 @@ def with_config(gm: GrowModel, updates: dict[str, int], validate: bool = False) 
     finally:
         for k, v in saved.items():
             setattr(config, k, v)
+        for k in added:
+            if k in vars(config):
+                delattr(config, k)
+            else:
+                setattr(config, k, None)
+
+
+def set_new_keys(gm: GrowModel, updates: dict[str, int], notes: list[str]) -> None:
+    """Write the :data:`NEW_KEYS` of ``updates`` that the config lacks (or holds as None) into it."""
+    config = getattr(gm.module, "config", None)
+    if not gm.is_hf or config is None:
+        return
+    for key in NEW_KEYS:
+        if key in updates and getattr(config, key, None) is None:
+            gm.edits.config(gm.module, key, updates[key])
+            notes.append(f"config {key}: unset → {updates[key]} (the attention reads it; derived from hidden_size / "
+                         "num_attention_heads it would change)")
 
 
 def validate_config(config) -> None:

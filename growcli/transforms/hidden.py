@@ -27,8 +27,8 @@ from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.core.origins import AxisMap
-from growcli.transforms.heads import plan_heads, probe_heads, size_map, uniform_shape
-from growcli.transforms.hfconfig import sync_config, with_config
+from growcli.transforms.heads import check_layout, plan_heads, probe_heads, size_map, uniform_shape
+from growcli.transforms.hfconfig import set_new_keys, sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.width_edit import DimMap, Edit, apply_edit, check_shared, trace_width
@@ -135,11 +135,13 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
     protected: dict[int, str] = {}
     if sites:
         h, kv, hd = uniform_shape(sites)
-        new_h = _heads_for_hidden(gm, sites[0], spec.heads, h, kv, hd, d, new_d)
+        new_h, explicit = _heads_for_hidden(gm, sites[0], spec.heads, h, kv, hd, d, new_d)
+        updates.update(explicit)
         if new_h != h:
             shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
             new_kv = plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
             updates.update({"num_attention_heads": new_h, "num_key_value_heads": new_kv})
+            check_layout(gm, sites, updates)  # a reshape by a constant (CodeGen) would move the grown heads
             for old, new in size_map(h, kv, hd, new_h, new_kv).items():
                 sizes.setdefault(old, set()).update(new)
             report.notes.append(f"heads {h} → {new_h} (head_dim {hd} kept)")
@@ -160,12 +162,17 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
                                 f"{float(value.flatten()[0]):.6g} for {new:.6g}: verified at that dtype's rounding")
         report.notes.append(f"{module}.{attr}: {old:.6g} → {new:.6g} (set by the new config); the layers writing what it "
                             f"scales are multiplied by {old / new:.6g}")
+    set_new_keys(gm, updates, report.notes)
     sync_config(gm, updates, sizes, protected, plan.eps, report.notes)
+    _note_casts(report, plan)
     report.output_maps = output_maps
     if output_maps:
         report.notes.append(f"the model returns hidden states ({', '.join(output_maps)}): they grow too, and are "
                             "compared through the map (tiles against the original, padded entries not compared)")
     report.matched = [f"{d} → {new_d} (the residual stream from '{module_of(start)}')"]
+    if start.target != torch.ops.aten.embedding.default and spec.start is None:
+        report.notes.append(f"factorised embedding: the embeddings write a smaller size, projected by '{module_of(start)}'"
+                            ", whose rows grow; the embeddings keep theirs")
     k, r = plan.k, plan.r
     how = f"tiled ×{k}" + (f" + {r} padded ({'mean' if plan.pad == MEAN else 'zero'} padding, eps × {k * d / new_d:.6g}, "
                            f"γ × {math.sqrt(k * d / new_d):.6g})" if r else "")
@@ -175,6 +182,19 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
         report.notes.append(f"paired ±noise {spec.noise} on the tiles of every reader: exact, breaks the symmetry")
     report.params_after = gm.num_parameters()
     return report
+
+
+def _note_casts(report: StepReport, plan: StreamPlan) -> None:
+    """Say that the step is exact only to the dtype in which the model computes some norms (OLMo's LayerNorm
+    casts to float32 whatever the weights): there a norm over ``d'`` entries rounds differently from one
+    over ``d``, although the grown model equals the original in exact arithmetic."""
+    if not plan.casts:
+        return
+    report.exact_in_dtype = False
+    more = f" and {len(plan.casts) - 1} more" if len(plan.casts) > 1 else ""
+    report.notes.append(f"not exact in the weights' dtype: the model computes the norm of {plan.casts[0]}{more} in a "
+                        "less precise dtype (a cast inside the model), where a norm over the grown hidden size rounds "
+                        "differently: verified at that dtype's rounding (exact in exact arithmetic)")
 
 
 def _hidden_constants(gm: GrowModel, plan: StreamPlan, updates: dict[str, int]) -> list[tuple]:
@@ -205,14 +225,15 @@ def _hidden_constants(gm: GrowModel, plan: StreamPlan, updates: dict[str, int]) 
 
 
 def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: int, kv: int, hd: int, d: int,
-                      new_d: int) -> int:
-    """The number of query heads after growing the hidden size: ``want``, else what the config allows.
+                      new_d: int) -> tuple[int, dict[str, int]]:
+    """The number of query heads after growing the hidden size: ``want``, else what the config allows; and
+    the config keys to add (an explicit ``head_dim`` where the attention reads one and ``want`` needs it).
 
     Models whose config derives ``head_dim = hidden_size / num_attention_heads`` need
     ``heads = new_d / head_dim``; others keep their heads.
     """
     if not gm.is_hf or getattr(gm.module, "config", None) is None:
-        return want or h
+        return want or h, {}
     group = h // kv if 1 < kv < h else 1  # grouped-query attention grows in whole groups
     candidates = [want] if want else [h] + ([new_d // hd] if new_d % hd == 0 and new_d // hd != h else [])
     tried = []
@@ -224,10 +245,10 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
                 tried.append(f"{new_h} heads: not a multiple of the {group} query heads per key/value head")
                 continue
             new_kv = 1 if kv == 1 and h > 1 else new_h // group
-            got, why = probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
-                                               "num_key_value_heads": new_kv}, validate)
+            got, why, used = probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
+                                                     "num_key_value_heads": new_kv}, validate, hd if want else None)
             if got == new_h * hd:
-                return new_h
+                return new_h, {k: v for k, v in used.items() if k == "head_dim"}
             if not validate:
                 tried.append(f"{new_h} heads: {why or f'the config would give {got} query features, not {new_h} × {hd}'}")
     if not want and new_d % hd:
