@@ -130,6 +130,9 @@ def widen_layer(path: Path) -> tuple[str | None, str | None]:
         return None, f"widen lists no candidate layer in {prefix[:-1] or 'the model'}"
 
     def size(name: str) -> int:
+        params = dict(gm.module.named_parameters())
+        if name in params:  # a fused 3-D expert parameter, named by itself
+            return params[name].numel()
         return sum(p.numel() for p in gm.module.get_submodule(name).parameters(recurse=False))
 
     ranked = sorted(found, key=lambda k: (found[k] is not None, -size(k)))  # growable first, then largest

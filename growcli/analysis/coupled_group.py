@@ -69,6 +69,7 @@ class GroupWalk:
         self.core: dict[fx.Node, int] = {}
         self.derived: dict[fx.Node, tuple[int, Layout]] = {}
         self.work: list[tuple[str, fx.Node]] = []
+        self.pending: dict[fx.Node, int] = {}  # concatenations along the channels, laid out when the walk is done
         self.group: Group | None = None
         self._uses: dict[str, TensorUse] = {}
 
@@ -110,8 +111,15 @@ class GroupWalk:
         self.derived[node] = (dim, layout)
         self.work.append(("fwd", node))
 
+    def _lay_out_cat(self, node: fx.Node, dim: int) -> None:
+        raise NotImplementedError
+
     def _drain(self) -> None:
-        while self.work:
+        while self.work or self.pending:
+            if not self.work:
+                node = next(iter(self.pending))
+                self._lay_out_cat(node, self.pending.pop(node))
+                continue
             kind, node = self.work.pop(0)
             if kind == "fwd":
                 for user in list(node.users):

@@ -11,10 +11,15 @@ dimension indexed by those channels, with the role it plays:
 - ``consumer``: input columns of the Linear/Conv layers that read the channels.
 
 Positions along a grown dimension are described by a :class:`~growcli.analysis.layouts.Layout`
-(concatenation offsets, ``C×H×W`` flattened into features). This module holds the entry points
-(:func:`analyze`, :func:`producer_layers`), the producer rules and the backward rules; the
-result types and the walk's bookkeeping are in :mod:`growcli.analysis.coupled_group`, the
-forward rules in :mod:`growcli.analysis.coupling_forward`.
+(concatenation offsets, ``C×H×W`` flattened into features). A fused projection whose output is split
+into equal parts along its channels (``gate, up = gate_up_proj(x).chunk(2, -1)``, slices tiling
+them) has the parts' channels: its rows are ``Cat([Core, Core])``, so growing channel ``j`` grows
+rows ``j`` and ``I + j`` together. Fused 3-D expert parameters (``experts.gate_up_proj`` [E, 2I, H])
+are layers named by the parameter itself; every expert grows with the same channel map.
+
+This module holds the entry points (:func:`analyze`, :func:`producer_layers`), the producer rules
+and the backward rules; the result types and the walk's bookkeeping are in
+:mod:`growcli.analysis.coupled_group`, the forward rules in :mod:`growcli.analysis.coupling_forward`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,16 @@ import operator
 from torch import fx
 
 from growcli.analysis.coupled_group import Group
-from growcli.analysis.coupling_forward import ForwardRules
-from growcli.analysis.layouts import CORE
-from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, PAD, POOL, REINDEX, Refuse, Trace, UNARY, VIEW,
+from growcli.analysis.coupling_forward import (ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, WEIGHT_MOVES,
+                                               bmm_weight, is_grouped_mm, roll_dims, weight_param)
+from growcli.analysis.layouts import CORE, Cat
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, METADATA_CHECKS, PAD, POOL, REINDEX, Refuse, Trace, VIEW,
                                     aten, attr_of, conv_groups, op_name, shape, source_dim, weight_of, where)
 from growcli.core.errors import NotGrowableError
+
+# Ops that split a tensor into parts along one dimension (``gate, up = x.chunk(2, -1)``).
+SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unsafe_chunk.default,
+          aten.unsafe_split.Tensor, aten.unsafe_split_with_sizes.default}
 
 
 class Analysis(ForwardRules):
@@ -37,6 +47,8 @@ class Analysis(ForwardRules):
     # -- entry
     def run(self) -> Group:
         weight = f"{self.layer}.weight" if self.layer else "weight"
+        if weight not in self.users and self.layer in self.users:
+            weight = self.layer  # a parameter that is a layer's weight itself (fused 3-D experts)
         users = self.users.get(weight)
         if users is None:
             raise NotGrowableError(f"'{self.layer}' has no weight parameter used by the traced model")
@@ -45,12 +57,24 @@ class Analysis(ForwardRules):
             raise NotGrowableError(f"'{self.layer}' is used {len(ops)} times in the forward pass (shared weights); "
                                    "growing it would change every use")
         node = ops[0]
+        while node.target in WEIGHT_MOVES and len(node.users) == 1 and weight_param(node) is not None:
+            node = next(iter(node.users))  # w.transpose(-2, -1) or w[expert_ids] read by a grouped or batched matmul
         self.group = Group(self.layer, 0)
         try:
             dim = self._producer(node, weight)
-            self.group.size = shape(node)[dim]
+            end, end_dim = self._through(node, dim)
+            parts = self._split_parts(end, end_dim)
             self.group.producers.append(self.layer)
-            self._mark(node, dim, backward=False)
+            if parts is None:
+                self.group.size = shape(node)[dim]
+                self._mark(node, dim, backward=False)
+            else:  # a fused projection: the channels are its parts', the rows are a concatenation of the parts
+                self.group.size = shape(next(p for p in parts if p is not None))[end_dim]
+                for use in self._uses.values():
+                    use.layout = Cat([CORE] * len(parts))
+                for part in parts:
+                    if part is not None:
+                        self._mark(part, end_dim, backward=False)
             self._drain()
         except Refuse as exc:
             raise NotGrowableError(f"'{self.layer}': {exc}") from None
@@ -83,12 +107,77 @@ class Analysis(ForwardRules):
         if t == aten.embedding.default:
             self._use(weight_fqn, 1, "producer")
             return len(out) - 1
+        if is_grouped_mm(node) and (found := weight_param(node.args[1])) is not None and found[0] == weight_fqn:
+            self._use(weight_fqn, found[1][2], "producer")  # w [E, in, out]: the output channels in every group
+            return len(out) - 1
+        if t == aten.bmm.default and (found := bmm_weight(node)) is not None and found[1] == weight_fqn:
+            k, _, dims = found  # bmm(w[ids] [S, out, in], x [S, in, 1]) or bmm(x [S, 1, in], w[ids] [S, in, out])
+            self._use(weight_fqn, dims[1 if k == 0 else 2], "producer")
+            return 1 if k == 0 else 2
         if t == ADDMM and attr_of(node.args[2]) == weight_fqn:
             self._use(weight_fqn, 1, "producer")  # x @ W: W is [in, out]
             if attr_of(node.args[0]):
                 self._use(attr_of(node.args[0]), 0, "producer")
             return len(out) - 1
         raise Refuse(f"its weight is used by {op_name(node)}, which growcli cannot widen (Linear, Conv and Embedding can be)")
+
+    @staticmethod
+    def _through(node: fx.Node, dim: int) -> tuple[fx.Node, int]:
+        """Where the producer's output is split, past a chain of single uses that keep every channel in place
+        (casts, element-wise ops, ``squeeze``/``unsqueeze`` of other dims): the node and its channel dim."""
+        while True:
+            users = [u for u in node.users if u.target not in METADATA_CHECKS]
+            if len(users) != 1 or users[0].args[0] is not node:
+                return node, dim
+            u = users[0]
+            if u.target in ELEMENTWISE and not any(isinstance(a, fx.Node) for a in u.args[1:]):
+                node = u
+            elif u.target in (aten.squeeze.dim, aten.unsqueeze.default):
+                new = [d for d in range(len(shape(u))) if source_dim(u, d) == dim]
+                if len(new) != 1:
+                    return node, dim
+                node, dim = u, new[0]
+            else:
+                return node, dim
+
+    def _split_parts(self, node: fx.Node, dim: int) -> list[fx.Node | None] | None:
+        """The parts, in order, when ``node``'s only use splits its channels into equal parts (``chunk``, ``split``,
+        slices tiling the dimension); ``None`` when it is not split. The parts share one channel map: part ``i``'s
+        channel ``j`` is row ``i·I + j`` of the producer, so growing channel ``j`` grows every part's row ``j``."""
+        users = [u for u in node.users if u.target not in METADATA_CHECKS]
+        size, rank = shape(node)[dim], len(shape(node))
+        if len(users) == 1 and users[0].target in SPLITS:
+            split = users[0]
+            axis = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            if axis % rank != dim:
+                return None
+            sizes = [int(v.shape[dim]) for v in split.meta.get("val") or []]
+            items = {}
+            for u in split.users:
+                if u.target != operator.getitem:
+                    raise Refuse(f"{op_name(split)}{where(split)} splits the channels and its parts are used whole")
+                items[u.args[1]] = u
+            if len(sizes) < 2 or len(set(sizes)) != 1:
+                raise Refuse(f"{op_name(split)}{where(split)} splits the channels into parts of sizes {sizes}; "
+                             "growcli grows fused projections split into equal parts")
+            return [items.get(i) for i in range(len(sizes))]
+        if len(users) < 2 or any(u.target != aten.slice.Tensor or u.args[0] is not node for u in users):
+            return None
+        spans = []
+        for u in users:
+            axis = u.args[1] % rank if len(u.args) > 1 else 0
+            start = (u.args[2] if len(u.args) > 2 else 0) or 0
+            end = min(u.args[3] if len(u.args) > 3 and u.args[3] is not None else size, size)
+            step = u.args[4] if len(u.args) > 4 else 1
+            if axis != dim or step != 1:
+                return None
+            spans.append((start % size if start < 0 else start, end % size if end < 0 else end, u))
+        spans.sort(key=lambda s: s[:2])
+        width = spans[0][1] - spans[0][0]
+        if [s[:2] for s in spans] != [(k * width, (k + 1) * width) for k in range(len(spans))] or width * len(spans) != size:
+            raise Refuse(f"slices{where(users[0])} take unequal or overlapping parts of the channels; growcli grows "
+                         "fused projections split into equal parts")
+        return [s[2] for s in spans]
 
     # -- backward: a tensor must carry the channels; its producer joins the group
     def _backward(self, node: fx.Node) -> None:
@@ -109,14 +198,17 @@ class Analysis(ForwardRules):
                 raise Refuse(f"{op_name(node)}{where(node)} produces the channels in another dimension")
             self.group.producers.append(w.rsplit(".", 1)[0])
             return
-        if t in UNARY or t == operator.getitem and node.args[1] == 0:
+        if t in LIKE or t == aten.roll.default and roll_dims(node) and dim not in roll_dims(node):
+            self._mark(node.args[0], dim, backward=True)  # its positions are its input's
+            return
+        if t in ELEMENTWISE or t == operator.getitem and node.args[1] == 0:
             src = node.args[0]
             if t == operator.getitem:
                 self._backward_multi(src, dim)
                 return
             self._mark(src, dim, backward=True)
             return
-        if t in BINARY:
+        if t in ELEMENTWISE_N:
             self._binary(node, dim, backward=True)
             return
         if (t in POOL and t != aten.max_pool2d_with_indices.default or t in PAD) and dim < len(shape(node)) - POOL.get(t, 0):
@@ -156,8 +248,14 @@ def analyze(trace: Trace, layer: str) -> Group:
 
 
 def producer_layers(trace: Trace) -> list[str]:
-    """Modules whose ``weight`` feeds a Linear, Conv, Embedding or addmm (Conv1D) op (candidates for widening)."""
+    """Modules whose ``weight`` feeds a Linear, Conv, Embedding or addmm (Conv1D) op, and parameters that are a grouped
+    matmul's weight (fused experts), named by themselves (candidates for widening)."""
     out = []
+    for node in trace.graph.nodes:
+        if is_grouped_mm(node) and (found := weight_param(node.args[1])) is not None:
+            out.append(found[0])
+        elif node.op == "call_function" and node.target == aten.bmm.default and (found := bmm_weight(node)) is not None:
+            out.append(found[1])
     for fqn, users in trace.weight_users().items():
         if not (fqn == "weight" or fqn.endswith(".weight")):
             continue

@@ -5,9 +5,10 @@ go: element-wise ops pass them on, other full-size operands of a binary op join 
 residual add, a gate), Linear/Conv/``addmm`` layers that read them become consumers (grouped
 and depthwise convolutions follow them), views, permutes and selections move them to another
 dimension, concatenation and flattening make derived layouts, and normalisations, pooling and
-reductions over them are refused. An op without a rule makes the layer not growable, with
-the op and module named — never assumed element-wise. The backward rules and the entry point
-are in :mod:`growcli.analysis.coupling`.
+reductions over them are refused; fused experts' grouped and batched matmuls (``w[e]`` per group of
+rows) read them in every expert. An op without a rule makes the layer not growable, with the op and
+module named — never assumed element-wise. The backward rules, the entry point and fused projections
+(one producer split into gate and up) are in :mod:`growcli.analysis.coupling`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,77 @@ from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, METADATA_CH
                                     VIEW, aten, attr_of, conv_groups, merge_groups, op_name, reduce_dims, shape, where)
 
 
+def in_place(ops: set) -> set:
+    """The in-place forms (``relu_``, ``add_.Tensor``) of ``ops`` that aten has: the same rule as the functional op."""
+    out = set()
+    for op in ops:
+        packet = getattr(aten, op.overloadpacket.__name__ + "_", None)
+        overload = getattr(packet, op._overloadname, None) if packet is not None else None
+        if overload is not None:
+            out.add(overload)
+    return out
+
+
+ELEMENTWISE = UNARY | in_place(UNARY)
+ELEMENTWISE_N = BINARY | in_place(BINARY)
+# A new tensor of its input's shape with values that do not depend on it (every channel the same): positions follow.
+LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default}
+# Reads only a tensor's dtype and device (the size is a literal) or its sizes: no channel values are read.
+SHAPE_ONLY = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+              aten.sym_size.int, aten.sym_size.default, aten.size.int, aten.size.default, aten.sym_numel.default,
+              aten.sym_stride.int, aten.sym_stride.default}
+# ``grouped_mm(x [S, in], w [E, in, out], offs)``: the rows of x in group e (``offs`` are cumulative row counts)
+# are multiplied by ``w[e]``: a Linear per group of rows, the fused experts of a mixture-of-experts layer.
+GROUPED_MM = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
+# How a parameter reaches a grouped or batched matmul as its weight: dims moved, or gathered per row (``w[ids]``).
+WEIGHT_MOVES = {aten.transpose.int, aten.t.default, aten.permute.default, aten.index.Tensor}
+
+
+def roll_dims(node: fx.Node) -> list[int]:
+    """The dimensions a ``roll`` shifts along (none given: the flattened tensor, which moves every dimension)."""
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    return [d % len(shape(node)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+
+
+def is_grouped_mm(node: fx.Node) -> bool:
+    packet = getattr(node.target, "overloadpacket", None)
+    return node.op == "call_function" and packet is not None and packet.__name__ in GROUPED_MM
+
+
+def weight_param(arg) -> tuple[str, list[int]] | None:
+    """``(fqn, dims)`` when ``arg`` is a parameter seen through :data:`WEIGHT_MOVES`: ``arg``'s dim ``k`` is the
+    parameter's dim ``dims[k]`` (-1: gathered by one index vector, ``w[expert_ids]``); else ``None``."""
+    dims: list[int] | None = None
+    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in WEIGHT_MOVES:
+        rank = len(shape(arg))
+        if arg.target == aten.index.Tensor:
+            idx = arg.args[1]
+            if len(idx) != 1 or not isinstance(idx[0], fx.Node) or len(shape(idx[0]) or ()) != 1:
+                return None
+            step = [-1] + list(range(1, rank))
+        elif arg.target == aten.permute.default:
+            step = [d % rank for d in arg.args[1]]
+        else:
+            a, b = (arg.args[1] % rank, arg.args[2] % rank) if arg.target == aten.transpose.int else (0, 1)
+            step = list(range(rank))
+            step[a], step[b] = b, a
+        dims = [step[d] if d >= 0 else -1 for d in dims] if dims is not None else step
+        arg = arg.args[0]
+    fqn = attr_of(arg)
+    if fqn is None:
+        return None
+    return fqn, dims if dims is not None else list(range(len(shape(arg))))
+
+
+def bmm_weight(node: fx.Node) -> tuple[int, str, list[int]] | None:
+    """``(operand, fqn, dims)`` when ``bmm`` ``node`` multiplies by each row's expert matrix ``w[ids]``, else None."""
+    for k in (0, 1):
+        found = weight_param(node.args[k])
+        if found is not None and found[1][0] == -1:
+            return (k,) + found
+    return None
+
+
 class ForwardRules(GroupWalk):
     """The forward half of the walk (see module docstring); :class:`growcli.analysis.coupling.Analysis`
     adds producers and the backward rules."""
@@ -35,16 +107,27 @@ class ForwardRules(GroupWalk):
         if node.op != "call_function":
             raise Refuse(f"{node.op} {node.target} uses the channels")
         t = node.target
-        if t in METADATA_CHECKS:
+        if t in METADATA_CHECKS or t in SHAPE_ONLY:
             return
         if t == aten.type_as.default and node.args[0] is not src:
             return  # ``y.type_as(x)`` takes only x's dtype
-        if t in UNARY:
+        if t in LIKE:
+            self._propagate(src, node, dim)  # the same value at every position, whatever the number of channels
+        elif t in ELEMENTWISE:
             if node.args[0] is not src:
                 raise Refuse(f"{op_name(node)}{where(node)} uses the channels as a parameter")
             self._propagate(src, node, dim)
-        elif t in BINARY:
+        elif t in ELEMENTWISE_N:
             self._binary(node, None, backward=False)
+        elif t == aten.roll.default:
+            dims = roll_dims(node)
+            if not dims or dim in dims:
+                raise Refuse(f"roll{where(node)} moves entries along the grown dimension")
+            self._propagate(src, node, dim)  # positions move (shifted windows), channels do not
+        elif is_grouped_mm(node):
+            self._grouped_mm(src, node, dim, layout)
+        elif t == aten.bmm.default and (weight := bmm_weight(node)) is not None:
+            self._bmm(src, node, dim, layout, weight)
         elif t in BATCH_NORM:
             if node.args[0] is not src or dim != 1:
                 raise Refuse(f"batch norm{where(node)} normalises another dimension than the channels")
@@ -179,6 +262,30 @@ class ForwardRules(GroupWalk):
             raise Refuse(f"addmm{where(node)} with a computed weight reads the channels")
         self._use(w, 0, "consumer", layout)
 
+    def _grouped_mm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        """The rows of group e of ``x`` times ``w[e]``: channels in ``x``'s last dim read ``w``'s dim 1 in every group."""
+        if node.args[0] is not src or dim != len(shape(src)) - 1:
+            raise Refuse(f"{op_name(node)}{where(node)} uses the channels as its weight or group offsets")
+        found = weight_param(node.args[1])
+        if found is None:
+            raise Refuse(f"{op_name(node)}{where(node)} with a computed weight reads the channels")
+        fqn, dims = found
+        self._use(fqn, dims[1], "consumer", layout)
+
+    def _bmm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout, weight: tuple[int, str, list[int]]) -> None:
+        """``bmm(A [b, n, m], B [b, m, p])`` with one operand a parameter gathered per row (``w[expert_ids]``): the
+        channels in the other operand's contracted dim read the weight's matching dim, in every expert."""
+        k, fqn, dims = weight
+        if node.args[1 - k] is not src:
+            raise Refuse(f"bmm{where(node)} uses the channels as its weight")
+        contracted, kept = (1, 2) if k == 0 else (2, 1)
+        if dim == contracted:
+            self._use(fqn, dims[2 if k == 0 else 1], "consumer", layout)
+        elif dim == kept:
+            self._propagate(src, node, dim)
+        else:
+            raise Refuse(f"bmm{where(node)} reads the channels in its batch dimension")
+
     def _conv(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
         if node.args[0] is not src:
             raise Refuse(f"convolution{where(node)} uses the channels as its weight")
@@ -279,8 +386,15 @@ class ForwardRules(GroupWalk):
             return
         if node in self.derived:
             raise Refuse(f"cat{where(node)} concatenates the channels with themselves")
+        # Laid out once the walk has reached every part that carries the channels (pooled features of one layer).
+        self.pending.setdefault(node, dim)
+
+    def _lay_out_cat(self, node: fx.Node, dim: int) -> None:
+        """The concatenation's positions: each part carrying the channels at its offset, the others fixed."""
         parts: list[Layout] = []
-        for i, a in enumerate(tensors):
+        for i, a in enumerate(node.args[0]):
             st = self._state(a)
+            if st is not None and st[0] != dim:
+                raise Refuse(f"cat{where(node)} concatenates tensors carrying the channels in different dimensions")
             parts.append(st[1] if st is not None else Fixed(shape(a)[dim], f"{node.name}:{i}"))
         self._mark_derived(node, dim, Cat(parts))

@@ -4,8 +4,9 @@ A block's *stream* runs from its input to its output through adds (or ``x - F``)
 preserving ops (dropout, views, widening casts), normalisations after an add (post-LN,
 reported) and, after the last add, idempotent activations (ResNet's ``relu(x + F(x))``). Each
 add brings in a *branch*; its *writers* are the parameters of its last parametric op (linear,
-conv, ``addmm``, matmul, a norm's ``γ, β``, a learned scale) plus biases added after it, over
-parallel sub-branches. Zeroed, the branch writes exactly zero and a copy computes ``post(x)``:
+conv, ``addmm``, matmul, a norm's ``γ, β``, a learned scale; fused experts' ``bmm`` of ``w[ids]`` or
+grouped matmul, reached back through the gathers that route rows to experts) plus biases added after
+it, over parallel sub-branches. Zeroed, the branch writes exactly zero and a copy computes ``post(x)``:
 the identity without post-LN when ``x`` is a fixed point of ``post`` (:func:`follows`).
 Recipes: docs/recipes.md#deepen-residual-blocks and #stack-identity-init. Read from a trace of real or meta-device weights,
 with blocks found by the trace's module stack, never from names; an op without a rule makes
@@ -27,6 +28,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from growcli.analysis.coupling_forward import GROUPED_MM
 from growcli.analysis.trace import METADATA_CHECKS, Trace, attr_of, in_scope, module_of, shape
 from growcli.core.errors import NotGrowableError
 
@@ -37,7 +39,11 @@ CASTS = {"to", "_to_copy", "type_as"}
 # Ops that map an all-zero input to an all-zero output (layout changes, slicing, negation, sums).
 ZERO_PRESERVING = VALUE_PRESERVING | CASTS | {
     "transpose", "permute", "t", "numpy_T", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice",
-    "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat"}
+    "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat", "repeat_interleave",
+    "index", "index_select", "gather"}
+# Gathers read their first operand at positions the others give: a gathered zero is zero whatever the indices
+# (the rows of a mixture-of-experts layer, routed to their experts and back).
+GATHERS = {"index", "index_select", "gather"}
 NORM_OPS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm",
             "batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
             "instance_norm"}
@@ -260,6 +266,8 @@ class _Block:
         elif op in ("add", "sub") and tensors and all(_number(a) in (None, "zero") for a in base.args):
             for t in tensors:  # (a nonzero constant, as in 1 + γ, is no writer: it stays when the rest is zero)
                 self.branch(t, writers, visited)  # a bias added after the layer, or parallel branches
+        elif op in GROUPED_MM and len(base.args) > 1 and (chain := self.param_chain(base.args[1])):
+            self.write(chain, writers, visited)  # grouped_mm(x, w, offs): w = 0 gives 0 in every group of rows
         elif op in LINEAR_OPS or op in NORM_OPS:
             data = [t for t in others if not (op in STATS_OPS and t.op == "get_attr")]
             if not params or len(data) != 1:
@@ -277,10 +285,12 @@ class _Block:
         chain = []
         while node.op == "call_function" and node in self.nodes:
             base = _resolve(node)
-            if op_of(base) not in ZERO_PRESERVING or len(_tensors(base)) != 1:
+            tensors = _tensors(base)
+            gather = op_of(base) in GATHERS and tensors and base.args[0] is tensors[0]  # w[expert_ids]
+            if not gather and (op_of(base) not in ZERO_PRESERVING or len(tensors) != 1):
                 return None
             chain += [node, base]
-            node = _tensors(base)[0]
+            node = tensors[0]
         return chain + [node] if node.op == "get_attr" and attr_of(node) in self.params else None
 
     @staticmethod

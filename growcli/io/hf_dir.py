@@ -48,9 +48,17 @@ def load_hf_dir(path: Path) -> GrowModel:
     if info.get("missing_keys") or info.get("mismatched_keys"):
         bad = list(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys") or []]
         raise ArchitectureError(f"{path}: the weights do not fit {archs[0]}: missing or mismatched {bad[:3]}")
+    float64_experts(module)
     gm = GrowModel(module, "hf", path, sha256_of(path), hf_input_spec(module), hf_class=archs[0])
     gm.hf_saved_config = {"use_cache": use_cache} if use_cache is not None else {}
     return gm
+
+
+def float64_experts(module) -> None:
+    """Run fused mixture-of-experts layers with transformers' ``batched_mm`` kernel: the default ``grouped_mm``
+    has no float64 (growcli verifies in float64) and is not what torch.export traces. Not saved in the config."""
+    if hasattr(module, "set_experts_implementation"):
+        module.set_experts_implementation("batched_mm")
 
 
 def load_hf_config(path: Path):

@@ -122,6 +122,9 @@ def find_site(trace: Trace, group: Group) -> Site:
                              "gradmax needs a consumer that reads them directly")
     users = trace.weight_users()
     weight = f"{layer}.weight" if layer else "weight"
+    if weight not in users:
+        raise refusal(layer, "it is a fused expert parameter read by a grouped or batched matmul; gradmax grows "
+                             "Linear and Conv2d layers")
     prod = next(u for u in users[weight] if u.op == "call_function")
     cons = next(u for u in users[use.fqn] if u.op == "call_function")
     kinds = {aten.linear.default: "linear"}

@@ -192,14 +192,15 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
 def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, factors: torch.Tensor, group: Group,
                  spec: WidenSpec, gen: torch.Generator) -> tuple[torch.Tensor, Origin | None]:
     """One use of the group's channels rewritten for the channel map ``g``, and its origin."""
-    g_t = torch.tensor(g)
     origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
-    if use.role == "producer":
-        new = old.index_select(use.dim, g_t).clone()
-        if fresh.any():
-            new = _init_new_units(new, old, use, fresh, spec, gen)
-        random = fresh & torch.tensor(spec.init == "zero")
-        origin = axis_origin(use.dim, torch.where(random, -1, g_t), torch.ones(len(g), dtype=torch.float64))
+    if use.role == "producer":  # rows of every part of a fused projection follow g (use.layout)
+        idx, chan = remap(use.layout, g, group.size)
+        new = old.index_select(use.dim, idx).clone()
+        fresh_at = fresh[chan]
+        if fresh_at.any():
+            new = _init_new_units(new, old, use, fresh_at, spec, gen)
+        random = fresh_at & torch.tensor(spec.init == "zero")
+        origin = axis_origin(use.dim, torch.where(random, -1, idx), torch.ones(len(idx), dtype=torch.float64))
     elif use.role == "grouped_consumer":
         new = _grouped_consumer(old, g, factors, group, use.groups)
     else:
@@ -220,9 +221,7 @@ def _deferred_use(old: torch.Tensor, gen: torch.Generator, *, use, g, fresh, fac
 def _use_shape(shape: tuple[int, ...], use, g: list[int], group: Group) -> tuple[int, ...]:
     """The shape :func:`_rewrite_use` gives a tensor of ``shape`` (computed without its values)."""
     out = list(shape)
-    if use.role == "producer":
-        out[use.dim] = len(g)
-    elif use.role == "grouped_consumer":
+    if use.role == "grouped_consumer":
         out[1] = len(g) // use.groups
     else:
         out[use.dim] = len(use.layout.keys(g))
@@ -244,7 +243,7 @@ def _skip_init(shape: tuple[int, ...], use, fresh: torch.Tensor, spec: WidenSpec
     if use.role != "producer" or not bool(fresh.any()):
         return
     drawn = list(shape)
-    drawn[use.dim] = int(fresh.sum())
+    drawn[use.dim] = sum(bool(fresh[c]) for c, _ in use.layout.keys(list(range(len(fresh)))))
     if (spec.init == "zero" and len(shape) != 1) or (spec.init != "zero" and spec.noise > 0 and len(shape) > 1):
         torch.randn(drawn, generator=gen, dtype=torch.float64)
 

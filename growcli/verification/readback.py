@@ -238,7 +238,7 @@ class _WrittenFileFails(InputsError):
 def _load_hf(directory: Path, attn_implementation: str | None = None) -> tuple[nn.Module, str]:
     """The directory loaded as growcli loads a Hugging Face model, with the attention implementation the model in
     memory ran with (eager attention computes its softmax in float32, sdpa does not)."""
-    from growcli.io.hf_dir import load_hf_config
+    from growcli.io.hf_dir import float64_experts, load_hf_config
 
     transformers, config = load_hf_config(directory)
     if getattr(config, "use_cache", None) is not None:
@@ -249,6 +249,7 @@ def _load_hf(directory: Path, attn_implementation: str | None = None) -> tuple[n
     cls = getattr(transformers, archs[0])
     extra = {"attn_implementation": attn_implementation} if isinstance(attn_implementation, str) else {}
     module = cls.from_pretrained(str(directory), config=config, local_files_only=True, **extra)
+    float64_experts(module)  # as growcli loads it
     return module, f"transformers.{archs[0]}.from_pretrained"
 
 
