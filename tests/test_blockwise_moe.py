@@ -142,10 +142,12 @@ def test_approximate_cases_are_measured_against_the_in_memory_tolerance(upcycled
     assert (noisy.verification.atol, noisy.verification.rtol) == (1e-6, 1e-5)  # float32 rounding (rotary in float32)
 
 
-def test_bf16_is_held_to_bf16_rounding_and_measured_exact(upcycled):
+def test_bf16_exact_upcycle_is_held_to_the_exact_tolerance_and_measured_exact(upcycled):
     _, run, out = upcycled("mixtral-bf16", 0)
     assert {v.dtype for v in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
-    assert (run.verification.atol, run.verification.rtol) == (1e-3, 2e-2)
+    # exact in bf16: 16 ulps of float32 (the rotary embedding computes in float32) per rounding stage, not bf16's
+    # rounding (1e-3 + 2e-2 relative), block by block as in the whole read-back
+    assert run.verification.atol == run.verification.rtol <= 1e-4
     assert run.verification.passed and run.verification.max_abs_diff == 0.0
 
 

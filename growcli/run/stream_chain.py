@@ -228,7 +228,7 @@ def stream_chain(src: Path, out: Path, steps: list[tuple[str, Any]], *, shard_si
         label = f"the chain ({' → '.join(name for name, _ in steps)})"
         verification = verify_written(
             src, tmp, out, label, report, output, checked, settings, seed, total=total, verify_limit=verify_limit,
-            stream_map=_stream_map(src, planned), label=label,
+            stream_map=_stream_map(src, planned), label=label, exact_in_dtype=exact_in_dtype,
             read_back=lambda: _run_both(src, tmp, settings, seed, exact_in_dtype, maps))
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return ChainRun([p.report.to_dict() for p in planned], verification, planned[0].report.params_before,

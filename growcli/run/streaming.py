@@ -203,7 +203,7 @@ def verify_written(src: Path, tmp: Path, out: Path, name: str, report, output: d
                    stream_map: StreamMap | None = None,
                    read_back: Callable[[], tuple[str, VerifyReport | None]] | None = None,
                    refuse: Callable[[VerifyReport], None] | None = None,
-                   label: str | None = None) -> VerifyReport | None:
+                   label: str | None = None, exact_in_dtype: bool | None = None) -> VerifyReport | None:
     """Run the written directory ``tmp`` against the input ``src``, record it, and fail a broken exact step.
 
     Up to ``verify_limit`` bytes the output is loaded whole from disk (``read_back``, default
@@ -211,14 +211,18 @@ def verify_written(src: Path, tmp: Path, out: Path, name: str, report, output: d
     (:func:`blockwise_check` with ``stream_map``). The result goes into ``report``, ``output``
     and ``checked``; ``refuse`` may raise first (a refusal that needs the measurement). An exact
     step that differs raises :class:`VerificationFailed` (its message starts with ``label``, default
-    ``step 1 (name)``), unless ``settings.allow_mismatch``.
+    ``step 1 (name)``), unless ``settings.allow_mismatch``. Block by block, a step exact in its dtype
+    (``exact_in_dtype``, default the report's own when it is exact) is held to the same exact tolerance as the
+    whole read-back.
     """
+    if exact_in_dtype is None and report.exact:
+        exact_in_dtype = getattr(report, "exact_in_dtype", None)
     blockwise = None
     if total <= verify_limit:
         loaded_with, verification = read_back() if read_back else _read_back(src, tmp, out, settings, seed)
         output.update(loaded_with=loaded_with)
     else:
-        blockwise = blockwise_check(src, tmp, settings, seed, stream_map)
+        blockwise = blockwise_check(src, tmp, settings, seed, stream_map, exact_in_dtype=exact_in_dtype)
         verification = blockwise.verify_report()
         output.update(loaded_with=BLOCKWISE, blockwise=blockwise.to_dict())
     if verification is None:
@@ -255,7 +259,8 @@ def _size(n: int) -> str:
 
 
 def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None = None, seed: int = 0,
-                    stream_map: StreamMap | None = None, inputs_file: Path | None = None) -> BlockwiseReport:
+                    stream_map: StreamMap | None = None, inputs_file: Path | None = None,
+                    exact_in_dtype: bool | None = None) -> BlockwiseReport:
     """Compare two HF directories block by block, never holding either model whole.
 
     Each model's block stack is found by :func:`growcli.analysis.blocks.find_stack`. The map
@@ -283,7 +288,7 @@ def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None
     else:
         batches = make_batches(spec, settings.batches, seed=seed, seq_len=settings.seq_len)
     return verify_blockwise(a, b, batches, original_blocks=blocks_a, grown_blocks=blocks_b, stream_map=stream_map,
-                            dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol)
+                            dtype=settings.dtype, atol=settings.atol, rtol=settings.rtol, exact_in_dtype=exact_in_dtype)
 
 
 def recorded_map(grown: Path, length: int) -> StreamMap | None:

@@ -250,14 +250,16 @@ def _write_config(plan: UpcyclePlan, src: Path, tmp: Path, dtype: str) -> None:
         config.use_cache = runtime
 
 
-def _run_both(src: Path, tmp: Path, cls: str, settings: VerifySettings, seed: int) -> tuple[str, VerifyReport]:
-    """The written directory loaded back from disk (``from_pretrained``) and run against the input, also from disk."""
+def _run_both(src: Path, tmp: Path, cls: str, settings: VerifySettings, seed: int,
+              exact_in_dtype: bool | None = None) -> tuple[str, VerifyReport]:
+    """The written directory loaded back from disk (``from_pretrained``) and run against the input, also from disk,
+    at the tolerance the step earns (``exact_in_dtype``: as in memory)."""
     original = load_model(src)
     grown = load_model(tmp)
     grown.module.set_experts_implementation("eager")  # the grouped_mm kernel has no float64
     batches = verification_batches(original, settings, seed)
     result = verify_models(original.module, grown.module, batches, dtype=settings.dtype, atol=settings.atol,
-                           rtol=settings.rtol, device=settings.device)
+                           rtol=settings.rtol, exact_in_dtype=exact_in_dtype, device=settings.device)
     return f"transformers.{cls}.from_pretrained", result
 
 
@@ -312,7 +314,8 @@ def stream_upcycle(src: Path, out: Path, spec: UpcycleSpec, *, shard_size: int, 
         # the same residual stream at every boundary, so the map is the identity)
         verification = verify_written(src, tmp, out, "upcycle", report, output, checked, settings, seed, total=total,
                                       verify_limit=verify_limit,
-                                      read_back=lambda: _run_both(src, tmp, plan.target_class, settings, seed))
+                                      read_back=lambda: _run_both(src, tmp, plan.target_class, settings, seed,
+                                                                  report.exact_in_dtype if report.exact else None))
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})

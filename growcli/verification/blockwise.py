@@ -38,8 +38,8 @@ from torch.utils._pytree import tree_leaves
 
 from growcli.core.errors import GrowError, InputsError, NotGrowableError
 from growcli.core.inputs import Batch, cast_batch
-from growcli.verification.compare import (DEFAULT_TOL, OutputCheck, VerifyReport, compare_outputs, finite_json,
-                                         flatten_outputs)
+from growcli.verification.compare import (DATA_MOVES, DEFAULT_TOL, OutputCheck, VerifyReport, compare_outputs,
+                                         default_tolerance, finite_json, flatten_outputs, observing)
 from growcli.verification.ondisk import OnDisk
 from growcli.verification.stream_map import StreamMap
 
@@ -234,7 +234,8 @@ def tolerances(original: OnDisk, grown: OnDisk, dtype: torch.dtype, atol: float 
 
 def verify_blockwise(original: OnDisk, grown: OnDisk, batches: list[Batch], *, original_blocks: str,
                      grown_blocks: str, stream_map: StreamMap | None = None, dtype: torch.dtype = torch.float64,
-                     atol: float | None = None, rtol: float | None = None) -> BlockwiseReport:
+                     atol: float | None = None, rtol: float | None = None,
+                     exact_in_dtype: bool | None = None) -> BlockwiseReport:
     """Run both checkpoints block by block on ``batches`` and compare every boundary and output.
 
     ``original_blocks``/``grown_blocks`` name each model's block container; ``stream_map``
@@ -243,23 +244,27 @@ def verify_blockwise(original: OnDisk, grown: OnDisk, batches: list[Batch], *, o
     run other than once, returning something else than a stream of the shape it got, or not
     getting what the block before it returned) or the map does not fit; :class:`InputsError`
     without batches or when a model fails on them (float64 falls back to float32 first).
+    ``exact_in_dtype`` is what the step says, as for :func:`growcli.verification.compare.verify_models`: True
+    holds the run to the exact tolerance of the original's arithmetic (rounding stages and the least precise dtype
+    it computes in), observed on its first block-by-block pass, loading excepted.
     """
     if not batches:
         raise InputsError("block-wise verification needs at least one batch of inputs")
     note = ""
     try:
-        return _measure(original, grown, batches, original_blocks, grown_blocks, stream_map, dtype, atol, rtol, note)
+        return _measure(original, grown, batches, original_blocks, grown_blocks, stream_map, dtype, atol, rtol, note,
+                        exact_in_dtype)
     except InputsError:
         if dtype != torch.float64:
             raise
         note = "float64 not supported by this model; checked in float32"
         return _measure(original, grown, batches, original_blocks, grown_blocks, stream_map, torch.float32, atol, rtol,
-                        note)
+                        note, exact_in_dtype)
 
 
 def _measure(original: OnDisk, grown: OnDisk, batches: list[Batch], original_blocks: str, grown_blocks: str,
              stream_map: StreamMap | None, dtype: torch.dtype, atol: float | None, rtol: float | None,
-             note: str) -> BlockwiseReport:
+             note: str, exact_in_dtype: bool | None = None) -> BlockwiseReport:
     run_a = _Run(original, original_blocks, dtype, "the original model")
     run_b = _Run(grown, grown_blocks, dtype, "the grown model")
     la, lb = len(run_a.blocks), len(run_b.blocks)
@@ -269,12 +274,19 @@ def _measure(original: OnDisk, grown: OnDisk, batches: list[Batch], original_blo
                                    "say how they map (the grown directory's growth_report.json records it)")
         stream_map = StreamMap(tuple(range(la + 1)))
     stream_map.check(lb, la)
+    first = None
+    if exact_in_dtype and atol is None and rtol is None:  # the exact bound of the original's own arithmetic
+        with observing(dtype, DATA_MOVES) as profile:
+            first = run_a(batches[0])
+        stored = original.dtypes() | grown.dtypes() | original.buffer_dtypes | grown.buffer_dtypes
+        precision = max({dtype} | stored, key=lambda d: torch.finfo(d).eps)
+        atol, rtol, _ = default_tolerance(profile, precision, dtype, True)
     atol, rtol = tolerances(original, grown, dtype, atol, rtol)
     outputs: dict[str, OutputCheck] = {}
     bounds: dict[str, OutputCheck] = {}
     names = [f"before {grown_blocks}.0"] + [f"{grown_blocks}.{j}" for j in range(lb)]
-    for batch in batches:
-        out_a, stream_a = run_a(batch)
+    for k, batch in enumerate(batches):
+        out_a, stream_a = first if k == 0 and first is not None else run_a(batch)
         out_b, stream_b = run_b(batch)
         index = stream_map.hidden_index(stream_b[0].shape[-1], stream_a[0].shape[-1])
         keep = torch.tensor([j for j, i in enumerate(index) if i >= 0], dtype=torch.long)

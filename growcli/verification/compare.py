@@ -10,10 +10,11 @@ grown position that derives from an old one is compared with it, fresh positions
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -58,30 +59,46 @@ class Profile:
     stages: int
 
 
-def profile_run(module: nn.Module, batch: Batch, dtype: torch.dtype) -> Profile | None:
-    """The :class:`Profile` of ``module`` on ``batch`` (already in ``dtype``), observed at the aten level;
-    None when the model cannot run under observation."""
+# Ops that only move or cast values (loading weights, stacking experts): not arithmetic the model rounds in.
+DATA_MOVES = {"_to_copy", "copy_", "copy", "cat", "stack", "clone", "detach", "view", "_unsafe_view", "reshape",
+              "unsqueeze", "alias", "lift_fresh", "expand", "permute", "transpose", "t", "contiguous"}
+
+
+@contextlib.contextmanager
+def observing(dtype: torch.dtype, ignore: frozenset[str] | set[str] = frozenset()) -> Iterator[Profile]:
+    """Observe every aten op run inside, into the :class:`Profile` yielded: rounding stages, and the least
+    precise floating dtype of any op's result (ops named in ``ignore`` excepted)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen = {"lowest": dtype, "stages": 0}
+    seen = Profile(dtype, 0)
 
     class Observe(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket.__name__ in STAGES:
-                seen["stages"] += 1
+            name = func.overloadpacket.__name__
+            if name in STAGES:
+                seen.stages += 1
+            if name in ignore:
+                return out
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and \
-                        torch.finfo(t.dtype).eps > torch.finfo(seen["lowest"]).eps:
-                    seen["lowest"] = t.dtype
+                        torch.finfo(t.dtype).eps > torch.finfo(seen.lowest).eps:
+                    seen.lowest = t.dtype
             return out
 
+    with Observe():
+        yield seen
+
+
+def profile_run(module: nn.Module, batch: Batch, dtype: torch.dtype) -> Profile | None:
+    """The :class:`Profile` of ``module`` on ``batch`` (already in ``dtype``), observed at the aten level;
+    None when the model cannot run under observation."""
     try:
-        with Observe():
+        with observing(dtype) as seen:
             run_model(module, batch)
     except Exception:
         return None
-    return Profile(seen["lowest"], seen["stages"])
+    return seen
 
 
 def storage_precision(*modules: Any, compute: torch.dtype = torch.float64) -> torch.dtype:
@@ -349,6 +366,14 @@ def _default_tolerance(ref: nn.Module, batch: Batch, precision: torch.dtype, com
                        exact_in_dtype: bool | None) -> tuple[float, float, str]:
     """(atol, rtol, why) when none is given: the rounding tolerance of ``precision``, tightened to
     :func:`exact_tolerance` when the step is exact in it (never looser than the rounding tolerance)."""
+    profile = profile_run(ref, batch, compute) if exact_in_dtype else None
+    return default_tolerance(profile, precision, compute, exact_in_dtype)
+
+
+def default_tolerance(profile: Profile | None, precision: torch.dtype, compute: torch.dtype,
+                      exact_in_dtype: bool | None) -> tuple[float, float, str]:
+    """:func:`_default_tolerance` from the reference's :class:`Profile` (observed by the caller; None when it
+    could not be): whole-model and block-wise verification hold an exact step to the same bound."""
     r_atol, r_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL[torch.float32])
     rounded = f"{_name(precision)} rounding"
     if exact_in_dtype is None:
@@ -356,7 +381,6 @@ def _default_tolerance(ref: nn.Module, batch: Batch, precision: torch.dtype, com
                                           f" (the step does not say it is exact in {_name(precision)})")
     if not exact_in_dtype:
         return r_atol, r_rtol, rounded + f" (the step rounds weights to {_name(precision)})"
-    profile = profile_run(ref, batch, compute)
     if profile is None:
         return r_atol, r_rtol, rounded + " (the model's arithmetic could not be observed)"
     e_atol, e_rtol = exact_tolerance(profile.lowest, profile.stages)
