@@ -12,7 +12,10 @@ copy of block 1 after it). Two things follow it:
   of a staged model's ``depths`` list that counts this stack) and per-layer lists whose key
   names layers and whose length is the count (``layer_types``), remapped by ``order``.
   Candidates are tried by building the model from the changed config on the meta device;
-  the first whose parameter names and shapes are the grown model's is the answer.
+  the first whose parameter names and shapes are the grown model's is the answer. A composite
+  model's nested sub-configs (``text_config``, ``vision_config``, an encoder-decoder's
+  ``encoder``…) give candidates too, by dotted path (``text_config.num_hidden_layers``): the
+  tower whose stack grew is the one whose sub-config then builds the grown model.
 
 Nothing here edits the model: the transforms apply the result through ``gm.edits``.
 """
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from growcli.core.edits import config_owner, sub_configs
 
 INDEX_NAMES = ("layer_idx", "layer_id")
 
@@ -89,8 +94,17 @@ def _count_key(config: Any) -> str:
 
 
 def config_candidates(config: Any, length: int, order: list[int]) -> list[dict[str, Any]]:
-    """Possible config changes, the config class's layer count first."""
-    values = config.to_dict()
+    """Possible config changes, the config class's layer count first; then those of every nested sub-config,
+    with keys as dotted paths (``text_config.num_hidden_layers``)."""
+    out = _own_candidates(config, length, order)
+    for path, sub in sub_configs(config).items():
+        out += [{f"{path}.{k}": v for k, v in change.items()} for change in _own_candidates(sub, length, order)]
+    return out
+
+
+def _own_candidates(config: Any, length: int, order: list[int]) -> list[dict[str, Any]]:
+    """:func:`config_candidates` among the keys of ``config`` itself (values that are sub-configs are left out)."""
+    values = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
     first = _count_key(config)
     lists = {k: [v[i] for i in order] for k, v in values.items()
              if "layer" in k and isinstance(v, (list, tuple)) and len(v) == length
@@ -120,7 +134,8 @@ def config_changes(root: nn.Module, container: str, order: list[int]) -> tuple[d
         trial = copy.deepcopy(config)
         try:
             for key, value in change.items():
-                setattr(trial, key, value)
+                owner, leaf = config_owner(trial, key)
+                setattr(owner, leaf, value)
             with torch.device("meta"):
                 fresh = type(root)(trial)
         except Exception:  # a candidate the model cannot even be built from is simply not it

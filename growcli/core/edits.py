@@ -12,7 +12,8 @@ Edit kinds:
 - ``module``: replace a submodule by one described by a module spec (see :func:`growcli.core.module_specs.module_spec`).
 - ``insert``: insert a module (spec) into a ``ModuleList``/``Sequential`` at an index.
 - ``wrap``: make a new module (spec) the model's root, holding the old root as its submodule ``child``.
-- ``config``: set a key of a Hugging Face config (``num_hidden_layers``...).
+- ``config``: set a key of a Hugging Face config (``num_hidden_layers``...), or of a nested sub-config
+  by dotted path (``text_config.intermediate_size``).
 - ``graph_arg``: set an argument of a node in a loaded ``.pt2`` program (a view's literal size).
 - ``graph_call``: in a loaded ``.pt2`` program, call a new shape-preserving module (spec) on a node's output.
 """
@@ -77,11 +78,62 @@ def insert_graph_call(root: nn.Module, after: str, name: str, new: nn.Module) ->
     root.recompile()
 
 
+def sub_configs(config: Any) -> dict[str, Any]:
+    """Every nested sub-config of ``config`` by dotted path (``text_config``, ``vision_config``…), parents first.
+
+    A sub-config is an attribute that is itself a Hugging Face ``PretrainedConfig`` (in transformers the
+    tower holds the same object: ``model.text_model.config is model.config.text_config``).
+    """
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # without transformers no config has Hugging Face sub-configs
+        return {}
+    out: dict[str, Any] = {}
+    seen, todo = {id(config)}, [("", config)]
+    while todo:
+        prefix, owner = todo.pop(0)
+        for name, value in sorted(vars(owner).items()):
+            if isinstance(value, PretrainedConfig) and not name.startswith("_") and id(value) not in seen:
+                seen.add(id(value))  # a config reachable twice is one sub-config, named by its first path
+                out[prefix + name] = value
+                todo.append((f"{prefix}{name}.", value))
+    return out
+
+
+def config_owner(config: Any, key: str) -> tuple[Any, str]:
+    """The (sub-)config holding ``key`` and the key's last part: ``text_config.intermediate_size`` is the
+    ``intermediate_size`` of ``config.text_config``. Raises ``ArchitectureError`` when a part before the last
+    is not a sub-config of the model's config."""
+    *path, leaf = key.split(".")
+    if not leaf or not all(path):
+        raise ArchitectureError(f"recorded edit sets config key {key!r}, which is not a key or a dotted path of keys")
+    nested = sub_configs(config) if path else {}
+    for i in range(len(path)):
+        if ".".join(path[: i + 1]) not in nested:
+            raise ArchitectureError(f"recorded edit sets config key {key!r} but the config has no sub-config "
+                                    f"{'.'.join(path[: i + 1])!r}")
+    return (nested[".".join(path)] if path else config), leaf
+
+
+def set_config_json(data: dict, key: str, value: Any) -> None:
+    """Set ``key`` in the dict of a ``config.json``; a dotted key sets the entry inside the nested sub-config's
+    dict (``text_config.num_hidden_layers``), which must be there (``ArchitectureError`` otherwise)."""
+    *path, leaf = key.split(".")
+    for i, part in enumerate(path):
+        if not isinstance(data.get(part), dict):
+            raise ArchitectureError(f"config key {key!r}: the config has no sub-config {'.'.join(path[: i + 1])!r}")
+        data = data[part]
+    data[leaf] = value
+
+
 def set_config(root: nn.Module, key: str, value: Any) -> None:
+    """Set config key ``key`` of ``root``, a dotted path into a nested sub-config (``text_config.num_hidden_layers``)
+    or a top-level key."""
     config = getattr(root, "config", None)
     if config is None:
         raise ArchitectureError(f"recorded edit sets config key {key!r} but the model has no config")
-    setattr(config, key, value)
+    owner, leaf = config_owner(config, key)
+    setattr(owner, leaf, value)
 
 
 class EditLog:

@@ -119,6 +119,9 @@ def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8, mask: bool = 
     """
     config = module.config
     name = getattr(module, "main_input_name", "input_ids")
+    composite = composite_input_spec(module, batch, seq) if getattr(config, "vocab_size", None) is None else None
+    if composite is not None:
+        return composite
     if name == "pixel_values":
         size = getattr(config, "image_size", 32)
         size = size[0] if isinstance(size, (list, tuple)) else size
@@ -138,6 +141,31 @@ def hf_input_spec(module: nn.Module, batch: int = 2, seq: int = 8, mask: bool = 
         return InputSpec(kwargs=tuple(kwargs), seq=tuple(k for k, _ in kwargs), max_seq=max_seq,
                          mask="attention_mask" if mask and takes_mask else None, pad_id=pad_id)
     raise InputsError(f"growcli cannot generate inputs named {name!r}; pass --inputs FILE")
+
+
+def composite_input_spec(module: nn.Module, batch: int = 2, seq: int = 8) -> InputSpec | None:
+    """Inputs of a composite model, whose config has no vocabulary of its own but nested sub-configs (CLIP's
+    ``text_config`` and ``vision_config``): ``input_ids`` over the vocabulary of the first sub-config that has one
+    and ``pixel_values`` of the image size of the first that has one, each only when ``forward`` takes it; None
+    when it takes neither. Text and image inputs of models that need image tokens in the text (LLaVA) are not
+    made: pass --inputs FILE."""
+    from growcli.core.edits import sub_configs
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    subs = list(sub_configs(module.config).values())
+    text = next((c for c in subs if getattr(c, "vocab_size", None)), None)
+    vision = next((c for c in subs if getattr(c, "image_size", None)), None)
+    kwargs = []
+    if text is not None and "input_ids" in params:
+        seq = min(seq, getattr(text, "max_position_embeddings", None) or seq)
+        kwargs.append(("input_ids", TensorSpec((batch, seq), "int64", text.vocab_size)))
+    if vision is not None and "pixel_values" in params:
+        size = vision.image_size[0] if isinstance(vision.image_size, (list, tuple)) else vision.image_size
+        kwargs.append(("pixel_values", TensorSpec((batch, getattr(vision, "num_channels", 3), size, size))))
+    return InputSpec(kwargs=tuple(kwargs)) if kwargs else None
 
 
 def saved_names(module, refuse) -> dict[str, str]:

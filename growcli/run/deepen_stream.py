@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from growcli.core.edits import set_config_json
 from growcli.core.inputs import cast_batch, make_batches
 from growcli.io.atomic import atomic_output
 from growcli.io.hf_dir import hf_input_spec
@@ -74,7 +75,8 @@ def stream_deepen(src: Path, out: Path, spec: DeepenSpec, *, shard_size: int, se
         if len(shards) > 1:
             write_index(tmp, files, shards)
         config = json.loads((src / "config.json").read_text())
-        config.update(plan.config)
+        for key, value in plan.config.items():  # dotted keys name a nested sub-config's entry
+            set_config_json(config, key, value)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's weights
         timing["write"] = time.perf_counter() - started - timing["plan"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from growcli.analysis.blocks import find_stack
+from growcli.core.edits import set_config_json
 from growcli.core.errors import NotGrowableError, UsageError, VerificationFailed
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.units import parse_size
@@ -166,7 +167,8 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
         if len(shards) > 1:
             write_index(tmp, files, shards)
         config = json.loads((src / "config.json").read_text())
-        config.update(plan.config)
+        for key, value in plan.config.items():  # dotted keys name a nested sub-config's entry
+            set_config_json(config, key, value)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's (stale) weights
         new_config = module.config.__class__.from_pretrained(str(tmp), local_files_only=True)

@@ -12,6 +12,13 @@ are refused when the config would change them. A ``head_dim`` the config lacks i
 built with it is the grown model (:data:`NEW_KEYS`), sizes stated as ratios (``mlp_ratio``) follow the
 weights, and names the grown model shares but a model built from the config does not (BERT's MLM
 decoder bias once the embeddings are untied) get copies of their own.
+
+Composite models (``text_config`` + ``vision_config``, an encoder-decoder's ``encoder``/``decoder``)
+nest configs: every key of every nested sub-config is a candidate too, named by its dotted path
+(``text_config.intermediate_size``, :func:`config_items`) and judged like a top-level key, by the
+shapes of the model built from the changed config, so growing one tower changes that tower's
+sub-config. A key a transform names without a path (``num_attention_heads``) that the top-level
+config lacks is the key of every sub-config holding it (:func:`key_paths`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from growcli.core.edits import config_owner, sub_configs
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
 from growcli.core.origins import Origin
@@ -47,6 +55,44 @@ def _shape_diffs(module: nn.Module) -> list[str]:
     want = {k: tuple(v.shape) for k, v in fresh_model(module).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     return [f"{k} {list(have[k])} vs config {list(want[k])}" for k in have if k in want and want[k] != have[k]]
+
+
+def config_items(config) -> list[tuple[str, object]]:
+    """``(key, value)`` of every key of ``config`` and, by dotted path, of its nested sub-configs, sorted by key.
+
+    Values that are themselves configs or dicts (``text_config``, ``rope_scaling``) are not listed: the keys
+    inside a sub-config are.
+    """
+    owners = [("", config)] + [(f"{path}.", sub) for path, sub in sub_configs(config).items()]
+    return sorted((prefix + key, value) for prefix, owner in owners for key, value in owner.to_dict().items()
+                  if not isinstance(value, dict))
+
+
+def get_key(config, key: str, default=None):
+    """The value of ``key`` (maybe a dotted path into a sub-config), ``default`` when it is not set."""
+    owner, leaf = config_owner(config, key)
+    return getattr(owner, leaf, default)
+
+
+def set_key(config, key: str, value) -> None:
+    """Set ``key`` (maybe a dotted path into a sub-config) on ``config``, in place."""
+    owner, leaf = config_owner(config, key)
+    setattr(owner, leaf, value)
+
+
+def key_paths(config, key: str, others: Iterable[str] = ()) -> list[str]:
+    """Where a transform's ``key`` lives: itself when dotted or set at the top level, else the dotted paths of
+    every nested sub-config that sets it. A :data:`NEW_KEYS` key set nowhere goes where the other keys of the
+    update (``others``) live: the top level, or the sub-configs holding them."""
+    if "." in key or getattr(config, key, None) is not None:
+        return [key]
+    nested = sub_configs(config)
+    found = [f"{path}.{key}" for path, sub in nested.items() if getattr(sub, key, None) is not None]
+    if found or key not in NEW_KEYS:
+        return found
+    homes = {p.rpartition(".")[0] for other in others if other != key and other not in NEW_KEYS
+             for p in key_paths(config, other)}
+    return sorted(f"{home}.{key}" if home else key for home in homes) or [key]
 
 
 def mismatched_sizes(module: nn.Module) -> set[int]:
@@ -77,12 +123,13 @@ def sync_config(gm: GrowModel, updates: dict[str, int], sizes: dict[int, set[int
     # Attributes that already disagree with the config (say an earlier widen step left LlamaMLP's unused
     # intermediate_size behind) are not this step's business.
     stale = set(attr_diffs(module))
-    for key, value in updates.items():
-        if getattr(config, key, None) is not None and getattr(config, key) != value:
-            notes.append(f"config {key}: {getattr(config, key)} → {value}")
-            gm.edits.config(module, key, value)
+    for name, value in updates.items():
+        for key in key_paths(config, name):
+            if get_key(config, key) is not None and get_key(config, key) != value:
+                notes.append(f"config {key}: {get_key(config, key)} → {value}")
+                gm.edits.config(module, key, value)
     factors = {fix.old: fix.new for fix in eps}
-    for key, value in sorted(config.to_dict().items()):
+    for key, value in config_items(config):
         if isinstance(value, float) and any(math.isclose(value, old, rel_tol=1e-12) for old in factors):
             new = next(factors[o] for o in factors if math.isclose(value, o, rel_tol=1e-12))
             notes.append(f"config {key}: {value:g} → {new:g}")
@@ -196,7 +243,7 @@ def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> lis
     bad = len(mismatches(module))
     unset = list(unset)
     changed = []
-    for key, value in sorted(config.to_dict().items()):
+    for key, value in config_items(config):
         if not bad:
             break
         if isinstance(value, int) and not isinstance(value, bool) and value in sizes:
@@ -207,11 +254,11 @@ def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> lis
             continue
         for new in tries:
             try:
-                setattr(config, key, new)
+                set_key(config, key, new)
                 after = len(_shape_diffs(module)) if _same_names(module) else bad
             except Exception:  # typed config fields and model constructors reject values that do not fit
                 after = bad
-            setattr(config, key, value)
+            set_key(config, key, value)
             if after < bad:
                 gm.edits.config(module, key, new)
                 changed.append(f"{key}: {value} → {new}")
@@ -229,7 +276,7 @@ def _fit_ratios(gm: GrowModel, bad: int) -> list[str]:
     module = gm.module
     config = module.config
     changed = []
-    for key, value in sorted(config.to_dict().items()):
+    for key, value in config_items(config):
         if not bad:
             break
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value or "eps" in key:
@@ -238,11 +285,11 @@ def _fit_ratios(gm: GrowModel, bad: int) -> list[str]:
             new = value * have / want
             new = int(new) if isinstance(value, int) and float(new).is_integer() else float(new)
             try:
-                setattr(config, key, new)
+                set_key(config, key, new)
                 after = len(_shape_diffs(module)) if _same_names(module) else bad
             except Exception:  # typed config fields and model constructors reject values that do not fit
                 after = bad
-            setattr(config, key, value)
+            set_key(config, key, value)
             if after < bad:
                 gm.edits.config(module, key, new)
                 changed.append(f"{key}: {value:g} → {new:g} (a ratio of sizes)")
@@ -278,29 +325,32 @@ NEW_KEYS = ("head_dim",)
 def with_config(gm: GrowModel, updates: dict[str, int], validate: bool = False) -> nn.Module:
     """A meta-device model built from the config with ``updates`` applied (the config itself is restored).
 
-    Keys the config does not have are left out, except :data:`NEW_KEYS`, which are set for the build.
-    With ``validate``, raises what the config's own validators raise (Llama wants ``hidden_size``
-    divisible by the heads, although its explicit ``head_dim`` makes the model work either way).
+    A key goes where :func:`key_paths` finds it (a composite model's sub-configs); keys the config does not
+    have are left out, except :data:`NEW_KEYS`, which are set for the build. With ``validate``, raises what
+    the config's own validators raise (Llama wants ``hidden_size`` divisible by the heads, although its
+    explicit ``head_dim`` makes the model work either way).
     """
     config = gm.module.config
-    saved = {k: getattr(config, k) for k in updates if getattr(config, k, None) is not None}
-    added = [k for k in updates if k in NEW_KEYS and k not in saved]
+    paths = {path: updates[k] for k in updates for path in key_paths(config, k, updates)}
+    saved = {k: get_key(config, k) for k in paths if get_key(config, k) is not None}
+    added = [k for k in paths if k.rpartition(".")[2] in NEW_KEYS and k not in saved]
     try:
         for k in saved:
-            setattr(config, k, updates[k])
+            set_key(config, k, paths[k])
         for k in added:
-            setattr(config, k, updates[k])
+            set_key(config, k, paths[k])
         if validate:
             validate_config(config)
         return fresh_model(gm.module)
     finally:
         for k, v in saved.items():
-            setattr(config, k, v)
+            set_key(config, k, v)
         for k in added:
-            if k in vars(config):
-                delattr(config, k)
+            owner, leaf = config_owner(config, k)
+            if leaf in vars(owner):
+                delattr(owner, leaf)
             else:
-                setattr(config, k, None)
+                setattr(owner, leaf, None)
 
 
 def set_new_keys(gm: GrowModel, updates: dict[str, int], notes: list[str]) -> None:
@@ -308,11 +358,12 @@ def set_new_keys(gm: GrowModel, updates: dict[str, int], notes: list[str]) -> No
     config = getattr(gm.module, "config", None)
     if not gm.is_hf or config is None:
         return
-    for key in NEW_KEYS:
-        if key in updates and getattr(config, key, None) is None:
-            gm.edits.config(gm.module, key, updates[key])
-            notes.append(f"config {key}: unset → {updates[key]} (the attention reads it; derived from hidden_size / "
-                         "num_attention_heads it would change)")
+    for name in NEW_KEYS:
+        for key in key_paths(config, name, updates) if name in updates else ():
+            if get_key(config, key) is None:
+                gm.edits.config(gm.module, key, updates[name])
+                notes.append(f"config {key}: unset → {updates[name]} (the attention reads it; derived from "
+                             "hidden_size / num_attention_heads it would change)")
 
 
 def validate_config(config) -> None:
