@@ -9,6 +9,12 @@ graph walk that finds them: which nodes carry the channels (``core``: in which d
 the work list, and the parameters recorded so far. The rules that decide what each op does
 with the channels are in :mod:`growcli.analysis.coupling_forward` and
 :mod:`growcli.analysis.coupling`.
+
+A parameter may be read by several ops (a layer applied at several depths, ALBERT's shared
+layer). Every op that records a parameter is noted as reaching it (:attr:`GroupWalk.reached`);
+the walk's owner is exact only if, once the walk is done, every op reading the parameter was
+reached, all with the one dim, role and layout its :class:`TensorUse` has: then the same map
+of the parameter is right at every use.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Group:
     groups: int = 1  # channels must grow group by group (grouped convolutions)
     depthwise: list[str] = field(default_factory=list)  # conv modules whose ``groups`` follows the size
     patches: list[ViewPatch] = field(default_factory=list)
+    applications: int = 1  # the most ops reading one of its parameters in a forward pass (>1: shared across depths)
 
     def describe(self) -> list[str]:
         return [f"{u.fqn} (dim {u.dim}, {u.role})" for u in self.uses]
@@ -61,6 +68,9 @@ class GroupWalk:
     """The walk's state over ``trace`` for the channels of ``layer``; subclasses add the op rules
     (``_forward(src, node)`` for a user of a node carrying the channels, ``_backward(node)`` for a
     node that must carry them)."""
+
+    # Ops through which a parameter reaches the op that reads it as a weight (``w.t()``, ``w[expert_ids]``).
+    weight_moves: frozenset = frozenset()
 
     def __init__(self, trace: Trace, layer: str):
         self.trace = trace
@@ -72,6 +82,8 @@ class GroupWalk:
         self.pending: dict[fx.Node, int] = {}  # concatenations along the channels, laid out when the walk is done
         self.group: Group | None = None
         self._uses: dict[str, TensorUse] = {}
+        self._at: fx.Node | None = None  # the op whose rule runs now
+        self.reached: dict[str, set[fx.Node]] = {}  # parameter → the ops reading it that the walk reached
 
     def _forward(self, src: fx.Node, node: fx.Node) -> None:
         raise NotImplementedError
@@ -84,11 +96,30 @@ class GroupWalk:
         if prev is not None:
             if (prev.dim, prev.role) != (dim, role):
                 raise Refuse(f"parameter {fqn} is tied to the channels in two ways ({prev.role} dim {prev.dim}, {role} dim {dim})")
-            return
+            if (prev.layout, prev.groups) != (layout, groups):
+                raise Refuse(f"parameter {fqn} reads the channels in two different layouts at two of its uses")
+        else:
+            self._uses[fqn] = TensorUse(fqn, dim, role, layout, groups)
+        self.reached.setdefault(fqn, set()).update(self._owners_at(fqn))
+
+    def _owners_at(self, fqn: str) -> list[fx.Node]:
+        """The ops reading parameter ``fqn`` that the current rule accounts for: the op itself, an op it reads
+        (a native batch norm seen through its ``getitem``) or the weight moves in between; every op reading it
+        when the parameter itself carries the channels (its every use is then followed)."""
+        at = self._at
         owners = [u for u in self.users.get(fqn, []) if u.op == "call_function"]
-        if len(owners) > 1 and role != "copy":
-            raise Refuse(f"parameter {fqn} is shared by {len(owners)} operations (tied weights)")
-        self._uses[fqn] = TensorUse(fqn, dim, role, layout, groups)
+        if at is None:
+            return []
+        if at.op == "get_attr":
+            return owners if str(at.target) == fqn else []
+        near, todo = {at}, list(at.all_input_nodes)
+        while todo:
+            node = todo.pop()
+            if node not in near and node.op == "call_function":
+                near.add(node)
+                if node.target in self.weight_moves:
+                    todo.extend(node.all_input_nodes)
+        return [u for u in owners if u in near]
 
     def _mark(self, node: fx.Node, dim: int, backward: bool) -> None:
         if node in self.core:
@@ -123,8 +154,10 @@ class GroupWalk:
             kind, node = self.work.pop(0)
             if kind == "fwd":
                 for user in list(node.users):
+                    self._at = user
                     self._forward(node, user)
             else:
+                self._at = node
                 self._backward(node)
 
     def _state(self, node: fx.Node) -> tuple[int, Layout] | None:

@@ -17,6 +17,11 @@ them) has the parts' channels: its rows are ``Cat([Core, Core])``, so growing ch
 rows ``j`` and ``I + j`` together. Fused 3-D expert parameters (``experts.gate_up_proj`` [E, 2I, H])
 are layers named by the parameter itself; every expert grows with the same channel map.
 
+A layer whose weight runs several times in one forward pass (ALBERT's layer at every depth, a block
+called in a loop) is a producer at every use; the walk starts at all of them, and afterwards every op
+reading a recorded parameter must have been reached (:meth:`Analysis._check_shared`): then one map of
+each parameter is exact at every use, else the use that is not coupled is named.
+
 This module holds the entry points (:func:`analyze`, :func:`producer_layers`), the producer rules
 and the backward rules; the result types and the walk's bookkeeping are in
 :mod:`growcli.analysis.coupled_group`, the forward rules in :mod:`growcli.analysis.coupling_forward`.
@@ -29,7 +34,7 @@ import operator
 from torch import fx
 
 from growcli.analysis.coupled_group import Group
-from growcli.analysis.coupling_forward import (ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, WEIGHT_MOVES,
+from growcli.analysis.coupling_forward import (ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, SHAPE_ONLY, WEIGHT_MOVES,
                                                bmm_weight, is_grouped_mm, roll_dims, weight_param)
 from growcli.analysis.layouts import CORE, Cat
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, METADATA_CHECKS, PAD, POOL, REINDEX, Refuse, Trace, VIEW,
@@ -44,6 +49,8 @@ SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, 
 class Analysis(ForwardRules):
     """Coupled-channel analysis of one producer layer's output (see module docstring)."""
 
+    weight_moves = frozenset(WEIGHT_MOVES)
+
     # -- entry
     def run(self) -> Group:
         weight = f"{self.layer}.weight" if self.layer else "weight"
@@ -52,34 +59,68 @@ class Analysis(ForwardRules):
         users = self.users.get(weight)
         if users is None:
             raise NotGrowableError(f"'{self.layer}' has no weight parameter used by the traced model")
-        ops = [u for u in users if u.op == "call_function"]
-        if len(ops) != 1:
-            raise NotGrowableError(f"'{self.layer}' is used {len(ops)} times in the forward pass (shared weights); "
-                                   "growing it would change every use")
-        node = ops[0]
-        while node.target in WEIGHT_MOVES and len(node.users) == 1 and weight_param(node) is not None:
-            node = next(iter(node.users))  # w.transpose(-2, -1) or w[expert_ids] read by a grouped or batched matmul
-        self.group = Group(self.layer, 0)
+        ops = self._readers(weight)
+        if not ops:
+            raise NotGrowableError(f"'{self.layer}' has no weight parameter used by the traced model")
+        self.group = Group(self.layer, 0, applications=len(ops))
         try:
-            dim = self._producer(node, weight)
-            end, end_dim = self._through(node, dim)
-            parts = self._split_parts(end, end_dim)
+            # A layer applied at several depths: every application produces the same channels, by the same map.
+            starts = [self._start(op, weight) for op in ops]
+            sizes = sorted({size for _, _, _, size in starts})
+            if len(sizes) != 1:
+                raise Refuse(f"it is used {len(ops)} times in the forward pass (shared weights) with {sizes} channels; "
+                             "growing it would change its uses differently")
+            self.group.size = sizes[0]
             self.group.producers.append(self.layer)
-            if parts is None:
-                self.group.size = shape(node)[dim]
-                self._mark(node, dim, backward=False)
-            else:  # a fused projection: the channels are its parts', the rows are a concatenation of the parts
-                self.group.size = shape(next(p for p in parts if p is not None))[end_dim]
+            kinds = {None if parts is None else len(parts) for _, _, parts, _ in starts}
+            if len(kinds) != 1:
+                raise Refuse(f"it is used {len(ops)} times in the forward pass (shared weights), its output split "
+                             "into parts at some uses only")
+            if (count := kinds.pop()) is not None:  # a fused projection: its rows are a concatenation of the parts
                 for use in self._uses.values():
-                    use.layout = Cat([CORE] * len(parts))
-                for part in parts:
-                    if part is not None:
-                        self._mark(part, end_dim, backward=False)
+                    use.layout = Cat([CORE] * count)
+            for node, dim, parts, _ in starts:
+                for part, part_dim in ([(node, dim)] if parts is None else [(p, dim) for p in parts if p is not None]):
+                    self._mark(part, part_dim, backward=False)
             self._drain()
+            self._check_shared()
         except Refuse as exc:
             raise NotGrowableError(f"'{self.layer}': {exc}") from None
         self.group.uses = list(self._uses.values())
         return self.group
+
+    def _start(self, op: fx.Node, weight: str) -> tuple[fx.Node, int, list[fx.Node | None] | None, int]:
+        """One application of the layer as a producer: the node carrying its channels (past the single uses that
+        keep them in place) and their dim, the parts of a fused projection (``None``: not split), and the size."""
+        node = op
+        while node.target in WEIGHT_MOVES and len(node.users) == 1 and weight_param(node) is not None:
+            node = next(iter(node.users))  # w.transpose(-2, -1) or w[expert_ids] read by a grouped or batched matmul
+        self._at = node
+        dim = self._producer(node, weight)
+        end, end_dim = self._through(node, dim)
+        parts = self._split_parts(end, end_dim)
+        if parts is None:
+            return node, dim, None, shape(node)[dim]
+        return end, end_dim, parts, shape(next(p for p in parts if p is not None))[end_dim]
+
+    def _check_shared(self) -> None:
+        """Refuse a parameter of the group read by an op the walk did not reach: that use would see the new map
+        without its channels growing (a weight shared by a use the growth is not coupled to)."""
+        for fqn, use in self._uses.items():
+            owners = self._readers(fqn)
+            self.group.applications = max(self.group.applications, len(owners))
+            missed = [u for u in owners if u not in self.reached.get(fqn, ())]
+            if missed:
+                k = owners.index(missed[0]) + 1
+                raise Refuse(f"parameter {fqn} is used {len(owners)} times (shared weights) and its use {k} "
+                             f"({op_name(missed[0])}{where(missed[0])}, node {missed[0].name}) is not coupled to the "
+                             f"same grown channels (it is {use.role} dim {use.dim} where the growth reaches it); widening "
+                             "is exact only when every use is")
+
+    def _readers(self, fqn: str) -> list[fx.Node]:
+        """The ops that read parameter ``fqn``'s values (not only its metadata or sizes), in graph order."""
+        return [u for u in self.users.get(fqn, [])
+                if u.op == "call_function" and u.target not in METADATA_CHECKS and u.target not in SHAPE_ONLY]
 
     # -- producers
     def _producer(self, node: fx.Node, weight_fqn: str) -> int:
@@ -196,7 +237,8 @@ class Analysis(ForwardRules):
             own = self._producer(node, w)
             if own != dim:
                 raise Refuse(f"{op_name(node)}{where(node)} produces the channels in another dimension")
-            self.group.producers.append(w.rsplit(".", 1)[0])
+            if (name := w.rsplit(".", 1)[0]) not in self.group.producers:  # a co-producer applied at several depths
+                self.group.producers.append(name)
             return
         if t in LIKE or t == aten.roll.default and roll_dims(node) and dim not in roll_dims(node):
             self._mark(node.args[0], dim, backward=True)  # its positions are its input's

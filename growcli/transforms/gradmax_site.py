@@ -107,6 +107,9 @@ def find_site(trace: Trace, group: Group) -> Site:
     activations, dropout and BatchNorm, on a single path.
     """
     layer = group.layer
+    if group.applications > 1:
+        raise refusal(layer, f"its weights run {group.applications} times in the forward pass (shared weights); "
+                             "gradmax measures one use")
     if len(group.producers) != 1:
         raise refusal(layer, f"the channels are shared with {', '.join(p for p in group.producers if p != layer)} "
                              "(a residual sum or gate); gradmax needs a single producer")

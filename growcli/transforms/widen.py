@@ -168,6 +168,7 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
     fresh = new_units(g)
     factors = split_factors(g, group.size, spec.split, spec.init, gen)
     jobs = deferring()
+    tied = _tied_names(root) if jobs is None else {}
     for use in group.uses:
         old = _get(root, use.fqn).detach()
         if jobs is None:
@@ -180,13 +181,26 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
                                 slices=_slice_dims(shape, use, fresh, spec)))
             _skip_init(shape, use, fresh, spec, gen)
             new, origin = torch.empty(shape, dtype=old.dtype, device="meta"), None
-        gm.edits.param(root, use.fqn, new.to(old.dtype), origin)
+        for name in (use.fqn, *tied.get(use.fqn, ())):  # one tensor under several names: each, then tied again
+            gm.edits.param(root, name, new.to(old.dtype), origin)
+        for name in tied.get(use.fqn, ()):
+            owner, _, leaf = name.rpartition(".")
+            root.get_submodule(owner)._parameters[leaf] = _get(root, use.fqn)
         report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
     for name in group.depthwise:
         gm.edits.attr(root, name, "groups", new_size)
-    for name in sorted({u.fqn.rpartition(".")[0] for u in group.uses}):
+    for name in sorted({n.rpartition(".")[0] for u in group.uses for n in (u.fqn, *tied.get(u.fqn, ()))}):
         sync_attributes(gm, name)
     _patch_views(gm, group, g)
+
+
+def _tied_names(root: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Name of a parameter held by several modules (one Parameter, a layer shared across depths by reference)
+    → its other names; the trace sees one of them."""
+    names: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: tuple(m for m in group if m != n) for group in names.values() if len(group) > 1 for n in group}
 
 
 def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, factors: torch.Tensor, group: Group,
@@ -348,9 +362,16 @@ def widen(gm: GrowModel, spec: WidenSpec, ctx: Context) -> StepReport:
             continue
         done.add(key)
         touched |= {use.fqn for use in group.uses}
+        if group.applications > 1 and spec.init in DATA_INITS:  # their measure is taken at one use
+            raise NotGrowableError(f"'{layer}': {spec.init}: its weights run {group.applications} times in the "
+                                   f"forward pass (shared weights) and {spec.init} measures one use; use init net2net "
+                                   "or zero")
         if spec.init == "firefly":
             firefly.append(group)
             continue
+        if group.applications > 1:
+            report.notes.append(f"'{layer}': its weights run {group.applications} times in the forward pass "
+                                "(shared weights); every use grows by the same map")
         new_size = spec.target(group.size)
         if new_size <= group.size:
             raise NotGrowableError(f"'{layer}' has {group.size} units; the new size {new_size} is not larger")
