@@ -20,6 +20,14 @@ original mean, which the ``eps`` it is added to must follow, and the norm's ``γ
 naming the op and the module — e.g. post-LN with a size that is not a multiple of ``d``: the
 LayerNorm's output is the stream, and its padded entries cannot stay the per-token mean.
 
+Mixture-of-experts layers need no rule of their own beyond their ops': a router is a Linear reading the
+stream (its columns split, so ``W̃x̃ = Wx``: the same logits, the same experts, the same routing weights);
+the experts' fused parameters are read and written through per-expert matmuls (``bmm`` of
+``w[expert_ids]``, grouped matmuls), ``gate_up_proj``'s hidden dim as a reader's columns and
+``down_proj``'s as a writer's rows, in every expert; tokens reach their experts and come back through ops
+that move or sum whole hidden vectors along other dimensions (``x[ids]``, ``repeat_interleave``, a sum over
+each token's top-k rows, ``index_add_``, ``scatter_add_``), which keep the scale and both paddings.
+
 The two phases live in :mod:`growcli.analysis.stream_tensors` (which tensors) and
 :mod:`growcli.analysis.stream_plan` with :mod:`growcli.analysis.stream_rules` (how each grows);
 this module finds where the stream starts (:func:`stream_start`) and runs both

@@ -128,6 +128,7 @@ class HiddenState:
     pads: frozenset
     cause: str = ""
     cause_is_norm: bool = False
+    zero: bool = False  # a fresh zero tensor: equal to any scale of the original (zero) tensor
 
 
 @dataclass

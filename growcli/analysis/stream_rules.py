@@ -4,8 +4,10 @@
 in graph order and, op by op, derives each hidden tensor's scale ``α`` and what is known about
 its padded entries, and plans the parameters the op reads: producers and consumers (Linear,
 Conv, Embedding, ``addmm``), norms (their ``eps`` and ``γ``), additive and multiplicative
-operands, concatenations, element-wise ops and per-token statistics. Whatever breaks the
-invariants is refused, naming the op and the module. The plan's types and the bookkeeping are
+operands, concatenations, element-wise ops, per-token statistics, and mixture-of-experts layers
+(the experts' per-expert matmuls, :meth:`Planner.expert_op`; whole hidden vectors moved between rows
+and summed back onto their tokens, :meth:`Planner.accumulate_op`). Whatever breaks the invariants
+is refused, naming the op and the module. The plan's types and the bookkeeping are
 in :mod:`growcli.analysis.stream_plan`; :mod:`growcli.analysis.stream` has the overview.
 """
 
@@ -16,9 +18,9 @@ import math
 import torch
 from torch import fx
 
-from growcli.analysis.stream_plan import (Constant, FINITE, LINEAR_UNARY, MEAN, MEANS, POSITIVE_HOMOGENEOUS, PlanBook,
-                                          SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
-from growcli.analysis.stream_tensors import NORMS, PRODUCERS, STAT_POWER
+from growcli.analysis.stream_plan import (Constant, FINITE, HiddenState, LINEAR_UNARY, MEAN, MEANS, POSITIVE_HOMOGENEOUS,
+                                          PlanBook, SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
+from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS, expert_matmul
 from growcli.analysis.trace import (ADDMM, BINARY, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, attr_of, data_of,
                                     flat_args, module_of, op_name, shape, weight_of, where)
 
@@ -52,9 +54,16 @@ class Planner(PlanBook):
             return self.producer_op(node)
         if node in self.a.stats:
             return self.stat_op(node)
+        if expert_matmul(node) is not None:
+            return self.expert_op(node)
         if node not in core:
             self.refuse(f"{op_name(node)}{where(node)} uses the hidden states and growcli has no rule for it")
         dim = core[node]
+        if t in ZEROS:  # zero at every position: any scale, both paddings
+            self.st[node] = HiddenState(1.0, self.mode, zero=True)
+            return
+        if t in ACCUMULATE:
+            return self.accumulate_op(node)
         ins = [x for x in flat_args(node.args) if isinstance(x, fx.Node)]
         if not any(x in self.st or x in self.stats for x in ins):
             expr = self.param_expr(node, dim)
@@ -75,7 +84,7 @@ class Planner(PlanBook):
             return self.cat_op(node, dim)
         if node.args[0] not in self.st:
             self.refuse(f"{op_name(node)}{where(node)} makes hidden states from '{node.args[0]}', which growcli cannot follow")
-        if t in REINDEX or t in VIEW:
+        if t in REINDEX or t in VIEW or t in ROW_OPS:  # ROW_OPS: whole hidden vectors move between rows
             self.st[node] = self.st[node.args[0]]
             return
         if t in UNARY:
@@ -108,6 +117,37 @@ class Planner(PlanBook):
             self.producer_of[node] = [key for key in self.plans if node in self.handled.get(key[1], ())
                                       and self.plans[key].kind == "producer"]
             self.plan.producers.append(module_of(node))
+
+    def expert_op(self, node: fx.Node) -> None:
+        """A per-expert matmul: ``experts.gate_up_proj`` reads the hidden states like a Linear's columns, in every
+        expert (consumer: tiled, divided by ``k``, padded with zero); ``experts.down_proj`` writes them like a
+        Linear's rows (producer: tiled, padded like the stream, every expert alike)."""
+        m = expert_matmul(node)
+        if m.data in self.stats:
+            self.refuse(f"{op_name(node)}{where(node)} reads a statistic over the hidden dimension")
+        if m.data in self.st:
+            if node in self.a.core:
+                self.refuse(f"{op_name(node)}{where(node)} reads the hidden states in a dimension it does not contract")
+            self.param(m.fqn, m.weight_in, "consumer", 1.0 / self.st[m.data].alpha, node)
+            self.plan.consumers.append(module_of(node))
+        elif node in self.a.core:
+            self.param(m.fqn, m.weight_out, "producer", 1.0, node)
+            self.set(node, 1.0, self.mode, [])
+            self.producer_of[node] = [key for key, plan in self.plans.items() if key[1] == m.fqn and plan.kind == "producer"]
+            self.plan.producers.append(module_of(node))
+        else:
+            self.refuse(f"{op_name(node)}{where(node)} uses the hidden states as its weight")
+
+    def accumulate_op(self, node: fx.Node) -> None:
+        """``self`` plus rows of ``source`` added at their indices: a sum of hidden vectors, which keeps their
+        common scale and their padding (zero stays zero, a sum of per-token means is the mean of the sum)."""
+        base, source = (self.st.get(a) if isinstance(a, fx.Node) else None for a in (node.args[0], node.args[3]))
+        if base is None or source is None:
+            self.refuse(f"{op_name(node)}{where(node)} adds hidden states to a tensor growcli cannot follow")
+        if not base.zero and not math.isclose(base.alpha, source.alpha, rel_tol=1e-12):
+            self.refuse(f"{op_name(node)}{where(node)} adds hidden states of different scales ({base.alpha:.6g} and "
+                        f"{source.alpha:.6g})")
+        self.set(node, source.alpha, base.pads & source.pads, [base, source])
 
     def norm_op(self, node: fx.Node) -> None:
         x = node.args[0]
@@ -277,6 +317,7 @@ class Planner(PlanBook):
                 exact_mean = is_mean and (MEAN in s.pads or self.exact_r)
                 self.stats[node] = StatState(s.alpha * ratio, x if exact_mean else None)
                 self.plan.norms.append(module_of(node))
+                self._note_cast(node)  # a decomposed norm (x.float() · rsqrt(mean(x²) + eps)) rounds there too
                 return
             if not self.exact_r:
                 self.refuse(f"{op_name(node)}{where(node)} takes a maximum over the hidden dimension with padded entries")

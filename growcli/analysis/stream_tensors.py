@@ -4,18 +4,27 @@
 *stream mode*, started at the op that writes the stream first
 (:func:`growcli.analysis.stream.stream_start`): LayerNorm and RMSNorm ops join the stream instead
 of stopping it, and a mean or sum over the hidden dimension becomes a per-token statistic that is
-followed until it multiplies the stream again. How each of these tensors grows is phase 2,
+followed until it multiplies the stream again. Mixture-of-experts layers are followed through the ops
+that move whole hidden vectors between rows (:data:`ROW_OPS`, :func:`row_dim`: ``x[token_ids]``,
+``index_select``, ``repeat_interleave`` along the token dimension), sums over the top-k rows of a token
+and additions of rows back onto the tokens (:data:`ACCUMULATE`: ``index_add_``, ``scatter_add_``); the
+experts' per-expert matmuls (:func:`expert_matmul`: ``bmm`` of ``w[expert_ids]``, grouped matmuls) read
+the stream like a Linear (``experts.gate_up_proj``'s input dim) and write it like one
+(``experts.down_proj``'s output dim). How each of these tensors grows is phase 2,
 :mod:`growcli.analysis.stream_plan` and :mod:`growcli.analysis.stream_rules`;
 :mod:`growcli.analysis.stream` has the overview.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
 from growcli.analysis.coupled_group import Group, TensorUse
 from growcli.analysis.coupling import Analysis
+from growcli.analysis.coupling_forward import bmm_weight, is_grouped_mm, weight_param
 from growcli.analysis.layouts import CORE, Layout
 from growcli.analysis.trace import (ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, Refuse, Trace, UNARY, VIEW,
                                     attr_of, flat_args, module_of, op_name, reduce_dims, shape, weight_of, where)
@@ -25,6 +34,16 @@ aten = torch.ops.aten
 RMS_NORM = aten.rms_norm.default if hasattr(aten, "rms_norm") else None
 NORMS = {aten.layer_norm.default} | ({RMS_NORM} if RMS_NORM is not None else set())
 PRODUCERS = {aten.linear.default, aten.embedding.default, ADDMM} | CONV
+# Ops that gather or repeat whole rows along a dimension other than the hidden one: every output hidden vector
+# is one of the input's (tokens sent to their experts, and back).
+ROW_OPS = {aten.index.Tensor, aten.index_select.default, aten.repeat_interleave.self_int}
+if hasattr(aten.repeat_interleave, "self_Tensor"):
+    ROW_OPS.add(aten.repeat_interleave.self_Tensor)
+# ``out = self; out[index[i]] += source[i]`` along a dimension other than the hidden one (index_add, scatter_add
+# with an index constant along the hidden dim): expert outputs summed back onto their tokens.
+ACCUMULATE = {aten.index_add.default, aten.index_add_.default, aten.scatter_add.default, aten.scatter_add_.default}
+# Fresh zero tensors (what ACCUMULATE adds onto): zero at every position, whatever the size.
+ZEROS = {aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default}
 # Element-wise ops a per-token statistic may pass through, with the power they raise its scale to.
 STAT_POWER = {aten.rsqrt.default: -0.5, aten.sqrt.default: 0.5, aten.reciprocal.default: -1.0}
 
@@ -104,7 +123,66 @@ class StreamAnalysis(Analysis):
         if t in REDUCE and dim in reduce_dims(node, rank):
             self._stat(node)
             return
+        if t in ROW_OPS:
+            self._propagate(src, node, row_dim(node, src, dim))
+            return
+        if t in ACCUMULATE:
+            if node.args[2] is src:
+                raise Refuse(f"{op_name(node)}{where(node)} uses the hidden states as indices")
+            self._accumulate(node, dim)
+            self._mark(node, dim, backward=False)
+            return
         super()._forward(src, node)
+
+    def _accumulate(self, node: fx.Node, dim: int) -> None:
+        """``self`` and ``source`` of an ACCUMULATE op carry the hidden states in ``dim``, as its output does."""
+        rank = len(shape(node))
+        if node.args[1] % rank == dim:
+            raise Refuse(f"{op_name(node)}{where(node)} adds entries along the hidden dimension")
+        index = node.args[2]
+        if node.target in (aten.scatter_add.default, aten.scatter_add_.default) and not _constant_along(index, dim):
+            raise Refuse(f"{op_name(node)}{where(node)} scatters with an index that varies along the hidden dimension")
+        for arg in (node.args[0], node.args[3]):
+            if isinstance(arg, fx.Node) and arg not in self.core:
+                self._mark(arg, dim, backward=True)
+
+    def _backward(self, node: fx.Node) -> None:
+        # The rules that make a tensor carry the hidden states and that the general ones lack: an expert's
+        # output projection, rows gathered from a tensor, a sum over the rows of a token.
+        dim = self.core[node]
+        t = node.target
+        matmul = expert_matmul(node)
+        if matmul is not None and matmul.data not in self.core:
+            if self._producer(node, matmul.fqn) != dim:
+                raise Refuse(f"{op_name(node)}{where(node)} writes the hidden states in another dimension than its "
+                             "experts' output channels")
+            self.group.producers.append(matmul.fqn)
+            return
+        if t in ACCUMULATE:
+            return self._accumulate(node, dim)
+        if t in ZEROS and t != aten.zeros_like.default:
+            return  # zero everywhere, whatever the hidden size
+        if t in ROW_OPS:
+            src = node.args[0]
+            found = [d for d in range(len(shape(src))) if _row_dim_or_none(node, src, d) == dim]
+            if len(found) != 1:
+                raise Refuse(f"{op_name(node)}{where(node)} makes hidden states from rows growcli cannot follow back")
+            if src.op == "get_attr":
+                self._use(str(src.target), found[0], "copy")
+            else:
+                self._mark(src, found[0], backward=True)
+            return
+        if t in REDUCE and len(node.args) > 1 and node.args[1] not in (None, []):
+            src = node.args[0]
+            rank = len(shape(src))
+            dims = reduce_dims(node, rank)
+            keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+            kept = list(range(rank)) if keep else [d for d in range(rank) if d not in dims]
+            if kept[dim] in dims:
+                raise Refuse(f"{op_name(node)}{where(node)} reduces the hidden dimension of what it sums")
+            self._mark(src, kept[dim], backward=True)  # a sum over a token's top-k rows: each row carries them
+            return
+        super()._backward(node)
 
     def _stat_user(self, src: fx.Node, node: fx.Node) -> None:
         if node.op != "call_function":
@@ -120,3 +198,85 @@ class StreamAnalysis(Analysis):
             return
         raise Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
                      "and growcli has no rule for it")
+
+
+@dataclass(frozen=True)
+class ExpertMatmul:
+    """A per-expert matmul: parameter ``fqn`` (``[E, …]``) multiplies ``data``, contracting ``data``'s dim
+    ``data_dim`` with the parameter's dim ``weight_in``; the parameter's dim ``weight_out`` becomes the output's
+    dim ``out_dim``."""
+
+    fqn: str
+    data: fx.Node
+    data_dim: int
+    weight_in: int
+    weight_out: int
+    out_dim: int
+
+
+def expert_matmul(node: fx.Node) -> ExpertMatmul | None:
+    """The per-expert matmul ``node`` is — ``bmm(w[expert_ids], x)``, ``bmm(x, w[expert_ids])`` or a grouped
+    matmul of ``x`` by ``w`` (possibly transposed) — else None."""
+    if node.op != "call_function":
+        return None
+    if is_grouped_mm(node) and isinstance(node.args[0], fx.Node):
+        found = weight_param(node.args[1])
+        if found is None:
+            return None
+        fqn, dims = found
+        return ExpertMatmul(fqn, node.args[0], len(shape(node.args[0])) - 1, dims[1], dims[2], len(shape(node)) - 1)
+    if node.target == aten.bmm.default and (found := bmm_weight(node)) is not None:
+        k, fqn, dims = found
+        if k == 0:  # bmm(w[ids] [S, out, in], x [S, in, n])
+            return ExpertMatmul(fqn, node.args[1], 1, dims[2], dims[1], 1)
+        return ExpertMatmul(fqn, node.args[0], 2, dims[1], dims[2], 2)  # bmm(x [S, n, in], w[ids] [S, in, out])
+    return None
+
+
+def row_dim(node: fx.Node, src: fx.Node, dim: int) -> int:
+    """The output dimension of :data:`ROW_OPS` op ``node`` that carries ``src``'s hidden dimension ``dim``.
+
+    Raises :class:`Refuse` when the op selects or repeats along the hidden dimension, or uses the hidden states as
+    indices."""
+    if node.args[0] is not src:
+        raise Refuse(f"{op_name(node)}{where(node)} uses the hidden states as indices")
+    out = _row_dim_or_none(node, src, dim)
+    if out is None:
+        raise Refuse(f"{op_name(node)}{where(node)} selects or repeats entries along the hidden dimension")
+    return out
+
+
+def _row_dim_or_none(node: fx.Node, src: fx.Node, dim: int) -> int | None:
+    rank = len(shape(src))
+    t = node.target
+    if t == aten.index.Tensor:  # advanced indexing: the indexed dims become the indices' broadcast dims
+        consumed, index_rank, pos = [], 0, 0
+        for idx in node.args[1]:
+            if idx is None:
+                pos += 1
+                continue
+            val = idx.meta.get("val") if isinstance(idx, fx.Node) else None
+            if val is None:
+                return None
+            width = val.dim() if val.dtype == torch.bool else 1  # a boolean mask indexes as many dims as it has
+            consumed += list(range(pos, pos + width))
+            index_rank = max(index_rank, 1 if val.dtype == torch.bool else val.dim())
+            pos += width
+        if not consumed or dim <= max(consumed):
+            return None
+        return dim - len(consumed) + index_rank
+    axis = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if t == aten.index_select.default:
+        axis = node.args[1]
+    if axis is None or axis % rank == dim:
+        return None  # repeat_interleave without a dim repeats the flattened tensor
+    return dim
+
+
+def _constant_along(index, dim: int) -> bool:
+    """Whether ``index`` (of a scatter) is the same at every position of ``dim``: expanded from size 1 there."""
+    if not isinstance(index, fx.Node) or index.target != aten.expand.default:
+        return False
+    src = index.args[0]
+    d = dim - (len(shape(index)) - len(shape(src)))
+    return d < 0 or shape(src)[d] == 1

@@ -40,7 +40,7 @@ def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
     """Model parameter name → the name ``save_pretrained`` writes it under (:func:`growcli.io.hf_dir.saved_names`);
     a conversion that merges or splits tensors cannot be streamed tensor by tensor: refused."""
     return saved_names(module, lambda saved: NotGrowableError(
-        f"stack --streaming: transformers converts {type(module).__name__}'s weights when saving ({saved} is computed "
+        f"--streaming: transformers converts {type(module).__name__}'s weights when saving ({saved} is computed "
         "from several tensors); use --no-streaming"))
 
 
@@ -59,24 +59,24 @@ def stack_names(module: torch.nn.Module, container: str, refs: dict[str, TensorR
     length = len(module.get_submodule(container))
     first = {k[len(container) + 3:]: v for k, v in names.items() if k.startswith(f"{container}.0.")}
     if not first:
-        raise NotGrowableError(f"stack --streaming: {container}.0 has no parameters to stream")
+        raise NotGrowableError(f"--streaming: {container}.0 has no parameters to stream")
     sample = next(iter(first.values()))
     prefix = next((sample[:m.start()] for m in re.finditer(r"\.0\.", sample)
                    if all(v.startswith(sample[:m.start()] + ".0.") for v in first.values())), None)
     if prefix is None:
-        raise NotGrowableError(f"stack --streaming: the checkpoint names of {container}.0 share no prefix; use --no-streaming")
+        raise NotGrowableError(f"--streaming: the checkpoint names of {container}.0 share no prefix; use --no-streaming")
     suffixes = {k: v[len(prefix) + 3:] for k, v in first.items()}
     for i in range(length):
         for rel, suffix in suffixes.items():
             if names.get(f"{container}.{i}.{rel}") != f"{prefix}.{i}.{suffix}":
-                raise NotGrowableError(f"stack --streaming: block {i} of {container} is named differently on disk "
+                raise NotGrowableError(f"--streaming: block {i} of {container} is named differently on disk "
                                        "from block 0; use --no-streaming")
     if any(k.startswith(prefix + ".0.") for k in refs):
         return CheckpointNames(prefix, suffixes)
     base = getattr(module, "base_model_prefix", "")
     if base and prefix.startswith(base + ".") and any(k.startswith(prefix[len(base) + 1:] + ".0.") for k in refs):
         return CheckpointNames(prefix[len(base) + 1:], suffixes, base + ".")
-    raise NotGrowableError(f"stack --streaming: the checkpoint has no tensors named {prefix}.0.*; use --no-streaming")
+    raise NotGrowableError(f"--streaming: the checkpoint has no tensors named {prefix}.0.*; use --no-streaming")
 
 
 def structure_check(module_cls: type, config: Any, names: CheckpointNames, written: list[OutTensor]) -> str:
@@ -89,5 +89,5 @@ def structure_check(module_cls: type, config: Any, names: CheckpointNames, writt
     bad = [f"{k} {list(s)} vs config {list(want[k])}" for k, s in got.items() if k in want and want[k] != s]
     bad += [f"unexpected {k}" for k in got if k not in want]
     if bad:
-        raise NotGrowableError(f"stack --streaming: the written tensors do not fit the new config ({bad[0]})")
+        raise NotGrowableError(f"--streaming: the written tensors do not fit the new config ({bad[0]})")
     return f"the new config rebuilds {len(want)} tensors; all {len(got)} written ones match in name and shape"

@@ -171,8 +171,8 @@ def build_moe(plan: UpcyclePlan, state: dict[str, torch.Tensor], dense: torch.nn
             (moe.get_submodule(owner) if owner else moe)._buffers[leaf] = buffers[name]
     if getattr(plan.config, "tie_word_embeddings", False):
         moe.tie_weights()
-    # The default grouped_mm kernel has no float64; the loop over experts runs in every dtype.
-    moe.set_experts_implementation("eager")
+    # The default grouped_mm kernel has no float64; batched_mm runs in every dtype and torch.export traces it.
+    moe.set_experts_implementation("batched_mm")
     return moe.eval()
 
 
