@@ -12,14 +12,19 @@ started after ``sync``:
 - ``growcli stack --streaming --factor 2 --init identity``;
 - a streaming widen, heads or hidden step if ``growcli/run/stream_executors.py`` has an
   executor for it (FFN ×1.5, heads ×2, hidden ×1.5);
-- a plain copy (``shutil.copyfile``/``copy_file_range``) of as many bytes as that output holds.
+- a plain copy (``shutil.copyfile``/``copy_file_range``) of as many bytes as that output holds, twice:
+  from the page cache (warm: the input was just read), and cold, every input file evicted from the
+  page cache right before it is copied (``posix_fadvise(POSIX_FADV_DONTNEED)`` on the clean,
+  synced file: no root needed, unlike ``drop_caches``; ``fincore`` checks how much stayed resident).
+
+Every growcli run starts with its input read once (page-cache warm), as the warm copy's is.
 
 Every growcli run verifies its output in full (outputs above 512 MB block by block from disk,
 float64). Printed per run: wall time (process start to exit, imports and verification
 included), growcli's own write time, the ``sync`` that follows (its dirty pages reaching the
 disk), the verification time (growcli's ``check`` timing: structure check + block-wise run of
 both models), the peak RSS of the growcli process (``os.wait4``), and write + sync against the
-plain copy + its sync. Targets: peak RSS ≤ 1.5 GB, write ≤ 1.3× the copy. The figures are
+warm and the cold plain copy + its sync. Targets: peak RSS ≤ 1.5 GB, write ≤ 1.3× the copy. The figures are
 saved to ``benchmarks/results/llm_scale.json`` and ``.txt``; generated files are deleted
 afterwards unless ``--keep``. Not a test: it prints figures and asserts nothing.
 """
@@ -39,6 +44,11 @@ import time
 from pathlib import Path
 
 from bench_stack import COPY
+
+# COPY, with each input file evicted from the page cache just before it is read (it is clean: synced)
+COLD_COPY = COPY.replace("    target = os.path.join(dst, f'{k}.bin')\n",
+                         "    target = os.path.join(dst, f'{k}.bin')\n"
+                         "    fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)\n")
 
 HERE = Path(__file__).resolve().parent
 # name → Llama shape (layers, hidden, intermediate, heads, kv heads, vocab)
@@ -69,6 +79,14 @@ def _bytes(size: str) -> int:
         raise SystemExit(f"--shard-size {size!r}: expected a size like 2GB or 500MB")
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _warm(directory: Path) -> None:
+    """Read every shard of ``directory`` once, so that the next run reads it from the page cache."""
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
 
 
 def _with_rss(argv: list[str]) -> dict:
@@ -130,6 +148,7 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
         if any(arm.startswith(p) for p in skip):
             continue
         out = work / f"out-{name}"
+        _warm(src)
         try:
             child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
                                "--shard-size", args.shard_size, "--batches", str(args.batches), "--json", "-q",
@@ -145,6 +164,9 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
         shutil.rmtree(out)
         copy = _with_rss([sys.executable, "-c", COPY, str(src), str(work / "copy"), str(written)])
         shutil.rmtree(work / "copy")
+        os.sync()
+        cold = _with_rss([sys.executable, "-c", COLD_COPY, str(src), str(work / "copy"), str(written)])
+        shutil.rmtree(work / "copy")
         timing = report["timing"]
         v = report["verification"] or {}
         row = {"size": name, "params_before": report["params_before"], "params_after": report["params_after"],
@@ -154,17 +176,22 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
                "peak_rss_mb": round(child["peak_rss_mb"]),
                "copy_s": round(copy["wall_s"], 2), "copy_sync_s": round(copy["sync_s"], 2),
                "copy_peak_rss_mb": round(copy["peak_rss_mb"]),
+               "cold_copy_s": round(cold["wall_s"], 2), "cold_copy_sync_s": round(cold["sync_s"], 2),
                "verified_with": output.get("loaded_with"), "passed": v.get("passed"),
                "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches")}
-        row["write_vs_copy"] = round((row["write_s"] + row["sync_after_write_s"]) / (row["copy_s"] + row["copy_sync_s"]), 3)
+        done = row["write_s"] + row["sync_after_write_s"]
+        row["write_mb_s"] = round(written / 1e6 / row["write_s"], 1)
+        row["write_vs_copy"] = round(done / (row["copy_s"] + row["copy_sync_s"]), 3)  # the warm copy
+        row["write_vs_cold_copy"] = round(done / (row["cold_copy_s"] + row["cold_copy_sync_s"]), 3)
         rows.append(row)
         print(f"[{name}] {_line(row)}", flush=True)
     shutil.rmtree(src)
     return rows
 
 
-HEAD = (f"{'size':5} {'run':44} {'GB out':>7} {'wall s':>7} {'write s':>8} {'+sync':>6} {'copy s':>7} {'+sync':>6} "
-        f"{'w/copy':>7} {'verify s':>9} {'peak RSS MB':>12} {'passed':>7} {'max|diff|':>10}")
+HEAD = (f"{'size':5} {'run':44} {'GB out':>7} {'wall s':>7} {'write s':>8} {'+sync':>6} {'MB/s':>6} {'warm cp':>8} "
+        f"{'+sync':>6} {'w/warm':>7} {'cold cp':>8} {'+sync':>6} {'w/cold':>7} {'verify s':>9} {'peak RSS MB':>12} "
+        f"{'passed':>7} {'max|diff|':>10}")
 
 
 def _line(r: dict) -> str:
@@ -172,8 +199,10 @@ def _line(r: dict) -> str:
         return f"{r['size']:5} {r['arm']:44} FAILED: {r['error']}"
     diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.3g}"
     return (f"{r['size']:5} {r['arm']:44} {r['bytes_written'] / 1e9:7.2f} {r['wall_s']:7.1f} {r['write_s']:8.1f} "
-            f"{r['sync_after_write_s']:6.1f} {r['copy_s']:7.1f} {r['copy_sync_s']:6.1f} {r['write_vs_copy']:6.2f}x "
-            f"{r['verify_s']:9.1f} {r['peak_rss_mb']:12.0f} {str(r['passed']):>7} {diff:>10}")
+            f"{r['sync_after_write_s']:6.1f} {r['write_mb_s']:6.0f} {r['copy_s']:8.1f} {r['copy_sync_s']:6.1f} "
+            f"{r['write_vs_copy']:6.2f}x {r['cold_copy_s']:8.1f} {r['cold_copy_sync_s']:6.1f} "
+            f"{r['write_vs_cold_copy']:6.2f}x {r['verify_s']:9.1f} {r['peak_rss_mb']:12.0f} {str(r['passed']):>7} "
+            f"{diff:>10}")
 
 
 def main() -> None:
@@ -203,8 +232,10 @@ def main() -> None:
     lines = [HEAD, *map(_line, rows), "",
              "wall: growcli process start to exit (imports, meta-device plan and trace, writing, structure check, "
              "block-wise verification); write: growcli's timing of writing the shards; +sync: the sync after the "
-             "process (dirty pages to disk); w/copy: (write + sync) / (copy + sync); verify: growcli's check "
-             "timing; peak RSS: the growcli process's own (wait4)",
+             "process (dirty pages to disk); MB/s: bytes written / write; warm cp: a plain copy of as many bytes "
+             "from the page cache; cold cp: the same with every input file evicted from the page cache "
+             "(posix_fadvise DONTNEED) just before it is read; w/warm, w/cold: (write + sync) / (copy + sync); "
+             "verify: growcli's check timing; peak RSS: the growcli process's own (wait4)",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
              f"shard size {args.shard_size}; {args.batches} verification batch(es); total {time.perf_counter() - started:.0f} s"]
     print("\n".join(lines))

@@ -246,3 +246,97 @@ def test_widen_tensors_rewritten_in_pieces_equal_the_whole(arch, options, checkp
     assert len([d for d in sliced if d is not None]) >= 2
     a, b = dir_tensors(tmp_path / "memory"), dir_tensors(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the fast rewrite equals the float64 one
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_INT[t.element_size()])
+
+
+def _maps(old: int, new: int, rng) -> list:
+    """Dimension maps of every kind a width step plans: copies, zero and mean padding, scales (powers of two
+    and not), shifts of either zero sign, splits with equal and unequal shares."""
+    from growcli.transforms.width_edit import DimMap
+
+    idx = [i % old for i in range(new)]
+    holes = [i if rng.random() < 0.7 else -1 for i in idx]
+    counts = {i: idx.count(i) for i in idx}
+    uneven = [rng.choice([1.0, 0.75, 0.6]) for _ in idx]
+    return [DimMap(0, idx, [1.0] * new), DimMap(0, idx, [1.0] * new, split=True),  # tiles: writers, readers
+            DimMap(0, idx, [1.0 / counts[i] for i in idx], split=True),  # net2net shares
+            DimMap(0, idx, uneven, split=True), DimMap(0, holes, [1.0] * new, pad="zero"),
+            DimMap(0, holes, [1.0] * new, pad="mean", shift=-0.0), DimMap(0, idx, [0.5] * new, shift=0.25),
+            DimMap(0, idx, [1 / 3] * new), DimMap(0, holes, uneven, split=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rewrite_by_position_class_equals_the_whole_float64_rewrite(dtype):
+    """Copies in the dtype, float64 only where a position needs it: the same bits as computing every position
+    in float64, on values that probe the edges: -0 (a float64 ``+ 0.0`` makes it +0), magnitudes whose
+    doubling overflows, subnormals. Same scales reported and the same reason for rounding."""
+    import dataclasses
+    import random
+
+    from growcli.transforms.width_edit import _rewrite_dim, _rewrite_dim_float64
+
+    rng, info = random.Random(0), torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    for magnitude in (1.0, info.max / 1.5, info.tiny / 4):
+        for old, new in ((5, 12), (4, 8), (6, 7)):
+            t = (torch.randn(old, 3, generator=gen, dtype=torch.float64) * magnitude).clamp(-info.max, info.max)
+            t = t.to(dtype)
+            t[0, 0], t[1, 1] = -0.0, 0.0
+            for m, x in [(m, x) for m0 in _maps(old, new, rng)
+                         for m, x in ((m0, t), (dataclasses.replace(m0, dim=1), t.t().contiguous()))]:
+                a, ma, why_a = _rewrite_dim(x, m, 0.0, torch.Generator())  # along rows, and columns (runs copied)
+                b, mb, why_b = _rewrite_dim_float64(x, m, 0.0, torch.Generator())
+                assert a.dtype == b.dtype == dtype and torch.equal(_bits(a), _bits(b)), (magnitude, m)
+                assert (ma.scale, why_a) == (mb.scale, why_b), (magnitude, m)
+    t = torch.tensor([-0.0, 1.0, 2.0], dtype=dtype)
+    copied = _rewrite_dim(t, _maps(3, 6, rng)[0], 0.0, torch.Generator())[0]
+    assert _bits(copied)[0] == 0 and _bits(copied)[3] == 0  # -0 copied as the float64 path writes it: +0
+    t[1] = float("nan")
+    _bits(t)[1] |= 1  # a NaN with a payload: the float64 path writes the canonical NaN, and so does this one
+    tiles = _maps(3, 6, rng)[0]
+    a, b = _rewrite_dim(t, tiles, 0.0, torch.Generator()), _rewrite_dim_float64(t, tiles, 0.0, torch.Generator())
+    assert torch.equal(_bits(a[0]), _bits(b[0])) and a[2] == b[2] == "rounded"
+
+
+def test_the_writer_gets_a_rewritten_tensor_in_runs_of_its_bytes(checkpoint, monkeypatch):
+    """A tensor sliced along its leading dimension reaches the writer slice by slice (no whole copy
+    assembled); the runs, end to end, are the bytes of the whole rewritten tensor."""
+    import growcli.run.width_stream as width_stream
+    from growcli.io.shards import read_tensors
+    from growcli.run.stream_names import checkpoint_names
+
+    src = checkpoint("llama", "bfloat16")
+    gm, _, jobs, siblings, _ = width_stream.plan_width(src, "hidden", build_spec("hidden", {"factor": 2.0}), 0)
+    entries = width_stream.plan_entries(read_tensors(src), checkpoint_names(gm.module), jobs, siblings,
+                                        width_stream.saved_names(gm), lambda *a: None)
+    monkeypatch.setattr(width_stream, "CHUNK", 100)
+    runs = 0
+    for e in entries:
+        piece = e.pieces[0]
+        if not callable(piece):
+            continue
+        parts = list(piece.parts())
+        runs = max(runs, len(parts))
+        joined = b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
+        assert joined == piece().contiguous().view(torch.uint8).numpy().tobytes(), e.name
+    assert runs >= 10
+
+
+def test_a_tensor_is_read_once_into_its_storage_and_a_short_shard_is_an_error(tmp_path):
+    from growcli.core.errors import FormatError
+    from growcli.io.shards import TensorRef
+    from growcli.run.width_stream import read_tensor
+
+    data = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    path = tmp_path / "raw.bin"
+    path.write_bytes(b"x" * 8 + data.view(torch.uint8).numpy().tobytes())
+    assert torch.equal(read_tensor(TensorRef(path, "BF16", (3, 4), 8, 24)), data)
+    with pytest.raises(FormatError, match="ended early reading 32 bytes at 8"):
+        read_tensor(TensorRef(path, "BF16", (4, 4), 8, 32))

@@ -64,10 +64,6 @@ class Entry:
         return n
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 class _Reader:
     """Dense tensors read from the input shards, one FFN's at a time."""
 
@@ -190,10 +186,20 @@ def _write_piece(out, piece, advance: Callable[[int], None]) -> int:
     if isinstance(piece, TensorRef):
         _copy(piece, out, advance)
         return piece.nbytes
-    data = _tensor_bytes(piece())
-    out.write(data)
-    advance(len(data))
-    return len(data)
+    written = 0
+    for tensor in piece.parts() if hasattr(piece, "parts") else [piece()]:  # a computed tensor, maybe in runs
+        written += _write_tensor(out, tensor)
+        advance(tensor.nbytes)
+    return written
+
+
+def _write_tensor(out, tensor: torch.Tensor) -> int:
+    """``tensor``'s bytes written straight from its storage (one copy only when it is not contiguous)."""
+    data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(data):  # an unbuffered write may take fewer bytes than asked
+        done += out.write(data[done:])
+    return done
 
 
 def _copy(ref: TensorRef, out, advance: Callable[[int], None]) -> None:

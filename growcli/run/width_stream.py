@@ -28,11 +28,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from growcli.core.errors import GrowError, NotGrowableError, UsageError
+from growcli.core.errors import FormatError, GrowError, NotGrowableError, UsageError
 from growcli.core.model import GrowModel
 from growcli.io.atomic import atomic_output
 from growcli.io.hf_dir import hf_input_spec
@@ -41,6 +41,7 @@ from growcli.io.shards import INDEX, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings, verification_batches
 from growcli.run.stream_names import checkpoint_names, meta_model
+from growcli.run.stream_source import read_entry, whole_ref
 from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, verify_written
 from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
 from growcli.transforms.catalog import get_transform
@@ -60,8 +61,33 @@ def apply_rewrite(old: torch.Tensor, job: Rewrite, chunk: int | None = None) -> 
 
     A tensor of more than ``chunk`` output elements (default :data:`CHUNK`) is rewritten in slices
     along the dimension :func:`_slice_dim` picks: every step of the rewrite acts on each such slice
-    on its own, so the slices are the whole result's and the float64 temporaries stay small.
+    on its own, so the slices are the whole result's and the float64 temporaries stay small. The
+    slices are copied into one preallocated output (no concatenation of a second copy).
     """
+    pieces = rewrite_pieces(old, job, chunk)
+    return _assemble(job, next(pieces), pieces)
+
+
+def _assemble(job: Rewrite, first: tuple, rest: Iterator[tuple]) -> tuple[torch.Tensor, str]:
+    """The result of :func:`rewrite_pieces`' slices (``first``, then ``rest``), and why it is not exact."""
+    if first[0] is None:  # not sliced: the one piece is the result
+        new, why = first[2], first[3]
+    else:
+        new = torch.empty(job.shape, dtype=first[2].dtype)
+        why = ""
+        for d, a, piece, reason in [first, *rest]:
+            new.narrow(d, a, piece.shape[d]).copy_(piece)
+            why = why or reason
+    if tuple(new.shape) != tuple(job.shape):
+        raise NotGrowableError(f"{job.name}: came out {list(new.shape)}, planned {list(job.shape)}")
+    return new, why
+
+
+def rewrite_pieces(old: torch.Tensor, job: Rewrite, chunk: int | None = None
+                   ) -> Iterator[tuple[int | None, int, torch.Tensor, str]]:
+    """:func:`apply_rewrite` as its slices, in order: ``(dim, start, slice, why)``, where the slice holds the
+    result's positions ``start…`` along ``dim``; one ``(None, 0, whole, why)`` when the tensor is not sliced.
+    Slices along the first dimension with a size above 1 are consecutive runs of the result's bytes."""
     if tuple(old.shape) != job.before or old.dtype != job.dtype:
         raise NotGrowableError(f"{job.name}: the tensor read is {old.dtype} {list(old.shape)}, planned for "
                                f"{job.dtype} {list(job.before)}")
@@ -69,64 +95,70 @@ def apply_rewrite(old: torch.Tensor, job: Rewrite, chunk: int | None = None) -> 
     gen.set_state(job.state)
     chunk = chunk or CHUNK
     d = _slice_dim(job) if math.prod(job.shape) > chunk else None
-    if job.fn is not None and d is not None:
-        step = max(1, chunk * job.shape[d] // math.prod(job.shape))
-        pieces = [job.fn(old.narrow(d, a, min(step, old.shape[d] - a)), gen) for a in range(0, old.shape[d], step)]
-        new, why = torch.cat([p[0] for p in pieces], d), next((p[1] for p in pieces if p[1]), "")
-    elif job.fn is not None:
-        new, why = job.fn(old, gen)
-    elif d is not None:
-        step = max(1, chunk * job.shape[d] // math.prod(job.shape))
-        mapped = next((m for m in job.maps if m.dim == d), None)
-        pieces, why = [], ""
-        for a in range(0, job.shape[d], step):
-            b = min(a + step, job.shape[d])
-            if mapped is None:  # a slice of the input gives that slice of the output
-                piece, _, reason = rewrite(old.narrow(d, a, b - a), job.maps, job.noise, gen)
-            else:  # output positions a:b copy old positions of their own: the map restricted to them
-                part = dataclasses.replace(mapped, idx=mapped.idx[a:b], scale=mapped.scale[a:b])
-                piece, _, reason = rewrite(old, [part if m is mapped else m for m in job.maps], job.noise, gen)
-            pieces.append(piece)
-            why = why or reason
-        new = torch.cat(pieces, d)
-    else:
-        new, _, why = rewrite(old, job.maps, job.noise, gen)
-    if tuple(new.shape) != tuple(job.shape):
-        raise NotGrowableError(f"{job.name}: came out {list(new.shape)}, planned {list(job.shape)}")
-    return new, why
+    if d is None:
+        new, why = job.fn(old, gen) if job.fn is not None else rewrite(old, job.maps, job.noise, gen)[::2]
+        yield None, 0, new, why
+        return
+    step = max(1, chunk * job.shape[d] // math.prod(job.shape))
+    mapped = next((m for m in job.maps if m.dim == d), None)
+    for a in range(0, job.shape[d], step):
+        b = min(a + step, job.shape[d])
+        if job.fn is not None:
+            piece, why = job.fn(old.narrow(d, a, b - a), gen)
+        elif mapped is None:  # a slice of the input gives that slice of the output
+            piece, _, why = rewrite(old.narrow(d, a, b - a), job.maps, job.noise, gen)
+        else:  # output positions a:b copy old positions of their own: the map restricted to them
+            part = dataclasses.replace(mapped, idx=mapped.idx[a:b], scale=mapped.scale[a:b])
+            piece, _, why = rewrite(old, [part if m is mapped else m for m in job.maps], job.noise, gen)
+        if piece.shape[d] != b - a:
+            raise NotGrowableError(f"{job.name}: a slice came out {list(piece.shape)}, planned {b - a} along dim {d}")
+        yield d, a, piece, why
 
 
 def _slice_dim(job: Rewrite) -> int | None:
     """A dimension along which ``job`` can be computed slice by slice with the same result: one no map
     touches, else one whose map copies (no split shared among copies) — or None. Paired noise draws
-    whole tiles, so a noisy rewrite is never sliced. A rewrite by ``fn`` slices along ``slices``."""
+    whole tiles, so a noisy rewrite is never sliced. A rewrite by ``fn`` slices along ``slices``.
+    The leading dimension (of size above 1) comes first when it qualifies: its slices are runs of
+    the output's bytes, written as they come."""
+    lead = next((d for d in range(len(job.shape)) if job.shape[d] > 1), None)
     if job.fn is not None:
-        return next((d for d in job.slices if job.shape[d] > 1), None)
+        ok = [d for d in job.slices if job.shape[d] > 1]
+        return lead if lead in ok else next(iter(ok), None)
     if job.noise > 0 and any(m.noise_tiles > 1 for m in job.maps):
         return None
     mapped = {m.dim: m for m in job.maps}
+
+    def copies(d: int) -> bool:
+        kept = [i for i in mapped[d].idx if i >= 0]
+        return not (mapped[d].split and len(set(kept)) < len(kept))
+    if lead is not None and (lead not in mapped or copies(lead)):
+        return lead
     free = [d for d in range(len(job.shape)) if d not in mapped and job.shape[d] > 1]
     if free:
         return free[0]
-    for d in sorted(mapped):
-        kept = [i for i in mapped[d].idx if i >= 0]
-        if job.shape[d] > 1 and not (mapped[d].split and len(set(kept)) < len(kept)):
-            return d
-    return None
+    return next((d for d in sorted(mapped) if job.shape[d] > 1 and copies(d)), None)
 
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
-    """One tensor's values read from its shard (only its bytes)."""
-    with open(ref.file, "rb") as fh:
-        fh.seek(ref.start)
-        raw = bytearray(fh.read(ref.nbytes))
-    if not raw:
-        return torch.empty(ref.shape, dtype=DTYPES[ref.dtype])
-    return torch.frombuffer(raw, dtype=DTYPES[ref.dtype]).reshape(ref.shape)
+    """One tensor's values read from its shard (only its bytes, read once straight into the tensor's storage)."""
+    raw = torch.empty(ref.nbytes, dtype=torch.uint8)
+    if ref.nbytes:
+        with open(ref.file, "rb", buffering=0) as fh:
+            fh.seek(ref.start)
+            view, got = memoryview(raw.numpy()), 0
+            while got < ref.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise FormatError(f"{ref.file}: ended early reading {ref.nbytes} bytes at {ref.start}")
+                got += n
+    return raw.view(DTYPES[ref.dtype]).reshape(ref.shape)
 
 
-def plan_width(src: Path, name: str, spec: Any, seed: int) -> tuple[GrowModel, StepReport, list[Rewrite], dict, dict]:
-    """Run step ``name`` on ``src``'s meta-device model with its rewrites deferred.
+def plan_width(src: Path, name: str, spec: Any, seed: int, tensors: dict[str, Any] | None = None
+               ) -> tuple[GrowModel, StepReport, list[Rewrite], dict, dict]:
+    """Run step ``name`` on ``src``'s meta-device model with its rewrites deferred (``tensors``: the
+    checkpoint's tensors when they are not ``src``'s shards, as in a chain of streamed steps).
 
     Returns the grown meta model, the step's report (rounding not yet known), the planned
     rewrites in the in-memory order, the parameter name → names sharing its tensor before
@@ -135,9 +167,9 @@ def plan_width(src: Path, name: str, spec: Any, seed: int) -> tuple[GrowModel, S
     describes the grown model (as saving it in memory would).
     """
     module = meta_model(src)
-    floats = [r for r in read_tensors(src).values() if r.dtype in ("F64", "F32", "F16", "BF16")]
+    floats = [r for r in (tensors or read_tensors(src)).values() if r.dtype in ("F64", "F32", "F16", "BF16")]
     if floats:  # from_pretrained loads the weights in their own dtype, and the step computes in it
-        dtype = max({r.dtype for r in floats}, key=lambda d: sum(r.numel for r in floats if r.dtype == d))
+        dtype = max({r.dtype for r in floats}, key=lambda d: sum(math.prod(r.shape) for r in floats if r.dtype == d))
         module = module.to(DTYPES[dtype])
     gm = GrowModel(module, "hf", src, "", hf_input_spec(module), hf_class=(module.config.architectures or [None])[0])
     shared: dict[int, list[str]] = {}
@@ -181,8 +213,8 @@ def plan_entries(refs: dict[str, TensorRef], disk: dict[str, str], jobs: list[Re
     for disk_name, ref in refs.items():
         if disk_name in by_disk:
             continue
-        if disk_name in keep:
-            entries.append(Entry(disk_name, ref.dtype, ref.shape, [ref]))
+        if disk_name in keep:  # a stage's entry (a chain of steps) keeps its pieces: a rename
+            entries.append(Entry(disk_name, ref.dtype, ref.shape, list(ref.pieces) if isinstance(ref, Entry) else [ref]))
     for disk_name, job in by_disk.items():
         if disk_name not in keep:
             continue
@@ -190,13 +222,57 @@ def plan_entries(refs: dict[str, TensorRef], disk: dict[str, str], jobs: list[Re
         if source is None:
             raise NotGrowableError(f"the checkpoint has no tensor for {job.name} (nor for a weight tied to it)")
         ref = refs[source]
-        entries.append(Entry(disk_name, ref.dtype, job.shape, [_computed(ref, job, on_rounded)]))
+        if isinstance(ref, Entry):  # a chain: one input range stays a plain read, else the earlier steps compute it
+            ref = whole_ref(ref) or ref
+        make = _computed(ref, job, on_rounded) if isinstance(ref, TensorRef) else _recomputed(ref, job, on_rounded)
+        entries.append(Entry(disk_name, ref.dtype, job.shape, [make]))
     return sorted(entries, key=lambda e: _natural(e.name))
 
 
 def _computed(ref: TensorRef, job: Rewrite, on_rounded) -> Callable[[], torch.Tensor]:
+    """The rewritten tensor, made when called; the writer asks :meth:`_Computed.parts` instead, for its bytes
+    slice by slice."""
+    return _Computed(ref, job, on_rounded)
+
+
+@dataclasses.dataclass
+class _Computed:
+    ref: TensorRef
+    job: Rewrite
+    on_rounded: Callable[[str, str, torch.dtype], None]
+
+    def __call__(self) -> torch.Tensor:
+        new, why = apply_rewrite(read_tensor(self.ref), self.job)
+        self._note(why)
+        return new
+
+    def parts(self) -> Iterator[torch.Tensor]:
+        """The rewritten tensor as consecutive runs of its bytes (C order): its slices along the leading
+        dimension as they are computed, else the whole tensor; the input is read once."""
+        old = read_tensor(self.ref)
+        lead = next((d for d, n in enumerate(self.job.shape) if n > 1), None)
+        pieces = rewrite_pieces(old, self.job)
+        first = next(pieces)
+        if first[0] != lead or first[0] is None:  # whole, or slices along an inner dimension: assembled first
+            new, why = _assemble(self.job, first, pieces)
+            self._note(why)
+            yield new
+            return
+        why = ""
+        for _, _, piece, reason in [first, *pieces]:
+            why = why or reason
+            yield piece
+        self._note(why)
+
+    def _note(self, why: str) -> None:
+        if why:
+            self.on_rounded(self.job.name, why, self.job.dtype)
+
+
+def _recomputed(entry: Entry, job: Rewrite, on_rounded) -> Callable[[], torch.Tensor]:
+    """:func:`_computed` for a tensor an earlier step of a chain computes (read when this one is written)."""
     def make() -> torch.Tensor:
-        new, why = apply_rewrite(read_tensor(ref), job)
+        new, why = apply_rewrite(read_entry(entry), job)
         if why:
             on_rounded(job.name, why, job.dtype)
         return new

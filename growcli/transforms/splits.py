@@ -38,20 +38,22 @@ def split_columns(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.T
     idx = torch.as_tensor(idx, dtype=torch.long)
     share = torch.as_tensor(share, dtype=torch.float64)
     split = torch.as_tensor(split, dtype=torch.bool)
-    new = old.index_select(dim, idx).clone()
+    new = old.index_select(dim, idx)  # a new tensor: written in place below
     got = torch.where(split, share, torch.ones_like(share))
     if old.dtype == torch.float64 or not old.is_floating_point():
         return new * along(new, dim, got), got
     copies: dict[int, list[int]] = defaultdict(list)
-    for pos in torch.nonzero(split).flatten().tolist():
-        copies[int(idx[pos])].append(pos)
-    direct = [p for ps in copies.values() if _powers_of_two(share[ps].tolist()) for p in ps]
+    where = torch.nonzero(split).flatten().tolist()
+    for pos, i in zip(where, idx[where].tolist()):
+        copies[i].append(pos)
+    shares = share.tolist()
+    exact = {i: _powers_of_two([shares[p] for p in ps]) for i, ps in copies.items()}
+    direct = [p for i, ps in copies.items() if exact[i] for p in ps]
     if direct:  # w·2^-m is exact: apply the shares as asked
         d = torch.tensor(direct)
-        part = new.index_select(dim, d).double() * along(new, dim, share[d]).double()
+        part = new.index_select(dim, d).double() * along(new, dim, share[d]).double()  # shares in the dtype: exact
         new.index_copy_(dim, d, part.to(old.dtype))
-    rest_groups = [sorted(ps, key=lambda p: (-float(share[p]), p)) for ps in copies.values()
-                   if not _powers_of_two(share[ps].tolist())]
+    rest_groups = [sorted(ps, key=lambda p: (-shares[p], p)) for i, ps in copies.items() if not exact[i]]
     if rest_groups:
         _remainders(new, old, dim, idx, share, got, rest_groups)
     return new, got
@@ -61,11 +63,12 @@ def _remainders(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tenso
                 got: torch.Tensor, groups: list[list[int]]) -> None:
     """The Sterbenz remainder construction for every group at once (rank by rank), written into ``new``."""
     lens = torch.tensor([len(g) for g in groups])
-    table = torch.full((len(groups), int(lens.max())), -1, dtype=torch.long)
-    for i, g in enumerate(groups):
-        table[i, :len(g)] = torch.tensor(g)
+    width = int(lens.max())
+    table = torch.tensor([g + [-1] * (width - len(g)) for g in groups], dtype=torch.long)
     rest = old.index_select(dim, idx[table[:, 0]])
-    left = torch.tensor([float(share[g].sum()) for g in groups], dtype=torch.float64)
+    shares = share.tolist()  # a sum of one or two floats is one rounding in any order; longer ones as torch sums them
+    left = torch.tensor([shares[g[0]] + shares[g[1]] if len(g) == 2 else float(share[g].sum()) for g in groups],
+                        dtype=torch.float64)
     kept = torch.ones(len(groups), dtype=torch.float64)  # the fraction of the weight still to share out
     for j in range(table.shape[1]):
         active = torch.nonzero(lens > j).flatten()
@@ -74,12 +77,81 @@ def _remainders(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tenso
         last = lens == j + 1
         r = torch.where(left > 0, (sh / left.clamp(min=1e-300)).clamp(0.5, 1.0), torch.ones_like(left))
         r = torch.where(last, torch.ones_like(r), r)
-        part = (rest.double() * along(rest.double(), dim, r)).to(old.dtype)
-        part = torch.where(along(rest, dim, last).bool(), rest, part)
-        new.index_copy_(dim, pos, part.index_select(dim, active))
+        if bool(last[active].all()):  # every group still sharing takes all that is left
+            part = rest
+        else:
+            rest64 = rest.double()
+            part = (rest64 * along(rest64, dim, r)).to(old.dtype)
+            if bool(last.any()):
+                part = torch.where(along(rest, dim, last).bool(), rest, part)
+        new.index_copy_(dim, pos, part if len(active) == len(groups) else part.index_select(dim, active))
         got[pos] = (kept * r)[active]
-        rest = rest - part  # exact: part lies in [rest/2, rest]
+        if j + 1 < width:
+            rest = rest - part  # exact: part lies in [rest/2, rest]
         kept, left = kept * (1 - r), left - sh
+
+
+BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer type of each float width
+
+
+def negative_zeros(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a ``-0`` (its bits: the sign bit alone)."""
+    kind = BITS[t.element_size()]
+    return bool((t.view(kind) == torch.iinfo(kind).min).any())
+
+
+def positive_zeros(t: torch.Tensor) -> None:
+    """``-0`` → ``+0`` in place, on the bits: what a float64 ``x + 0.0`` does, without the arithmetic."""
+    bits = t.view(BITS[t.element_size()])
+    bits.masked_fill_(bits == torch.iinfo(bits.dtype).min, 0)
+
+
+def identity_splits(t: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor, counts: torch.Tensor,
+                     multi: torch.Tensor) -> torch.Tensor:
+    """The split positions whose part is the old value itself, bit for bit: an old position copied ``k = 2^a``
+    times, every copy at scale 1, has total ``k`` and shares ``2^-a``; its parts are ``fl(fl(w·k)·2^-a)``,
+    which is ``w`` whenever ``|w|·k`` stays finite (both products are exact then). Checked on the whole
+    tensor's largest magnitude (a NaN or an infinity anywhere: none qualify)."""
+    src = idx.clamp(min=0)
+    other = torch.zeros(len(counts), dtype=torch.bool)
+    other[src[multi & (scale != 1.0)]] = True  # an old position with a copy at another scale
+    fits = (counts & (counts - 1)) == 0
+    ident = multi & fits[src] & ~other[src]
+    if not bool(ident.any()) or t.numel() == 0:
+        return ident
+    top = float(t.abs().amax()) * float(counts[src[ident]].max())
+    return ident if top <= torch.finfo(t.dtype).max else torch.zeros_like(ident)
+
+
+def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tensor, total: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The positions copying old positions ``src`` at ``scale`` (float64), each old position's ``total`` (its
+    copies' scales summed) shared out among them exactly in the dtype (:func:`split_columns` of
+    ``fl(w·total)``): the parts, the scale each got (float64), and whether the parts of every old position
+    sum, in float64, to ``w·total``."""
+    hit, slot = torch.unique(src, return_inverse=True)
+    want = old.index_select(dim, hit).to(torch.float64)
+    want = want * along(want, dim, total[hit])
+    parts, got = split_columns(want.to(old.dtype), dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
+    sums = torch.zeros_like(want).index_add_(dim, slot, parts.to(torch.float64))
+    return parts, got * total[src], torch.equal(sums, want)
+
+
+def gather(old: torch.Tensor, dim: int, idx: torch.Tensor, runs: int = 64) -> torch.Tensor:
+    """``old.index_select(dim, idx)`` where ``idx ≥ 0``; positions with ``idx = -1`` are left unset (the caller
+    fills them). Runs of consecutive indices (tiles, copied heads) are copied as slices, which is several
+    times faster than a gather along an inner dimension; more than ``runs`` runs: ``index_select``."""
+    ids = idx.tolist()
+    starts = [p for p in range(len(ids)) if p == 0 or ids[p] != ids[p - 1] + 1 or (ids[p] < 0) != (ids[p - 1] < 0)]
+    if len(starts) > runs or dim == 0:
+        return old.index_select(dim, idx.clamp(min=0))
+    shape = list(old.shape)
+    shape[dim] = len(ids)
+    new = torch.empty(shape, dtype=old.dtype)
+    for a, b in zip(starts, starts[1:] + [len(ids)]):
+        if ids[a] >= 0:
+            new.narrow(dim, a, b - a).copy_(old.narrow(dim, ids[a], b - a))
+    return new
 
 
 def _powers_of_two(shares: list[float]) -> bool:

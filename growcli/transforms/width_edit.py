@@ -38,7 +38,8 @@ from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.transforms.registry import StepReport
 from growcli.transforms.resize import sync_attributes
-from growcli.transforms.splits import along, split_columns
+from growcli.transforms.splits import (BITS, along, gather, identity_splits, negative_zeros, positive_zeros,
+                                      share_out, split_columns)
 
 
 # --------------------------------------------------------------------------- how one dimension changes
@@ -106,16 +107,62 @@ def _ideal(t64: torch.Tensor, m: DimMap) -> torch.Tensor:
 
 
 def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator) -> tuple[torch.Tensor, DimMap, str]:
-    """One dimension of :func:`rewrite`: the split positions (``m.split``) exact in ``t``'s dtype."""
-    t64 = t.to(torch.float64)
-    new64 = _ideal(t64, m)
-    idx = torch.tensor(m.idx)
+    """One dimension of :func:`rewrite`: the split positions (``m.split``) exact in ``t``'s dtype. Bit for bit
+    :func:`_rewrite_dim_float64`, by position class: copies (scale 1, no shift) are ``index_select`` in the dtype
+    (a float64 ``+ 0.0`` makes ``-0`` ``+0``: so does this), zero padding is one value, the rest is float64 on its
+    own columns. Mean padding (a reduction) and paired noise (drawn on whole tiles) stay whole in float64."""
+    idx, scale, src, counts, multi, total = _positions(t, m)
+    if (not t.is_floating_point() or t.element_size() not in BITS or (m.noise_tiles > 1 and noise > 0)
+            or (m.pad == "mean" and bool((idx < 0).any())) or (bool(multi.any()) and m.shift != 0)
+            or bool(t.isnan().any())):  # a NaN: float64 writes the canonical one
+        return _rewrite_dim_float64(t, m, noise, gen)
+    new = gather(t.detach(), m.dim, idx)  # padded positions are set below
+    if (negative_zero := negative_zeros(t)) and math.copysign(1.0, m.shift) > 0:
+        positive_zeros(new)
+    multi = multi if negative_zero else multi & ~identity_splits(t, idx, scale, counts, multi)  # parts = copies
+    single, split = "", ""
+    pads = torch.nonzero(idx < 0).flatten()
+    if len(pads):  # a zero-padded position holds 0·scale + shift all along: one value, computed once
+        fill64 = torch.zeros(len(pads), dtype=torch.float64) * scale[pads] + m.shift
+        fill, block = fill64.to(t.dtype), new.narrow(m.dim, 0, len(pads))
+        new.index_copy_(m.dim, pads, along(block, m.dim, fill).expand_as(block))
+        single = "" if torch.equal(fill.to(torch.float64), fill64) else "rounded"
+    computed = torch.nonzero(~multi & (idx >= 0) & ((scale != 1.0) | torch.tensor(m.shift != 0))).flatten()
+    if len(computed):
+        part64 = t.index_select(m.dim, src[computed]).to(torch.float64)
+        part64 = part64 * along(part64, m.dim, scale[computed]) + m.shift
+        new.index_copy_(m.dim, computed, part := part64.to(t.dtype))
+        single = single or ("" if torch.equal(part.to(torch.float64), part64) else "rounded")
+    where = torch.nonzero(multi).flatten()
+    if len(where):  # each old position's total shared out among its copies exactly in the dtype
+        parts, got, exact = share_out(t, m.dim, src[where], scale[where], total)
+        new.index_copy_(m.dim, where, parts)
+        m = dataclasses.replace(m, scale=scale.index_copy(0, where, got).tolist())
+        split = "" if exact else "split of a rescaled total"
+    if single:
+        odd = sorted({s for s in m.scale if s != 1.0 and math.frexp(s)[0] != 0.5})
+        return new, m, f"scaled by {odd[0]:.6g}" if odd else "rounded"
+    return new, m, split
+
+
+def _positions(t: torch.Tensor, m: DimMap) -> tuple[torch.Tensor, ...]:
+    """``m`` as tensors: old index, scale, source, copies per old position, split positions, total per old position."""
+    idx = torch.tensor(m.idx, dtype=torch.long)
     scale = torch.tensor(m.scale, dtype=torch.float64)
     src = idx.clamp(min=0)
     counts = torch.bincount(idx[idx >= 0], minlength=t.shape[m.dim])
     multi = (idx >= 0) & (counts[src] > 1) if m.split else torch.zeros_like(idx, dtype=torch.bool)
     total = torch.zeros(t.shape[m.dim], dtype=torch.float64).index_add_(0, src[idx >= 0], scale[idx >= 0])
     total = torch.where((total - 1).abs() <= 1e-12, torch.ones_like(total), total)  # shares summing to 1 (float64 sums)
+    return idx, scale, src, counts, multi, total
+
+
+def _rewrite_dim_float64(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator
+                         ) -> tuple[torch.Tensor, DimMap, str]:
+    """:func:`_rewrite_dim` on the whole tensor in float64 (the reference the fast path equals)."""
+    t64 = t.to(torch.float64)
+    new64 = _ideal(t64, m)
+    idx, scale, src, counts, multi, total = _positions(t, m)
     new = new64.to(t.dtype)
     if bool(multi.any()) and t.is_floating_point() and m.shift == 0:
         # Each old position's total (its copies' scales sum to it; 1 unless a constant is absorbed),
