@@ -204,8 +204,9 @@ def _tied_names(root: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, factors: torch.Tensor, group: Group,
-                 spec: WidenSpec, gen: torch.Generator) -> tuple[torch.Tensor, Origin | None]:
-    """One use of the group's channels rewritten for the channel map ``g``, and its origin."""
+                 spec: WidenSpec, gen: torch.Generator, want_origin: bool = True) -> tuple[torch.Tensor, Origin | None]:
+    """One use of the group's channels rewritten for the channel map ``g``, and its origin (None unless
+    ``want_origin``: a streamed tensor's origin is recorded when it is planned, not when it is written)."""
     origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
     if use.role == "producer":  # rows of every part of a fused projection follow g (use.layout)
         idx, chan = remap(use.layout, g, group.size)
@@ -214,7 +215,8 @@ def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, fact
         if fresh_at.any():
             new = _init_new_units(new, old, use, fresh_at, spec, gen)
         random = fresh_at & torch.tensor(spec.init == "zero")
-        origin = axis_origin(use.dim, torch.where(random, -1, idx), torch.ones(len(idx), dtype=torch.float64))
+        if want_origin:
+            origin = axis_origin(use.dim, torch.where(random, -1, idx), torch.ones(len(idx), dtype=torch.float64))
     elif use.role == "grouped_consumer":
         new = _grouped_consumer(old, g, factors, group, use.groups)
     else:
@@ -223,12 +225,13 @@ def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, fact
             new, scale = split_columns(old, use.dim, idx, factors[chan.clamp(min=0)], chan >= 0)
         else:
             new, scale = old.index_select(use.dim, idx), torch.ones(len(chan), dtype=torch.float64)
-        origin = axis_origin(use.dim, idx, scale)
+        if want_origin:
+            origin = axis_origin(use.dim, idx, scale)
     return new, origin
 
 
 def _deferred_use(old: torch.Tensor, gen: torch.Generator, *, use, g, fresh, factors, group, spec) -> tuple[torch.Tensor, str]:
-    new, _ = _rewrite_use(old, use, g, fresh, factors, group, spec, gen)
+    new, _ = _rewrite_use(old, use, g, fresh, factors, group, spec, gen, want_origin=False)
     return new.to(old.dtype), ""
 
 
@@ -272,6 +275,8 @@ def _init_new_units(new: torch.Tensor, old: torch.Tensor, use, fresh: torch.Tens
     """Incoming weights of new units: copies (net2net, optionally with noise) or random (zero init)."""
     sel = [slice(None)] * new.dim()
     sel[use.dim] = fresh
+    if spec.init != "zero" and not (spec.noise > 0 and old.dim() > 1):
+        return new  # net2net copies: no draws, no statistics
     std = float(old.float().std()) if old.numel() > 1 else 1.0
     if spec.init == "zero":
         is_bias = old.dim() == 1
