@@ -253,12 +253,7 @@ def fit_sizes(gm: GrowModel, sizes: dict[int, int], unset: Iterable[int]) -> lis
         else:
             continue
         for new in tries:
-            try:
-                set_key(config, key, new)
-                after = len(_shape_diffs(module)) if _same_names(module) else bad
-            except Exception:  # typed config fields and model constructors reject values that do not fit
-                after = bad
-            set_key(config, key, value)
+            after = _diffs_with(module, key, new, value, bad)
             if after < bad:
                 gm.edits.config(module, key, new)
                 changed.append(f"{key}: {value} → {new}")
@@ -284,18 +279,25 @@ def _fit_ratios(gm: GrowModel, bad: int) -> list[str]:
         for have, want in _size_pairs(module):
             new = value * have / want
             new = int(new) if isinstance(value, int) and float(new).is_integer() else float(new)
-            try:
-                set_key(config, key, new)
-                after = len(_shape_diffs(module)) if _same_names(module) else bad
-            except Exception:  # typed config fields and model constructors reject values that do not fit
-                after = bad
-            set_key(config, key, value)
+            after = _diffs_with(module, key, new, value, bad)
             if after < bad:
                 gm.edits.config(module, key, new)
                 changed.append(f"{key}: {value:g} → {new:g} (a ratio of sizes)")
                 bad = after
                 break
     return changed
+
+
+def _diffs_with(module: nn.Module, key: str, new, value, bad: int) -> int:
+    """How many parameter shapes differ from a model built with config ``key = new`` (``bad`` when the config
+    rejects it or builds a model with other tensor names); ``key`` is set back to ``value``."""
+    try:
+        set_key(module.config, key, new)
+        return len(_shape_diffs(module)) if _same_names(module) else bad
+    except Exception:  # typed config fields and model constructors reject values that do not fit
+        return bad
+    finally:
+        set_key(module.config, key, value)
 
 
 def _same_names(module: nn.Module) -> bool:
