@@ -24,6 +24,36 @@ def dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """Add seeded noise of ``scale`` to every parameter, so no norm weight, bias or scale stays at its init (1 + γ ≠ 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return model
+
+
+def tiny_albert(directory: Path, vocab: int = 96) -> Path:
+    """A tiny float64 ALBERT (factorised embedding 16 → 32, one layer shared by 3 depths), perturbed and saved."""
+    import transformers as T
+
+    T.utils.logging.set_verbosity_error()
+    config = T.AlbertConfig(vocab_size=vocab, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    perturb(T.AlbertForMaskedLM(config).to(torch.float64).eval()).save_pretrained(directory)
+    return directory
+
+
+def albert_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The masked-LM logits of the ALBERT saved in ``directory``, in float64."""
+    import transformers as T
+
+    model = T.AlbertForMaskedLM.from_pretrained(str(directory), dtype=torch.float64).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 @pytest.fixture(autouse=True)
 def _hub_offline(monkeypatch):
     """No test reaches the Hugging Face Hub: a missing relative path shaped like org/name stays offline."""

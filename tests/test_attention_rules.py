@@ -33,6 +33,7 @@ from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.heads import check_layout
 from growcli.transforms.registry import Context
 from growcli.transforms.width_edit import trace_width
+from conftest import perturb
 
 EXACT = 1e-10
 VOCAB = 128
@@ -58,10 +59,7 @@ def _save(family: str, directory: Path, **extra) -> Path:
     name = auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(family) or auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]
     torch.manual_seed(0)
     model = getattr(T, name)(cls(**kwargs)).to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():  # no norm, bias or scale trivially 0 or 1
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+    perturb(model, 0.02)  # no norm, bias or scale left at its init
     path = directory / family
     model.save_pretrained(path)
     return path

@@ -18,6 +18,7 @@ import torch
 
 from growcli.core.errors import NotGrowableError
 from growcli.run.runner import Output, Source, Step, grow
+from conftest import perturb
 
 VOCAB = 96
 
@@ -47,10 +48,7 @@ def build(family: str, directory: Path, **extra) -> Path:
     auto = T.AutoModelForMaskedLM if family in ("bert", "roberta") else T.AutoModelForCausalLM
     torch.manual_seed(0)
     model = auto.from_config(config).to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    perturb(model)  # no norm, bias or scale left at its init
     model.save_pretrained(directory)
     return directory
 
@@ -160,10 +158,7 @@ def test_olmo_hidden_reports_the_float32_norm_and_is_exact_without_it(tmp_path, 
 def _vision(directory: Path, model) -> Path:
     torch.manual_seed(0)
     model = model.to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    perturb(model)  # no norm, bias or scale left at its init
     model.save_pretrained(directory)
     return directory
 

@@ -23,36 +23,13 @@ from growcli.core.inputs import spec_from_batch
 from growcli.core.model import GrowModel
 from growcli.run.runner import Output, Source, Step, grow
 from growcli.transforms.width_edit import trace_width
+from conftest import albert_logits, tiny_albert
 
 VOCAB = 96
 
 
-def albert(directory: Path) -> Path:
-    import transformers as T
-
-    T.utils.logging.set_verbosity_error()
-    config = T.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = T.AlbertForMaskedLM(config).to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
-    model.save_pretrained(directory)
-    return directory
-
-
-def logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
-    import transformers as T
-
-    model = T.AlbertForMaskedLM.from_pretrained(str(directory), dtype=torch.float64).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 def test_albert_hidden_grows_the_projection_not_the_embedding(tmp_path):
-    src = albert(tmp_path / "albert")
+    src = tiny_albert(tmp_path / "albert")
     gm = growcli.load_model(src)
     start = stream_start(trace_width(gm))
     assert start.meta["nn_module_stack"] and "embedding_hidden_mapping_in" in str(list(start.meta["nn_module_stack"]))
@@ -63,7 +40,7 @@ def test_albert_hidden_grows_the_projection_not_the_embedding(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert (saved["embedding_size"], saved["hidden_size"], saved["num_attention_heads"]) == (16, 64, 8)
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
-    assert float((logits(src, ids) - logits(out, ids)).abs().max()) <= 1e-10
+    assert float((albert_logits(src, ids) - albert_logits(out, ids)).abs().max()) <= 1e-10
     notes = " ".join(report["steps"][0]["notes"])
     assert "factorised embedding" in notes and "embedding_hidden_mapping_in" in notes
 
@@ -71,7 +48,7 @@ def test_albert_hidden_grows_the_projection_not_the_embedding(tmp_path):
 def test_albert_hidden_to_a_size_that_is_not_a_multiple_is_refused_as_post_ln(tmp_path):
     from growcli.core.errors import NotGrowableError
 
-    src = albert(tmp_path / "albert")
+    src = tiny_albert(tmp_path / "albert")
     out = tmp_path / "grown"
     with pytest.raises(NotGrowableError, match="post-LN"):
         grow(Source(src), [Step("hidden", {"to": 40})], [Output(str(out) + "/")], seed=0)

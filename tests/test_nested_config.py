@@ -27,6 +27,7 @@ from growcli.core.inputs import InputSpec
 from growcli.core.model import GrowModel
 from growcli.run.runner import Output, Source, Step, grow
 from growcli.transforms.hfconfig import config_items, key_paths, with_config
+from conftest import perturb
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,10 +47,7 @@ def clip(tmp_path_factory):
     """(directory of the saved float64 CLIPModel, the model)."""
     torch.manual_seed(0)
     model = transformers.CLIPModel(clip_config()).to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # no norm or bias left at its init
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    perturb(model)  # no norm, bias or scale left at its init
     path = tmp_path_factory.mktemp("clip") / "model"
     model.save_pretrained(path)
     return path, model

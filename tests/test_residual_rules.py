@@ -23,6 +23,7 @@ from torch import nn
 from growcli.analysis.residual import ResidualRefusal, block_writers, stack_writers
 from growcli.analysis.trace import trace_model
 from growcli.run.runner import Output, Source, Step, grow
+from conftest import perturb
 
 EXACT = 1e-10
 SMALL = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -51,10 +52,7 @@ def saved(tmp_path_factory):
             build, config = _config(family)
             torch.manual_seed(0)
             model = build(config).to(torch.float64).eval()
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():  # no norm weight left at its init: 1 + γ ≠ 1
-                for p in model.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+            perturb(model)  # no norm, bias or scale left at its init
             path = tmp_path_factory.mktemp(family) / "model"
             model.save_pretrained(path)
             out[family] = (path, model)

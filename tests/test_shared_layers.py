@@ -22,6 +22,7 @@ from growcli.core.errors import NotGrowableError
 from growcli.core.inputs import spec_from_batch
 from growcli.core.model import GrowModel
 from growcli.run.steps import run_step
+from conftest import albert_logits, tiny_albert
 
 TOL = 1e-10
 VOCAB = 96
@@ -192,33 +193,9 @@ def test_data_inits_refuse_a_shared_layer_cleanly(init, tmp_path):
 
 
 # --------------------------------------------------------------------------- ALBERT: one layer at every depth
-def albert(directory: Path) -> Path:
-    import transformers as T
-
-    T.utils.logging.set_verbosity_error()
-    config = T.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3,
-                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = T.AlbertForMaskedLM(config).to(torch.float64).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
-    model.save_pretrained(directory)
-    return directory
-
-
-def logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
-    import transformers as T
-
-    model = T.AlbertForMaskedLM.from_pretrained(str(directory), dtype=torch.float64).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
 @pytest.fixture(scope="module")
 def albert_dir(tmp_path_factory) -> Path:
-    return albert(tmp_path_factory.mktemp("albert") / "albert")
+    return tiny_albert(tmp_path_factory.mktemp("albert") / "albert")
 
 
 def test_albert_shared_ffn_widens_exactly_and_reloads_with_from_pretrained(albert_dir, tmp_path):
@@ -231,7 +208,7 @@ def test_albert_shared_ffn_widens_exactly_and_reloads_with_from_pretrained(alber
     config = json.loads((out / "config.json").read_text())
     assert (config["intermediate_size"], config["hidden_size"], config["num_hidden_layers"]) == (128, 32, 3)
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
-    assert float((logits(albert_dir, ids) - logits(out, ids)).abs().max()) <= TOL
+    assert float((albert_logits(albert_dir, ids) - albert_logits(out, ids)).abs().max()) <= TOL
     changes = {c["name"]: c["after"] for c in report["steps"][0]["changes"]}
     layer = FFN.rsplit(".", 1)[0]
     assert changes == {f"{FFN}.weight": [128, 32], f"{FFN}.bias": [128], f"{layer}.ffn_output.weight": [32, 128]}
