@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from growcli.core.errors import UsageError
 from growcli.core.inputs import Batch, make_batches
 from growcli.core.model import GrowModel, eval_mode
 from growcli.io.atomic import atomic_output, check_distinct, transaction
 from growcli.io.save import check_output, write_output
 from growcli.run.steps import VerifySettings
+from growcli.transforms.rebuilt import written_mismatch
 from growcli.verification.compare import VerifyReport, flatten_outputs, run_model
 from growcli.verification.readback import Readback
 
@@ -52,6 +54,8 @@ def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int |
     paths = [Path(out) for out, _, _ in outputs]
     check_distinct(paths)
     formats = [check_output(gm, out, fmt) for out, (_, fmt, _) in zip(paths, outputs)]  # all valid before any write
+    if "hf" in formats:  # from_pretrained rebuilds every block from the config: it must build these blocks
+        refuse_rebuilt_blocks(gm)
     readback = Readback(gm, batches, **_tolerances(settings, verification))
     recorded = verification.to_dict() if verification is not None else None
     sample = batches[0] if batches else None
@@ -66,6 +70,14 @@ def save_models(gm: GrowModel, outputs: list[tuple[str | Path, str | None, int |
                 results.append({"path": str(out), "format": fmt, **readback.check(fmt, tmp, out)})
     del readback
     return results
+
+
+def refuse_rebuilt_blocks(gm: GrowModel) -> None:
+    """Refuse (:class:`UsageError`) a Hugging Face output whose config would rebuild a grown stack's block differently."""
+    reason = written_mismatch(gm.module, gm.all_edits()) if gm.is_hf else None
+    if reason:
+        raise UsageError(f"the grown model cannot be described by a Hugging Face config ({reason}); write "
+                         ".safetensors and load it with growcli.load_grown")
 
 
 def _tolerances(settings: VerifySettings | None, verification: VerifyReport | None) -> dict[str, Any]:

@@ -16,11 +16,12 @@ import copy
 import torch
 from torch import nn
 
-from growcli.analysis.depth import depth_changes, insert_order
+from growcli.analysis.depth import insert_order
 from growcli.analysis.residual import BlockWriters, ResidualRefusal, block_writers, chains, follows
 from growcli.analysis.trace import Trace
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
+from growcli.transforms.rebuilt import deepen_hint, layout_depth
 from growcli.transforms.registry import StepReport
 from growcli.transforms.stack import StackPlan
 
@@ -121,7 +122,10 @@ def insert_blocks(gm: GrowModel, trace: Trace, chosen: list[str], report: StepRe
         container, index = _split(block)
         seq = root.get_submodule(container)
         old_len = len(seq)
-        depth = depth_changes(root, container, insert_order(old_len, index))
+        depth, check = layout_depth(root, container, insert_order(old_len, index))
+        if check is not None and check.reason():  # in memory the copy is exact; from_pretrained would rebuild it otherwise
+            report.notes.append(f"{check.reason()}{deepen_hint(root, container, index)}; a Hugging Face directory "
+                                "output will be refused (.safetensors + growcli.load_grown works)")
         # The copy shares the model's config object instead of cloning it.
         new = copy.deepcopy(seq[index], memo={id(config): config} if config is not None else None)
         for made, source in zip(new.parameters(), seq[index].parameters()):
@@ -155,7 +159,10 @@ def plan_copies(trace: Trace, root: nn.Module, chosen: list[str]) -> tuple[Stack
     """
     analyses = {b: analyse_block(trace, root, b) for b in chosen}
     container, order = copies_layout(root, chosen)
-    depth = depth_changes(root, container, order)
+    depth, check = layout_depth(root, container, order)
+    if check is not None and check.reason():  # a streamed checkpoint is rebuilt from its config
+        hint = deepen_hint(root, container, _split(chosen[0])[1]) if len(chosen) == 1 else ""
+        raise NotGrowableError(f"deepen --block: {check.reason()}{hint}")
     if depth.config is None:
         raise NotGrowableError(f"deepen --block: {depth.reason}; growcli cannot keep the config in step with it")
     length = len(root.get_submodule(container))

@@ -30,10 +30,10 @@ from torch import nn
 from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.analysis.blocks import block_stacks, check_not_shared, check_repeated, find_stack
-from growcli.analysis.depth import depth_changes
 from growcli.analysis.residual import BlockWriters, ResidualRefusal, follows, stack_writers
 from growcli.analysis.trace import Trace, trace_model
 from growcli.core.model import GrowModel
+from growcli.transforms.rebuilt import fit_layout
 from growcli.transforms.registry import Context, StepReport, option, register
 
 Order = Literal["stack", "interleave"]
@@ -132,6 +132,7 @@ class StackPlan:
     config: dict[str, Any] = field(default_factory=dict)  # HF config key → new value
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # (module, attribute, value) after stacking
     post_acts: list[str] = field(default_factory=list)  # idempotent activations after the blocks' last add
+    notes: list[str] = field(default_factory=list)  # copy sources moved to match the rebuilt config, and why
 
     @property
     def copies(self) -> list[int]:
@@ -184,12 +185,17 @@ def plan_stack(module: nn.Module, spec: StackSpec, batch: Callable[[], Batch]) -
     container = find_stack(module, spec.blocks)
     length = len(module.get_submodule(container))
     order = layout(spec, length)
-    check_repeated(module, container)
     check_not_shared(module, container)
-    depth = depth_changes(module, container, order)
+    # With a config, every position is compared with the block the config rebuilds there (growcli.transforms.rebuilt).
+    order, depth, check = fit_layout(module, container, order, move=spec.init == "identity" and spec.layers is None)
+    if check is None:  # nothing to rebuild from: a copy must repeat the blocks it follows
+        check_repeated(module, container)
+    elif check.reason():
+        raise NotGrowableError(f"stack: {check.reason()}; use a layout whose copies match (--to, --order or --layers)")
     if depth.config is None:
         raise NotGrowableError(f"stack: {depth.reason}; growcli cannot keep the config in step with it")
-    plan = StackPlan(container, length, order, config=depth.config, attrs=depth.attrs)
+    plan = StackPlan(container, length, order, config=depth.config, attrs=depth.attrs,
+                     notes=check.notes() if check is not None else [])
     if spec.init == "identity":
         found = identity_writers(module, container, order, batch())
         plan.writers = {i: r.writers for i, r in found.items()}
@@ -282,6 +288,7 @@ def step_report(spec: StackSpec, plan: StackPlan, params_before: int, params_aft
     if spec.init == "identity" and plan.post_norms:
         report.notes.append(post_ln_reason(plan))
     report.notes.append(f"layout: {describe_order(plan.order)}; new copies at positions {describe_order(plan.copies)}")
+    report.notes += plan.notes
     if spec.init == "identity":
         zeroed = sorted({w for p in plan.copies for w in plan.writers.get(plan.order[p], ())})
         report.notes.append(f"identity init: zeroed residual writers {', '.join(zeroed)} in every new copy")
