@@ -37,8 +37,10 @@ from growcli.analysis.coupled_group import Group
 from growcli.analysis.coupling_forward import (ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, SHAPE_ONLY, WEIGHT_MOVES,
                                                bmm_weight, is_grouped_mm, roll_dims, weight_param)
 from growcli.analysis.layouts import CORE, Cat
-from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, METADATA_CHECKS, PAD, POOL, REINDEX, Refuse, Trace, VIEW,
-                                    aten, attr_of, conv_groups, op_name, shape, source_dim, weight_of, where)
+from growcli.analysis.pooling import PER_CHANNEL, WITH_INDICES, pooled_source
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REINDEX, Refuse,
+                                    Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims, op_name,
+                                    shape, source_dim, weight_of, where)
 from growcli.core.errors import NotGrowableError
 
 # Ops that split a tensor into parts along one dimension (``gate, up = x.chunk(2, -1)``).
@@ -132,16 +134,17 @@ class Analysis(ForwardRules):
             if len(node.args) > 2 and attr_of(node.args[2]):
                 self._use(attr_of(node.args[2]), 0, "producer")
             return len(out) - 1
-        if t in CONV:
+        if t in CONV or t in CONV_TRANSPOSE:
             groups = conv_groups(node)
-            if t == aten.convolution.default and node.args[6]:
-                raise Refuse("transposed convolutions are not supported yet")
             w = shape(node.args[1])
             if groups > 1:
-                if groups == w[0] and w[1] == 1:
+                if groups == w[0] and w[1] == 1:  # in = out = groups, for either weight layout
                     raise Refuse("a depthwise convolution's channels follow its input; widen the layer that feeds it")
+                if conv_transposed(node):
+                    raise Refuse(f"transposed convolution{where(node)} has {groups} groups; growcli widens the output "
+                                 "channels of transposed convolutions with groups=1 only")
                 self.group_groups(groups)
-            self._use(weight_fqn, 0, "producer")
+            self._use(weight_fqn, conv_weight_dims(node)[0], "producer")
             if len(node.args) > 2 and attr_of(node.args[2]):
                 self._use(attr_of(node.args[2]), 0, "producer")
             return len(out) - (len(w) - 2) - 1
@@ -229,8 +232,7 @@ class Analysis(ForwardRules):
             self._use(str(node.target), dim, "copy")
             return
         t = node.target
-        if t in (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-                 aten.convolution.default, aten.embedding.default, ADDMM):
+        if t in CONV or t in CONV_TRANSPOSE or t in (aten.linear.default, aten.embedding.default, ADDMM):
             w = weight_of(node)
             if w is None:
                 raise Refuse(f"{op_name(node)}{where(node)} has a computed weight")
@@ -253,8 +255,11 @@ class Analysis(ForwardRules):
         if t in ELEMENTWISE_N:
             self._binary(node, dim, backward=True)
             return
-        if (t in POOL and t != aten.max_pool2d_with_indices.default or t in PAD) and dim < len(shape(node)) - POOL.get(t, 0):
-            self._mark(node.args[0], dim, backward=True)  # per-channel: its input carries the same channels
+        if t in PER_CHANNEL and t not in WITH_INDICES and (src_dim := pooled_source(node, dim)) is not None:
+            self._mark(node.args[0], src_dim, backward=True)  # per-channel: its input carries the same channels
+            return
+        if t in PAD and dim < len(shape(node)):
+            self._mark(node.args[0], dim, backward=True)
             return
         if t in BATCH_NORM:
             self._batch_norm_params(node, CORE)
@@ -280,6 +285,8 @@ class Analysis(ForwardRules):
         if src.target in BATCH_NORM:
             self._batch_norm_params(src, CORE)
             self._mark(src.args[0], dim, backward=True)
+        elif src.target in WITH_INDICES and (src_dim := pooled_source(src, dim)) is not None:
+            self._mark(src.args[0], src_dim, backward=True)  # the values of a max-pooling or x.max(dim)
         else:
             raise Refuse(f"{op_name(src)}{where(src)} produces a tensor that must share the channels")
 
@@ -302,6 +309,7 @@ def producer_layers(trace: Trace) -> list[str]:
         if not (fqn == "weight" or fqn.endswith(".weight")):
             continue
         if any(u.op == "call_function" and (u.target in (aten.linear.default, aten.embedding.default) or u.target in CONV
+                                             or u.target in CONV_TRANSPOSE
                                              or u.target == ADDMM and len(u.args) > 2 and getattr(u.args[2], "target", None) == fqn)
                for u in users):
             out.append(fqn[: -len(".weight")] if fqn != "weight" else "")

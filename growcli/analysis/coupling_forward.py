@@ -20,8 +20,10 @@ from torch import fx
 
 from growcli.analysis.coupled_group import GroupWalk, ViewPatch
 from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
-from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, METADATA_CHECKS, PAD, POOL, REDUCE, Refuse, UNARY,
-                                    VIEW, aten, attr_of, conv_groups, merge_groups, op_name, reduce_dims, shape, where)
+from growcli.analysis.pooling import PER_CHANNEL, pooled_values
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REDUCE, Refuse,
+                                    UNARY, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
+                                    merge_groups, op_name, reduce_dims, shape, where)
 
 
 def in_place(ops: set) -> set:
@@ -151,7 +153,7 @@ class ForwardRules(GroupWalk):
             self._linear(src, node, dim, layout)
         elif t == ADDMM:
             self._addmm(src, node, dim, layout)
-        elif t in CONV:
+        elif t in CONV or t in CONV_TRANSPOSE:
             self._conv(src, node, dim, layout)
         elif t in REDUCE:
             dims = reduce_dims(node, len(shape(src)))
@@ -160,16 +162,9 @@ class ForwardRules(GroupWalk):
                              "(a normalisation or mean over the channels)")
             keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
             self._propagate(src, node, dim if keep else dim - sum(1 for d in dims if d < dim))
-        elif t in POOL:
-            if dim >= len(shape(src)) - POOL[t]:
-                raise Refuse(f"{op_name(node)}{where(node)} pools over the grown dimension")
-            if t == aten.max_pool2d_with_indices.default:
-                for u in node.users:
-                    if u.target != operator.getitem or u.args[1] != 0:
-                        raise Refuse(f"the pooling indices{where(node)} are used")
-                    self._propagate(src, u, dim)
-            else:
-                self._propagate(src, node, dim)
+        elif t in PER_CHANNEL:  # pooling, x.max(dim): each channel on its own (indices refused when used)
+            for values, new in pooled_values(node, src, dim):
+                self._propagate(src, values, new)
         elif t in VIEW:
             self._view(src, node, dim, layout)
         elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
@@ -292,16 +287,14 @@ class ForwardRules(GroupWalk):
         w_shape = shape(node.args[1])
         if dim != len(shape(src)) - (len(w_shape) - 2) - 1:
             raise Refuse(f"convolution{where(node)} reads the channels in a spatial dimension")
-        if node.target == aten.convolution.default and node.args[6]:
-            raise Refuse(f"transposed convolution{where(node)} reads the channels (not supported yet)")
         w = attr_of(node.args[1])
         if w is None:
             raise Refuse(f"convolution{where(node)} with a computed weight reads the channels")
-        groups = conv_groups(node)
-        c_in = shape(src)[dim]
+        groups, transposed = conv_groups(node), conv_transposed(node)
+        c_in, c_out = shape(src)[dim], w_shape[1] * groups if transposed else w_shape[0]
         if groups == 1:
-            self._use(w, 1, "consumer", layout)
-        elif groups == c_in and w_shape[0] == c_in:
+            self._use(w, conv_weight_dims(node)[1], "consumer", layout)
+        elif groups == c_in and c_out == c_in:  # depthwise: weight [C, 1, k…] in either layout
             if src not in self.core:
                 raise Refuse(f"depthwise convolution{where(node)} after a concatenation or flatten")
             self._use(w, 0, "copy")
@@ -311,7 +304,10 @@ class ForwardRules(GroupWalk):
             self.group.depthwise.append(w.rsplit(".", 1)[0])
             self._mark(node, 1, backward=False)
         elif groups == c_in:
-            raise Refuse(f"depthwise convolution{where(node)} with a channel multiplier of {w_shape[0] // c_in}")
+            raise Refuse(f"depthwise convolution{where(node)} with a channel multiplier of {c_out // c_in}")
+        elif transposed:
+            raise Refuse(f"transposed convolution{where(node)} reads the channels in {groups} groups; growcli grows "
+                         "the input channels of transposed convolutions with groups=1 or depthwise only")
         else:
             if src not in self.core:
                 raise Refuse(f"grouped convolution{where(node)} after a concatenation or flatten")

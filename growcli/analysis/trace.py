@@ -41,13 +41,19 @@ BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, at
 # Reductions with explicit dims.
 REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.sum.default,
           aten.mean.default, aten.max.default, aten.min.default}
-# Pooling over trailing spatial dims: (op, number of spatial dims).
+# Pooling over trailing spatial dims, each channel on its own: (op, number of spatial dims). The rule is in
+# :mod:`growcli.analysis.pooling` (with ``x.max(dim)``; some of these return ``(values, indices)``).
 POOL = {aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_avg_pool2d.default: 2,
         aten.max_pool1d.default: 1, aten.avg_pool1d.default: 1, aten.adaptive_avg_pool1d.default: 1,
         aten.max_pool3d.default: 3, aten.avg_pool3d.default: 3, aten.adaptive_avg_pool3d.default: 3,
-        aten.max_pool2d_with_indices.default: 2, aten.adaptive_max_pool2d.default: 2,
+        aten.max_pool1d_with_indices.default: 1, aten.max_pool2d_with_indices.default: 2,
+        aten.max_pool3d_with_indices.default: 3, aten.adaptive_max_pool1d.default: 1,
+        aten.adaptive_max_pool2d.default: 2, aten.adaptive_max_pool3d.default: 3,
         aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2}
 CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+# Transposed convolutions (``nn.ConvTranspose1d/2d/3d``); ``aten.convolution`` with ``transposed=True`` is one too
+# (:func:`conv_transposed`). Kept out of ``CONV``: their weight holds the channels the other way round (:func:`conv_weight_dims`).
+CONV_TRANSPOSE = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
 PAD = {aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.default, aten.replication_pad2d.default}
 BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
@@ -243,6 +249,22 @@ def conv_groups(node: fx.Node) -> int:
     if len(node.args) > 6:
         return int(node.args[6])
     return int(node.kwargs.get("groups", 1))
+
+
+def conv_transposed(node: fx.Node) -> bool:
+    """Whether a convolution node is a transposed one (``conv_transpose*``, or ``convolution`` with ``transposed``)."""
+    if node.target == aten.convolution.default:
+        return bool(node.args[6]) if len(node.args) > 6 else False
+    return node.target in CONV_TRANSPOSE
+
+
+def conv_weight_dims(node: fx.Node) -> tuple[int, int]:
+    """Which dims of a convolution node's weight hold its output and its input channels, ``(out, in)``.
+
+    A convolution's weight is ``[out, in/groups, k…]``: ``(0, 1)``; a transposed convolution's is
+    ``[in, out/groups, k…]``: ``(1, 0)``. Stride, padding, output padding and dilation act on the spatial
+    dims only, never on the channels."""
+    return (1, 0) if conv_transposed(node) else (0, 1)
 
 
 def merge_groups(ins: Sequence[int], outs: Sequence[int]):

@@ -26,6 +26,9 @@ def sync_attributes(gm: GrowModel, name: str) -> None:
     if isinstance(m, nn.Linear):
         set_if("out_features", m.weight.shape[0])
         set_if("in_features", m.weight.shape[1])
+    elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # weight [in, out/groups, k…]
+        set_if("in_channels", m.weight.shape[0])
+        set_if("out_channels", m.weight.shape[1] * m.groups)
     elif isinstance(m, nn.modules.conv._ConvNd):
         set_if("out_channels", m.weight.shape[0])
         set_if("in_channels", m.weight.shape[1] * m.groups)
