@@ -131,16 +131,8 @@ def config_changes(root: nn.Module, container: str, order: list[int]) -> tuple[d
     want = _grown_shapes(root, container, order)
     candidates = config_candidates(config, length, order)
     for change in candidates:
-        trial = copy.deepcopy(config)
-        try:
-            for key, value in change.items():
-                owner, leaf = config_owner(trial, key)
-                setattr(owner, leaf, value)
-            with torch.device("meta"):
-                fresh = type(root)(trial)
-        except Exception:  # a candidate the model cannot even be built from is simply not it
-            continue
-        if {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == want:
+        fresh = rebuild(root, change)  # a candidate the model cannot even be built from is simply not it
+        if fresh is not None and {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == want:
             return change, None
     key = _count_key(config)
     tried = ", ".join(sorted({k for c in candidates for k in c})) or "none"
@@ -157,3 +149,19 @@ def depth_changes(root: nn.Module, container: str, order: list[int]) -> DepthCha
 def insert_order(length: int, index: int) -> list[int]:
     """The layout that inserts a copy of block ``index`` right after it."""
     return list(range(index + 1)) + [index] + list(range(index + 1, length))
+
+
+def rebuild(root: nn.Module, change: dict[str, Any]) -> nn.Module | None:
+    """``type(root)`` built on the meta device from its config with ``change`` applied (``None`` if it does not build)."""
+    config = getattr(root, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    trial = copy.deepcopy(config)
+    try:
+        for key, value in change.items():
+            owner, leaf = config_owner(trial, key)
+            setattr(owner, leaf, value)
+        with torch.device("meta"):
+            return type(root)(trial)
+    except Exception:  # a config the model cannot be built from describes nothing to compare with
+        return None

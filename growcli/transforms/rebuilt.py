@@ -38,8 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.analysis.depth import DepthChanges, config_candidates, depth_changes, index_attributes, insert_order
-from growcli.core.edits import config_owner
+from growcli.analysis.depth import DepthChanges, config_candidates, depth_changes, index_attributes, insert_order, rebuild
 
 Key = tuple[str, str]  # (submodule relative to the block, attribute or tensor name)
 CLASS = "<class>"
@@ -138,22 +137,6 @@ class LayoutCheck:
         if self.training:
             out.append("training-only attributes follow the written config: " + ", ".join(self.training[:4]))
         return out
-
-
-def rebuild(root: nn.Module, change: dict[str, Any]) -> nn.Module | None:
-    """``type(root)`` built on the meta device from its config with ``change`` applied (``None`` if it does not build)."""
-    config = getattr(root, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return None
-    trial = copy.deepcopy(config)
-    try:
-        for key, value in change.items():
-            owner, leaf = config_owner(trial, key)
-            setattr(owner, leaf, value)
-        with torch.device("meta"):
-            return type(root)(trial)
-    except Exception:  # a config the model cannot be built from describes nothing to compare with
-        return None
 
 
 def _stack_of(model: nn.Module | None, container: str) -> nn.Module | None:
