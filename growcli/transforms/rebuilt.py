@@ -120,6 +120,7 @@ class LayoutCheck:
     mismatches: list[Mismatch] = field(default_factory=list)
     training: list[str] = field(default_factory=list)  # training-only attributes that follow the config
     moved: list[tuple[int, int, int]] = field(default_factory=list)  # (position, requested source, chosen source)
+    built: nn.Module | None = field(default=None, repr=False, compare=False)  # the rebuilt stack compared with
 
     def reason(self) -> str | None:
         """One line naming the first block, attribute and both values; ``None`` when nothing differs."""
@@ -152,6 +153,12 @@ def _training_keys(block: nn.Module) -> set[str]:
     return {sub for sub, m in block.named_modules() if sub and eval_identity(m)}
 
 
+def _training_only(key: Key, training: set[str], rebuilt_training: set[str]) -> bool:
+    """A difference in a weight-free submodule that is the identity in eval mode (drop path), where the
+    rebuilt block has one too when it is the submodule's class that differs."""
+    return key[0] in training and (key[1] != CLASS or key[0] in rebuilt_training)
+
+
 def check_layout(root: nn.Module, container: str, order: list[int], depth: DepthChanges) -> LayoutCheck | None:
     """Compare the layout ``order`` of ``container`` with the model its config (changed by ``depth``) builds.
 
@@ -172,7 +179,7 @@ def check_layout(root: nn.Module, container: str, order: list[int], depth: Depth
     index = {(sub, attr): off for sub, attr, off in index_attributes(stack)
              if all(want[p].get((sub, attr)) == p + off for p in range(len(order)))}
     attrs = [(path, attr, v) for path, attr, v in depth.attrs if (_sub_of(path, container), attr) in index]
-    check = LayoutCheck(container, list(order), attrs)
+    check = LayoutCheck(container, list(order), attrs, built=built)
     training = [_training_keys(b) for b in stack]
     seen: set[int] = set()
     for p, s in enumerate(order):
@@ -183,7 +190,7 @@ def check_layout(root: nn.Module, container: str, order: list[int], depth: Depth
             a, b = have[s].get(key, ABSENT), want[p].get(key, ABSENT)
             if a == b:
                 continue
-            if key[0] in training[s] and (key[1] != CLASS or key[0] in rebuilt_training):
+            if _training_only(key, training[s], rebuilt_training):
                 name = f"{container}.{p}.{key[0]}.{key[1]}"
                 check.training.append(f"{name} {_show(key, a)} → {_show(key, b)}")
                 continue
@@ -239,13 +246,7 @@ def fit_layout(root: nn.Module, container: str, order: list[int], *, move: bool
     for _ in range(3):
         if check is None or not check.mismatches or not move:
             break
-        new = list(order)
-        built = _stack_of(rebuild(root, depth.config or {}), container) if depth.config is not None else None
-        if built is None:
-            change = next(iter(config_candidates(root.config, len(stack), order)), None)
-            built = _stack_of(rebuild(root, change), container) if change is not None else None
-        if built is None or len(built) != len(order):
-            break
+        new, built = list(order), check.built  # the stack the config rebuilds for this layout
         bad = {m.position: m for m in check.mismatches if m.copy}
         for p, m in bad.items():
             want = block_state(built[p])
@@ -306,8 +307,7 @@ def written_mismatch(module: nn.Module, records: list[dict]) -> str | None:
             training, rebuilt_training = _training_keys(grown[p]), _training_keys(built[p])
             for key in sorted(set(have[p]) | set(want[p]), key=lambda k: (k[1] != CLASS, k)):
                 a, b = have[p].get(key, ABSENT), want[p].get(key, ABSENT)
-                if a != b and key not in stale and not (
-                        key[0] in training and (key[1] != CLASS or key[0] in rebuilt_training)):
+                if a != b and key not in stale and not _training_only(key, training, rebuilt_training):
                     return Mismatch(p, p, False, key, a, b).describe(container)
     return None
 
