@@ -54,7 +54,7 @@ from growcli.transforms.registry import StepReport
 from growcli.transforms.stack import plan_stack, post_ln_reason, step_report
 from growcli.transforms.width_edit import note_rounding
 from growcli.verification.compare import VerifyReport, compose_maps, verify_models
-from growcli.verification.stream_map import StreamMap, compose, identity, stacked, tiling
+from growcli.verification.stream_map import StreamMap, compose, compose_tilings, identity, stacked
 
 
 @dataclass
@@ -264,23 +264,22 @@ def _write(tmp: Path, entries: list[Entry], shard_size: int, advance: Callable[[
     return len(shards)
 
 
-def _stream_map(src: Path, planned: list[Planned]) -> StreamMap | None:
+def _stream_map(src: Path, planned: list[Planned]) -> StreamMap:
     """The map between the input's and the output's residual streams: the layer maps composed, and the hidden
-    axis by width (one hidden step: growcli's tiling) or, after several hidden steps, their tilings composed."""
+    steps' tilings composed (:func:`growcli.verification.stream_map.compose_tilings`, as
+    :func:`growcli.run.streaming.recorded_map` does from the report), or the hidden axis by width when a hidden
+    step's widths are not known (the config does not say)."""
     depth = None
     for p in planned:
         if p.depth is not None:
             depth = p.depth if depth is None else compose(depth, p.depth)
-    widths = [p.widths for p in planned if p.report.transform == "hidden"]
-    if len(widths) < 2 or None in widths:  # one tiling (or a width the config does not say): mapped by width
-        return depth
-    hidden = tuple(range(widths[0][0]))
-    for before, after in widths:
-        hidden = tuple(hidden[i] if i >= 0 else -1 for i in tiling(before, after))
     if depth is None:
         module = meta_model(src)
         depth = identity(len(module.get_submodule(find_stack(module, None))))
-    return StreamMap(depth.depth, hidden)
+    widths = [p.widths for p in planned if p.report.transform == "hidden"]
+    if None in widths:
+        return StreamMap(depth.depth, None, "inferred", "hidden axis by width: a hidden step's widths are not known")
+    return StreamMap(depth.depth, compose_tilings(widths)) if widths else depth
 
 
 def _run_both(src: Path, tmp: Path, settings: VerifySettings, seed: int, exact_in_dtype: bool | None,

@@ -48,7 +48,7 @@ from growcli.verification.blockwise import BlockwiseReport, verify_blockwise
 from growcli.verification.compare import VerifyReport
 from growcli.verification.ondisk import OnDisk
 from growcli.verification.readback import Readback
-from growcli.verification.stream_map import StreamMap, compose, identity, stacked
+from growcli.verification.stream_map import StreamMap, compose, compose_tilings, identity, stacked
 
 STREAMING_THRESHOLD = 1 << 30  # checkpoints larger than this (bytes of safetensors) stream by default
 VERIFY_LIMIT = 512 << 20  # outputs up to this size are also verified by running both models
@@ -267,8 +267,9 @@ def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None
 
     Each model's block stack is found by :func:`growcli.analysis.blocks.find_stack`. The map
     between the streams is ``stream_map``, else the one ``grown``'s ``growth_report.json``
-    records (:func:`recorded_map`), else same depth; the hidden axis is mapped by width
-    (identity, or hidden growth's tiling). Batches: ``settings.inputs``, ``inputs_file``, or
+    records (:func:`recorded_map`: its depth and hidden maps), else same depth; a hidden axis the
+    map does not give is mapped by width (identity, or hidden growth's tiling), and the report's
+    ``map_source`` says which (``"recorded"`` or ``"inferred"``). Batches: ``settings.inputs``, ``inputs_file``, or
     generated from the original's config with ``seed``. The two may be of different classes with
     one residual stream (a dense decoder and its upcycled mixture of experts: same depth, identity
     map). Raises :class:`UsageError` when either path is not a Hugging Face directory of safetensors.
@@ -294,27 +295,43 @@ def blockwise_check(original: Path, grown: Path, settings: VerifySettings | None
 
 
 def recorded_map(grown: Path, length: int) -> StreamMap | None:
-    """The depth map of the stack steps ``grown/growth_report.json`` records, ``None`` without a report.
+    """The map of the growth steps ``grown/growth_report.json`` records, ``None`` without a report.
 
     Each ``stack`` step's layout is recomputed from its recorded options
     (:func:`growcli.transforms.stack.layout`) and the maps are composed in order; steps that
-    keep the depth map it onto itself. A grown directory without a report maps by depth.
+    keep the depth map it onto itself. The ``hidden`` steps' recorded stream widths are composed
+    into the hidden map (:func:`growcli.verification.stream_map.compose_tilings`); a report
+    written before the widths were recorded maps the hidden axis by width, and the map says so
+    (``source`` ``"inferred"``). A grown directory without a report maps by depth.
     """
     try:
         report = json.loads((grown / "growth_report.json").read_text())
-        steps = [s for s in report.get("steps") or [] if isinstance(s, dict) and s.get("transform") in ("stack", "deepen")]
+        steps = [s for s in report.get("steps") or [] if isinstance(s, dict)]
     except (OSError, ValueError, AttributeError):
         return None
     result = identity(length)
-    for step in steps:
+    widths: list[tuple[int, int]] = []
+    unrecorded: list[str] = []
+    for n, step in enumerate(steps, 1):
         spec = step.get("spec") or {}
-        if step["transform"] == "deepen" and not spec.get("block"):
-            continue  # inserted layers live inside blocks: the depth is kept
+        if step.get("transform") == "hidden":
+            pair = step.get("stream_widths")
+            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(w, int) for w in pair):
+                widths.append((pair[0], pair[1]))
+            else:
+                unrecorded.append(f"step {n}")
+            continue
+        if step.get("transform") not in ("stack", "deepen") or (step["transform"] == "deepen"
+                                                                and not spec.get("block")):
+            continue  # the depth is kept (deepen's inserted layers live inside blocks)
         order = (copies_order(length, step.get("matched") or []) if step["transform"] == "deepen"
                  else layout(StackSpec(**{k: v for k, v in spec.items() if k in StackSpec.__dataclass_fields__}), length))
         copies = StackPlan("", length, order).copies
         result = compose(result, stacked(order, copies))
         length = len(order)
-    return result
+    if unrecorded:
+        return StreamMap(result.depth, None, "inferred", f"hidden axis by width: growth_report.json records no stream "
+                         f"widths for {', '.join(unrecorded)} (hidden; written by an older growcli)")
+    return StreamMap(result.depth, compose_tilings(widths)) if widths else result
 
 

@@ -65,6 +65,14 @@ class HiddenSpec:
         return target_size(self, size)
 
 
+@dataclass
+class HiddenReport(StepReport):
+    """The step's report, with the residual stream's width before and after (``[d, d']``): what
+    block-wise verification composes into the map between the streams after several hidden steps."""
+
+    stream_widths: list[int] | None = None
+
+
 PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}
 
 
@@ -122,11 +130,12 @@ def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
           candidates=hidden_candidates, modes=("memory", "streaming"))
 def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
     """Grow the hidden size of a transformer exactly, with every tensor that carries it."""
-    report = StepReport("hidden", dataclasses.asdict(spec), params_before=gm.num_parameters())
+    report = HiddenReport("hidden", dataclasses.asdict(spec), params_before=gm.num_parameters())
     trace = trace_width(gm)
     start = stream_start(trace, spec.start)
     d = stream_size(trace, start)
     new_d = spec.target(d)
+    report.stream_widths = [d, new_d]
     plan = plan_stream(gm.module, trace, start, new_d)
     edit = Edit()
     sites = attention_sites(trace, required=False)

@@ -60,7 +60,12 @@ class BlockCheck:
 
 @dataclass
 class BlockwiseReport:
-    """Per-boundary and final-output checks; ``first_failing`` names the first block that broke."""
+    """Per-boundary and final-output checks; ``first_failing`` names the first block that broke.
+
+    ``map_source``: where the map between the streams came from, ``"recorded"`` (the growth steps:
+    the grown directory's ``growth_report.json`` or the plan being written) or ``"inferred"`` (by
+    depth, or the hidden axis by width); ``map_note`` says what was inferred and why.
+    """
 
     passed: bool
     dtype: str
@@ -72,6 +77,8 @@ class BlockwiseReport:
     blocks: list[BlockCheck] = field(default_factory=list)
     first_failing: str | None = None
     note: str = ""
+    map_source: str = "inferred"
+    map_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return finite_json(asdict(self))
@@ -81,7 +88,7 @@ class BlockwiseReport:
         where = f"; first breaking: {self.first_failing}" if self.first_failing else ""
         blocks = f", worst boundary {worst.max_abs_diff:.3g} ({worst.name})" if worst else ""
         return (f"{'equal' if self.passed else 'NOT equal'} in {self.dtype} over {self.batches} batches, block by "
-                f"block: max abs diff {self.max_abs_diff:.3g} on the outputs{blocks}{where}")
+                f"block ({self.map_source} map): max abs diff {self.max_abs_diff:.3g} on the outputs{blocks}{where}")
 
     def verify_report(self) -> VerifyReport:
         """The common report's shape: final outputs, with the verdict and the breaking block included."""
@@ -272,8 +279,9 @@ def _measure(original: OnDisk, grown: OnDisk, batches: list[Batch], original_blo
         if la != lb:
             raise NotGrowableError(f"block-wise verification: the grown model has {lb} blocks, the original {la}; "
                                    "say how they map (the grown directory's growth_report.json records it)")
-        stream_map = StreamMap(tuple(range(la + 1)))
+        stream_map = StreamMap(tuple(range(la + 1)), source="inferred", note="same depth: no map given or recorded")
     stream_map.check(lb, la)
+    map_source, map_notes = stream_map.source, [stream_map.note] if stream_map.note else []
     first = None
     if exact_in_dtype and atol is None and rtol is None:  # the exact bound of the original's own arithmetic
         with observing(dtype, DATA_MOVES) as profile:
@@ -289,6 +297,11 @@ def _measure(original: OnDisk, grown: OnDisk, batches: list[Batch], original_blo
         out_a, stream_a = first if k == 0 and first is not None else run_a(batch)
         out_b, stream_b = run_b(batch)
         index = stream_map.hidden_index(stream_b[0].shape[-1], stream_a[0].shape[-1])
+        wide_a, wide_b = stream_a[0].shape[-1], stream_b[0].shape[-1]
+        if k == 0 and stream_map.hidden is None and wide_a != wide_b:
+            map_source = "inferred"  # the widths differ and nothing says how: growcli's one tiling
+            if not any(n.startswith("hidden axis by width") for n in map_notes):
+                map_notes.append(f"hidden axis by width: one tiling {wide_a} → {wide_b}")
         keep = torch.tensor([j for j, i in enumerate(index) if i >= 0], dtype=torch.long)
         source = torch.tensor([i for i in index if i >= 0], dtype=torch.long)
         for j, b in enumerate(stream_b):
@@ -305,4 +318,5 @@ def _measure(original: OnDisk, grown: OnDisk, batches: list[Batch], original_blo
     if first is not None and first == names[0]:
         note = "; ".join(n for n in (note, "the streams differ before the first block (embeddings)") if n)
     return BlockwiseReport(passed, str(dtype).removeprefix("torch."), len(batches), atol, rtol,
-                           max((o.max_abs_diff for o in finals), default=math.inf), finals, blocks, first, note)
+                           max((o.max_abs_diff for o in finals), default=math.inf), finals, blocks, first, note,
+                           map_source, "; ".join(map_notes))

@@ -15,6 +15,12 @@ compare, such as hidden growth's padding).
   measured divergence.
 - Hidden growth (:func:`tiling`): the stream ``x`` of width ``d`` becomes ``[x, …, x, p]`` of
   width ``k·d + r``; entry ``t·d + i`` holds ``x[i]``, the ``r`` padded entries are ``-1``.
+  Several hidden steps (:func:`compose_tilings`): each tiles the stream the one before wrote,
+  padding included (32 → 48 → 96 is ``[x, p, x, p]``, not the tiling of 32 into 96).
+
+``source`` says where a map came from: ``"recorded"`` (built from the growth steps: the grown
+directory's ``growth_report.json`` or the plan being written) or ``"inferred"`` (by depth, or
+the hidden axis by width because the steps do not say; ``note`` says why).
 """
 
 from __future__ import annotations
@@ -26,10 +32,15 @@ from growcli.core.errors import NotGrowableError
 
 @dataclass(frozen=True)
 class StreamMap:
-    """``depth[j]``: the original boundary grown boundary ``j`` equals; ``hidden``: ``None`` = by width."""
+    """``depth[j]``: the original boundary grown boundary ``j`` equals; ``hidden``: ``None`` = by width.
+
+    ``source``: ``"recorded"`` or ``"inferred"``; ``note``: what was inferred and why.
+    """
 
     depth: tuple[int, ...]
     hidden: tuple[int, ...] | None = None
+    source: str = "recorded"
+    note: str = ""
 
     def hidden_index(self, grown_width: int, original_width: int) -> tuple[int, ...]:
         """The hidden map for these widths: the given one (checked), else identity or growcli's tiling."""
@@ -68,10 +79,29 @@ def stacked(order: list[int], copies: list[int]) -> StreamMap:
 
 def compose(first: StreamMap, then: StreamMap) -> StreamMap:
     """Two growth steps' depth maps as one (``then`` maps the result of ``first``); hidden by width."""
-    return StreamMap(tuple(first.depth[b] for b in then.depth))
+    inferred = [m for m in (first, then) if m.source == "inferred"]
+    return StreamMap(tuple(first.depth[b] for b in then.depth), source="inferred" if inferred else "recorded",
+                     note="; ".join(m.note for m in inferred if m.note))
 
 
 def tiling(width: int, grown: int) -> tuple[int, ...]:
     """``[x, …, x, p]``: ``grown // width`` whole tiles of the ``width`` entries, then padding (``-1``)."""
     tiles = grown // width
     return tuple(i for _ in range(tiles) for i in range(width)) + (-1,) * (grown - tiles * width)
+
+
+def compose_tilings(widths: list[tuple[int, int]]) -> tuple[int, ...]:
+    """The hidden map after hidden steps growing the stream ``before → after``, in order: each tiles what the one
+    before wrote (:func:`tiling`), so a padded entry stays padding (``-1``) in every tile it is copied into.
+
+    Raises :class:`NotGrowableError` without steps or when a step does not start at the width the one before left.
+    """
+    if not widths:
+        raise NotGrowableError("block-wise verification: no hidden steps to compose")
+    hidden = tuple(range(widths[0][0]))
+    for k, (before, after) in enumerate(widths, 1):
+        if before != len(hidden) or after < before:
+            raise NotGrowableError(f"block-wise verification: hidden step {k} grows the stream {before} → {after}, "
+                                   f"but the steps before it leave it {len(hidden)} wide")
+        hidden = tuple(hidden[i] if i >= 0 else -1 for i in tiling(before, after))
+    return hidden

@@ -72,7 +72,8 @@ def _blockwise(original: Path, grown: Path, settings, inputs: Path | None, json_
         for o in report.outputs:
             typer.echo(f"{o.name} {o.shape}: max abs diff {o.max_abs_diff:.3g}, max rel diff {o.max_rel_diff:.3g}, "
                        f"tolerance {o.tolerance:.3g} — {'pass' if o.passed else 'FAIL'}{' (' + o.note + ')' if o.note else ''}")
-        typer.echo(report.summary() + (f" ({report.note})" if report.note else ""))
+        notes = "; ".join(n for n in (report.note, report.map_note) if n)
+        typer.echo(report.summary() + (f" ({notes})" if notes else ""))
     if not report.passed:
         if report.first_failing and not json_out:
             typer.echo(f"error: the grown model first differs at {report.first_failing}", err=True)
