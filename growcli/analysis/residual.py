@@ -40,7 +40,11 @@ CASTS = {"to", "_to_copy", "type_as"}
 ZERO_PRESERVING = VALUE_PRESERVING | CASTS | {
     "transpose", "permute", "t", "numpy_T", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice",
     "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat", "repeat_interleave",
-    "index", "index_select", "gather"}
+    "index", "index_select", "gather", "roll"}
+# Pads move their input's values and fill the new positions: zero-preserving when the fill is 0 or copied
+# (reflect, replicate, circular), never for a nonzero constant (:func:`moves_zeros`).
+PADS = {"pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
+        "replication_pad2d", "replication_pad3d", "_pad_circular"}
 # Gathers read their first operand at positions the others give: a gathered zero is zero whatever the indices
 # (the rows of a mixture-of-experts layer, routed to their experts and back).
 GATHERS = {"index", "index_select", "gather"}
@@ -100,6 +104,21 @@ def op_of(node: fx.Node) -> str:
 def at(node: fx.Node) -> str:
     """``aten.relu in layer1.0`` for messages."""
     return f"aten.{op_of(node)} in {module_of(node) or '(root)'}"
+
+
+def moves_zeros(node: fx.Node) -> bool:
+    """Whether op ``node`` maps an all-zero first operand to all zeros (a :data:`ZERO_PRESERVING` op, or a pad
+    whose fill is zero: ``constant_pad_nd(x, p, 0)``, ``pad(x, p)``, ``pad(x, p, "reflect")``)."""
+    op, args, kwargs = op_of(node), node.args, node.kwargs
+    if op in ZERO_PRESERVING or op in PADS - {"pad", "constant_pad_nd"}:
+        return True
+    if op == "pad" and (args[2] if len(args) > 2 else kwargs.get("mode", "constant")) != "constant":
+        return True
+    if op not in ("pad", "constant_pad_nd"):
+        return False
+    k = 3 if op == "pad" else 2
+    fill = args[k] if len(args) > k else kwargs.get("value")
+    return fill is None or _number(fill) == "zero"
 
 
 def _tensors(node: fx.Node) -> list[fx.Node]:
@@ -255,7 +274,7 @@ class _Block:
         chains = {t: c for t in tensors if (c := self.param_chain(t))}  # parameters, maybe through t()/view/casts
         params = list(chains)
         others = [t for t in tensors if t not in chains]
-        if op in ZERO_PRESERVING and tensors:
+        if moves_zeros(base) and tensors:
             self.branch(tensors[0], writers, visited)
         elif op in ("mul", "div") and len(tensors) == 1 and base.args and base.args[0] is tensors[0]:
             self.branch(tensors[0], writers, visited)  # scaled by a constant: zero stays zero
@@ -287,7 +306,7 @@ class _Block:
             base = _resolve(node)
             tensors = _tensors(base)
             gather = op_of(base) in GATHERS and tensors and base.args[0] is tensors[0]  # w[expert_ids]
-            if not gather and (op_of(base) not in ZERO_PRESERVING or len(tensors) != 1):
+            if not gather and (not moves_zeros(base) or len(tensors) != 1):
                 return None
             chain += [node, base]
             node = tensors[0]
@@ -358,7 +377,7 @@ def at_zero(node: fx.Node, zeros: set[fx.Node], scope: set[fx.Node], memo: dict)
         result = "same"
     elif None in states or not tensors:
         result = None
-    elif op in CASTS | ZERO_PRESERVING and op not in ("neg",) and base.args and base.args[0] is tensors[0]:
+    elif (op in CASTS or moves_zeros(base)) and op not in ("neg",) and base.args and base.args[0] is tensors[0]:
         first = states[0]  # a cast's other tensor (type_as) gives only its dtype
         narrows = op in CASTS and _dtype(tensors[0]) not in _HOLDS.get(_dtype(base), {_dtype(base)})
         if first == "zero" or not narrows:  # a narrowing cast may overflow a nonzero value to inf

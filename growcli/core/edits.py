@@ -14,7 +14,8 @@ Edit kinds:
 - ``wrap``: make a new module (spec) the model's root, holding the old root as its submodule ``child``.
 - ``config``: set a key of a Hugging Face config (``num_hidden_layers``...), or of a nested sub-config
   by dotted path (``text_config.intermediate_size``).
-- ``graph_arg``: set an argument of a node in a loaded ``.pt2`` program (a view's literal size).
+- ``graph_arg``: set an argument of a node in a loaded ``.pt2`` program (a view's literal size, a depthwise
+  convolution's ``groups``; :meth:`EditLog.groups` records both that and the module's ``attr``).
 - ``graph_call``: in a loaded ``.pt2`` program, call a new shape-preserving module (spec) on a node's output.
 """
 
@@ -76,6 +77,30 @@ def insert_graph_call(root: nn.Module, after: str, name: str, new: nn.Module) ->
     for user in users:  # everything that read the node now reads the new module's output
         user.replace_input_with(node, call)
     root.recompile()
+
+
+def groups_args(root: nn.Module, weight: str) -> list[tuple[str, int]]:
+    """``(node, argument index)`` of the ``groups`` literal of every op in ``root``'s graph (a loaded .pt2
+    program) whose ``weight`` argument is parameter ``weight``; ``[]`` for a module without a graph.
+
+    The index comes from the op's schema (``convolution``: 8; ``conv2d``, ``conv_transpose2d``: 6). Raises
+    ``ArchitectureError`` when such an op passes ``groups`` by keyword or leaves it at its default."""
+    graph = getattr(root, "graph", None)
+    found = []
+    for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        names = [a.name for a in schema.arguments] if schema is not None else []
+        if "weight" not in names or "groups" not in names:
+            continue
+        w = node.args[names.index("weight")] if names.index("weight") < len(node.args) else node.kwargs.get("weight")
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target == weight):
+            continue
+        index = names.index("groups")
+        if index >= len(node.args):
+            raise ArchitectureError(f"graph node {node.name!r} ({node.target}) does not pass groups as an argument "
+                                    "growcli can set; export the program without keyword arguments")
+        found.append((node.name, index))
+    return found
 
 
 def sub_configs(config: Any) -> dict[str, Any]:
@@ -208,6 +233,16 @@ class EditLog:
         """Set argument ``index`` of node ``node`` in a GraphModule (a loaded .pt2 program)."""
         set_graph_arg(root, node, index, value)
         self.records.append({"op": "graph_arg", "node": node, "index": index, "value": to_json_value(value)})
+
+    def groups(self, root: nn.Module, module: str, value: int) -> None:
+        """Set the ``groups`` of convolution ``module`` to ``value`` (a depthwise conv following its channels).
+
+        In a loaded .pt2 program the module holds only the weights and the graph holds ``groups`` as a literal
+        argument of every op reading ``module.weight``: those literals are set too (``graph_arg`` records).
+        """
+        self.attr(root, module, "groups", value)
+        for node, index in groups_args(root, f"{module}.weight" if module else "weight"):
+            self.graph_arg(root, node, index, value)
 
     def graph_call(self, root: nn.Module, after: str, name: str, new: nn.Module) -> None:
         """In a GraphModule (a loaded .pt2 program), run submodule ``name`` = ``new`` on node ``after``'s output.

@@ -16,14 +16,16 @@ from typing import Protocol
 import torch
 from torch import fx, nn
 
-from growcli.analysis.trace import METADATA_CHECKS, Trace, conv_groups, module_of, op_name, shape, where
+from growcli.analysis.trace import (CONV_TRANSPOSE, METADATA_CHECKS, Trace, conv_groups, conv_transposed,
+                                    conv_weight_dims, module_of, op_name, shape, where)
 from growcli.core.errors import NotGrowableError
 
 aten = torch.ops.aten
 
 LINEAR_OPS = {aten.linear.default}
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Transposed convolutions too: the identity after one is a Dirac conv on its output channels (weight dim 1).
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default} | CONV_TRANSPOSE
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -75,6 +77,7 @@ class LayerPlan:
     blocker: str | None = None  # why identity init must refuse (a non-idempotent activation)
     phi: str | None = None  # the following activation as a parametric-activation name
     fan_in: int = 0  # inputs per output unit: in_features, or in_channels/groups × kernel area
+    transposed: bool = False  # a transposed convolution: weight [in, out/groups, k…]
 
 
 def _weight_nodes(trace: Trace, root: nn.Module, name: str) -> list[fx.Node]:
@@ -102,8 +105,8 @@ def plan_layer(trace: Trace, root: nn.Module, name: str) -> LayerPlan:
     """Read layer ``name`` and its successors from the trace; :class:`NotGrowableError` if it cannot be deepened."""
     module = root.get_submodule(name)
     if not trace.is_model and not isinstance(module, (nn.Linear,) + CONV_TYPES):
-        raise NotGrowableError(f"'{name}' is a {type(module).__name__}; deepen --after takes nn.Linear or "
-                               "nn.Conv1d/2d/3d layers (or --block for a block in a stack)")
+        raise NotGrowableError(f"'{name}' is a {type(module).__name__}; deepen --after takes nn.Linear, "
+                               "nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d layers (or --block for a block in a stack)")
     wnodes = _weight_nodes(trace, root, name)
     users = [u for w in wnodes for u in data_users(w)]
     if not users:
@@ -119,13 +122,14 @@ def plan_layer(trace: Trace, root: nn.Module, name: str) -> LayerPlan:
     if not trace.is_model and module_of(op) != name:
         raise NotGrowableError(f"'{name}''s weight is used by code outside its forward{where(op)}; wrapping "
                                "the module would not change that computation")
-    if op.target == aten.convolution.default and op.args[6]:
-        raise NotGrowableError(f"'{name}' is a transposed convolution; deepen inserts only after Linear and Conv")
     weight = module._parameters["weight"]
     conv = op.target in CONV_OPS
-    plan = LayerPlan(name, "conv" if conv else "linear", weight.dim() - 2 if conv else 0, int(weight.shape[0]),
-                     tuple(int(k) for k in weight.shape[2:]), conv_groups(op) if conv else 1, op, op,
-                     fan_in=int(weight[0].numel()))
+    transposed = conv and conv_transposed(op)
+    groups = conv_groups(op) if conv else 1
+    out_dim = conv_weight_dims(op)[0] if conv else 0
+    plan = LayerPlan(name, "conv" if conv else "linear", weight.dim() - 2 if conv else 0,
+                     int(weight.shape[out_dim]) * (groups if transposed else 1), tuple(int(k) for k in weight.shape[2:]),
+                     groups, op, op, fan_in=int(weight[0].numel()), transposed=transposed)
     # Follow the output through per-channel affine ops (BatchNorm) to the activation.
     cur = op
     while True:
@@ -185,6 +189,9 @@ def refusal(plan: LayerPlan, spec: LayerOptions) -> str | None:
                 "has no centre tap); pass --kernel 1 or 3")
     if spec.bn and plan.kind == "linear" and len(shape(plan.op) or ()) != 2:
         return f"--bn after a Linear needs a [batch, features] output; '{plan.name}' gives {list(shape(plan.op) or [])}"
+    if dense and plan.transposed:
+        return (f"'{plan.name}' is a transposed convolution; a dense split factors [out, in] weights only; use "
+                "--split identity")
     if dense and plan.groups != 1:
         return (f"'{plan.name}' is a grouped convolution (groups={plan.groups}); a dense split would mix its output "
                 "channels across groups; use --split identity")

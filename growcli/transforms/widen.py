@@ -187,8 +187,8 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
             owner, _, leaf = name.rpartition(".")
             root.get_submodule(owner)._parameters[leaf] = _get(root, use.fqn)
         report.changes.append({"name": use.fqn, "role": use.role, "before": list(old.shape), "after": list(new.shape)})
-    for name in group.depthwise:
-        gm.edits.attr(root, name, "groups", new_size)
+    for name in group.depthwise:  # the module's attribute and, in a .pt2 program, the graph's literal
+        gm.edits.groups(root, name, new_size)
     for name in sorted({n.rpartition(".")[0] for u in group.uses for n in (u.fqn, *tied.get(u.fqn, ()))}):
         sync_attributes(gm, name)
     _patch_views(gm, group, g)
