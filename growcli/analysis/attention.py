@@ -26,6 +26,7 @@ from torch import fx
 
 from growcli.analysis.attention_eager import AttentionCall, eager_calls
 from growcli.analysis.attention_inputs import MOVES, Projection, projection_in, projection_outputs, walk_input
+from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.trace import (ADDMM, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, attr_of, merge_groups,
                                     module_of, op_name, shape, source_dim, where)
 from growcli.core.errors import NotGrowableError
@@ -109,6 +110,8 @@ def _forward_output(node: fx.Node) -> Projection:
             return Projection(attr_of(user.args[1]), 1, None, 0, size, module_of(user))
         if feat is not None and t == ADDMM and user.args[1] is cur and feat == 1 and attr_of(user.args[2]):
             return Projection(attr_of(user.args[2]), 0, None, 0, size, module_of(user))
+        if feat is not None and (m := param_matmul(user)) is not None and m.data is cur and feat == m.data_dim:
+            return Projection(m.fqn, m.weight_in, None, 0, size, module_of(user))  # x @ W.T
         raise Refuse(f"{op_name(user)}{where(user)} reads the attention output and growcli has no rule for it")
 
 

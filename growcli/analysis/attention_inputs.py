@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.trace import (ADDMM, REDUCE, Refuse, Trace, UNARY, VIEW, attr_of, flat_args, merge_groups,
                                     module_of, op_name, reduce_dims, shape, source_dim, where)
 
@@ -84,7 +85,8 @@ def projection_outputs(trace: Trace) -> set[fx.Node]:
     for n in trace.graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target in (aten.linear.default, ADDMM) or any(isinstance(a, fx.Node) and a in out for a in flat_args(n.args)):
+        if n.target in (aten.linear.default, ADDMM) or param_matmul(n) is not None \
+                or any(isinstance(a, fx.Node) and a in out for a in flat_args(n.args)):
             out.add(n)
     return out
 
@@ -306,6 +308,9 @@ def _features(w: Walk, node: fx.Node, f: int, offset: int, block: int) -> None:
     if t == ADDMM and f == 1 and attr_of(node.args[2]):
         w.found.add((node, offset, block))
         return
+    if (m := param_matmul(node)) is not None and f == m.out_dim:  # x @ W.T: a Linear written as a matmul
+        w.found.add((node, offset, block))
+        return
     raise Refuse(f"{op_name(node)}{where(node)} produces attention features and growcli has no rule for it")
 
 
@@ -369,5 +374,7 @@ def projection_in(node: fx.Node, offset: int, size: int, head_size: int | None =
     """The features ``[offset, offset+size)`` produced by a linear/addmm node."""
     if node.target == ADDMM:
         return Projection(attr_of(node.args[2]), 1, attr_of(node.args[0]), offset, size, module_of(node), head_size)
+    if (m := param_matmul(node)) is not None:  # x @ W.T (its bias, if any, is an add met on the way)
+        return Projection(m.fqn, m.weight_out, None, offset, size, module_of(node), head_size)
     bias = attr_of(node.args[2]) if len(node.args) > 2 else None
     return Projection(attr_of(node.args[1]), 0, bias, offset, size, module_of(node), head_size)

@@ -34,9 +34,9 @@ import operator
 from torch import fx
 
 from growcli.analysis.coupled_group import Group
-from growcli.analysis.coupling_forward import (ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, SHAPE_ONLY, WEIGHT_MOVES,
-                                               bmm_weight, is_grouped_mm, roll_dims, weight_param)
+from growcli.analysis.coupling_forward import ELEMENTWISE, ELEMENTWISE_N, LIKE, ForwardRules, SHAPE_ONLY, roll_dims
 from growcli.analysis.layouts import CORE, Cat
+from growcli.analysis.matmuls import WEIGHT_MOVES, param_matmul, weight_param
 from growcli.analysis.pooling import PER_CHANNEL, WITH_INDICES, pooled_source
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REINDEX, Refuse,
                                     Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims, op_name,
@@ -151,19 +151,16 @@ class Analysis(ForwardRules):
         if t == aten.embedding.default:
             self._use(weight_fqn, 1, "producer")
             return len(out) - 1
-        if is_grouped_mm(node) and (found := weight_param(node.args[1])) is not None and found[0] == weight_fqn:
-            self._use(weight_fqn, found[1][2], "producer")  # w [E, in, out]: the output channels in every group
-            return len(out) - 1
-        if t == aten.bmm.default and (found := bmm_weight(node)) is not None and found[1] == weight_fqn:
-            k, _, dims = found  # bmm(w[ids] [S, out, in], x [S, in, 1]) or bmm(x [S, 1, in], w[ids] [S, in, out])
-            self._use(weight_fqn, dims[1 if k == 0 else 2], "producer")
-            return 1 if k == 0 else 2
+        if (m := param_matmul(node)) is not None and m.fqn == weight_fqn:
+            self._use(weight_fqn, m.weight_out, "producer")  # x @ W.T, or every expert's output channels
+            return m.out_dim
         if t == ADDMM and attr_of(node.args[2]) == weight_fqn:
             self._use(weight_fqn, 1, "producer")  # x @ W: W is [in, out]
             if attr_of(node.args[0]):
                 self._use(attr_of(node.args[0]), 0, "producer")
             return len(out) - 1
-        raise Refuse(f"its weight is used by {op_name(node)}, which growcli cannot widen (Linear, Conv and Embedding can be)")
+        raise Refuse(f"its weight is used by {op_name(node)}, which growcli cannot widen (Linear, Conv, Embedding and "
+                     "products by a weight can be)")
 
     @staticmethod
     def _through(node: fx.Node, dim: int) -> tuple[fx.Node, int]:
@@ -242,6 +239,12 @@ class Analysis(ForwardRules):
             if (name := w.rsplit(".", 1)[0]) not in self.group.producers:  # a co-producer applied at several depths
                 self.group.producers.append(name)
             return
+        if (m := param_matmul(node)) is not None and m.data not in self.core:  # x @ W.T, an expert's output
+            if self._producer(node, m.fqn) != dim:
+                raise Refuse(f"{op_name(node)}{where(node)} produces the channels in another dimension")
+            if (name := layer_name(m.fqn)) not in self.group.producers:
+                self.group.producers.append(name)
+            return
         if t in LIKE or t == aten.roll.default and roll_dims(node) and dim not in roll_dims(node):
             self._mark(node.args[0], dim, backward=True)  # its positions are its input's
             return
@@ -291,20 +294,25 @@ class Analysis(ForwardRules):
             raise Refuse(f"{op_name(src)}{where(src)} produces a tensor that must share the channels")
 
 
+def layer_name(fqn: str) -> str:
+    """The layer a weight parameter names: its module for ``….weight`` (``x @ W.T`` in a module), else the
+    parameter itself (fused 3-D experts)."""
+    return "" if fqn == "weight" else fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+
+
 def analyze(trace: Trace, layer: str) -> Group:
     """The coupled group of ``layer``'s output channels, or :class:`NotGrowableError` with the reason."""
     return Analysis(trace, layer).run()
 
 
 def producer_layers(trace: Trace) -> list[str]:
-    """Modules whose ``weight`` feeds a Linear, Conv, Embedding or addmm (Conv1D) op, and parameters that are a grouped
-    matmul's weight (fused experts), named by themselves (candidates for widening)."""
+    """Modules whose ``weight`` feeds a Linear, Conv, Embedding or addmm (Conv1D) op or is multiplied by the data
+    (``x @ W.T``), and parameters that are a grouped or batched matmul's weight (fused experts), named by themselves
+    (candidates for widening), each once."""
     out = []
     for node in trace.graph.nodes:
-        if is_grouped_mm(node) and (found := weight_param(node.args[1])) is not None:
-            out.append(found[0])
-        elif node.op == "call_function" and node.target == aten.bmm.default and (found := bmm_weight(node)) is not None:
-            out.append(found[1])
+        if (m := param_matmul(node)) is not None:
+            out.append(layer_name(m.fqn))
     for fqn, users in trace.weight_users().items():
         if not (fqn == "weight" or fqn.endswith(".weight")):
             continue
@@ -313,4 +321,4 @@ def producer_layers(trace: Trace) -> list[str]:
                                              or u.target == ADDMM and len(u.args) > 2 and getattr(u.args[2], "target", None) == fqn)
                for u in users):
             out.append(fqn[: -len(".weight")] if fqn != "weight" else "")
-    return out
+    return list(dict.fromkeys(out))

@@ -5,8 +5,9 @@ go: element-wise ops pass them on, other full-size operands of a binary op join 
 residual add, a gate), Linear/Conv/``addmm`` layers that read them become consumers (grouped
 and depthwise convolutions follow them), views, permutes and selections move them to another
 dimension, concatenation and flattening make derived layouts, and normalisations, pooling and
-reductions over them are refused; fused experts' grouped and batched matmuls (``w[e]`` per group of
-rows) read them in every expert. An op without a rule makes the layer not growable, with the op and
+reductions over them are refused; products by a parameter (:mod:`growcli.analysis.matmuls`: ``x @ W.T``,
+fused experts' grouped and batched matmuls, ``w[e]`` per group of rows) read them like a Linear, in every
+expert. An op without a rule makes the layer not growable, with the op and
 module named — never assumed element-wise. The backward rules, the entry point and fused projections
 (one producer split into gate and up) are in :mod:`growcli.analysis.coupling`.
 """
@@ -20,6 +21,7 @@ from torch import fx
 
 from growcli.analysis.coupled_group import GroupWalk, ViewPatch
 from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
+from growcli.analysis.matmuls import GROUPED_MM, ParamMatmul, is_grouped_mm, param_matmul  # noqa: F401 (residual.py)
 from growcli.analysis.pooling import PER_CHANNEL, pooled_values
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REDUCE, Refuse,
                                     UNARY, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
@@ -45,56 +47,12 @@ LIKE = {aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default
 SHAPE_ONLY = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
               aten.sym_size.int, aten.sym_size.default, aten.size.int, aten.size.default, aten.sym_numel.default,
               aten.sym_stride.int, aten.sym_stride.default}
-# ``grouped_mm(x [S, in], w [E, in, out], offs)``: the rows of x in group e (``offs`` are cumulative row counts)
-# are multiplied by ``w[e]``: a Linear per group of rows, the fused experts of a mixture-of-experts layer.
-GROUPED_MM = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
-# How a parameter reaches a grouped or batched matmul as its weight: dims moved, or gathered per row (``w[ids]``).
-WEIGHT_MOVES = {aten.transpose.int, aten.t.default, aten.permute.default, aten.index.Tensor}
 
 
 def roll_dims(node: fx.Node) -> list[int]:
     """The dimensions a ``roll`` shifts along (none given: the flattened tensor, which moves every dimension)."""
     dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
     return [d % len(shape(node)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-
-
-def is_grouped_mm(node: fx.Node) -> bool:
-    packet = getattr(node.target, "overloadpacket", None)
-    return node.op == "call_function" and packet is not None and packet.__name__ in GROUPED_MM
-
-
-def weight_param(arg) -> tuple[str, list[int]] | None:
-    """``(fqn, dims)`` when ``arg`` is a parameter seen through :data:`WEIGHT_MOVES`: ``arg``'s dim ``k`` is the
-    parameter's dim ``dims[k]`` (-1: gathered by one index vector, ``w[expert_ids]``); else ``None``."""
-    dims: list[int] | None = None
-    while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in WEIGHT_MOVES:
-        rank = len(shape(arg))
-        if arg.target == aten.index.Tensor:
-            idx = arg.args[1]
-            if len(idx) != 1 or not isinstance(idx[0], fx.Node) or len(shape(idx[0]) or ()) != 1:
-                return None
-            step = [-1] + list(range(1, rank))
-        elif arg.target == aten.permute.default:
-            step = [d % rank for d in arg.args[1]]
-        else:
-            a, b = (arg.args[1] % rank, arg.args[2] % rank) if arg.target == aten.transpose.int else (0, 1)
-            step = list(range(rank))
-            step[a], step[b] = b, a
-        dims = [step[d] if d >= 0 else -1 for d in dims] if dims is not None else step
-        arg = arg.args[0]
-    fqn = attr_of(arg)
-    if fqn is None:
-        return None
-    return fqn, dims if dims is not None else list(range(len(shape(arg))))
-
-
-def bmm_weight(node: fx.Node) -> tuple[int, str, list[int]] | None:
-    """``(operand, fqn, dims)`` when ``bmm`` ``node`` multiplies by each row's expert matrix ``w[ids]``, else None."""
-    for k in (0, 1):
-        found = weight_param(node.args[k])
-        if found is not None and found[1][0] == -1:
-            return (k,) + found
-    return None
 
 
 class ForwardRules(GroupWalk):
@@ -126,10 +84,10 @@ class ForwardRules(GroupWalk):
             if not dims or dim in dims:
                 raise Refuse(f"roll{where(node)} moves entries along the grown dimension")
             self._propagate(src, node, dim)  # positions move (shifted windows), channels do not
+        elif (product := param_matmul(node)) is not None:
+            self._param_matmul(src, node, dim, layout, product)
         elif is_grouped_mm(node):
-            self._grouped_mm(src, node, dim, layout)
-        elif t == aten.bmm.default and (weight := bmm_weight(node)) is not None:
-            self._bmm(src, node, dim, layout, weight)
+            raise Refuse(f"{op_name(node)}{where(node)} with a computed weight reads the channels")
         elif t in BATCH_NORM:
             if node.args[0] is not src or dim != 1:
                 raise Refuse(f"batch norm{where(node)} normalises another dimension than the channels")
@@ -257,29 +215,18 @@ class ForwardRules(GroupWalk):
             raise Refuse(f"addmm{where(node)} with a computed weight reads the channels")
         self._use(w, 0, "consumer", layout)
 
-    def _grouped_mm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
-        """The rows of group e of ``x`` times ``w[e]``: channels in ``x``'s last dim read ``w``'s dim 1 in every group."""
-        if node.args[0] is not src or dim != len(shape(src)) - 1:
-            raise Refuse(f"{op_name(node)}{where(node)} uses the channels as its weight or group offsets")
-        found = weight_param(node.args[1])
-        if found is None:
-            raise Refuse(f"{op_name(node)}{where(node)} with a computed weight reads the channels")
-        fqn, dims = found
-        self._use(fqn, dims[1], "consumer", layout)
-
-    def _bmm(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout, weight: tuple[int, str, list[int]]) -> None:
-        """``bmm(A [b, n, m], B [b, m, p])`` with one operand a parameter gathered per row (``w[expert_ids]``): the
-        channels in the other operand's contracted dim read the weight's matching dim, in every expert."""
-        k, fqn, dims = weight
-        if node.args[1 - k] is not src:
-            raise Refuse(f"bmm{where(node)} uses the channels as its weight")
-        contracted, kept = (1, 2) if k == 0 else (2, 1)
-        if dim == contracted:
-            self._use(fqn, dims[2 if k == 0 else 1], "consumer", layout)
-        elif dim == kept:
+    def _param_matmul(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout, m: ParamMatmul) -> None:
+        """A product by a parameter (``x @ W.T``, ``bmm(x, w[ids])``, a grouped matmul): channels in the data's
+        contracted dim read the weight's matching dim (in every expert), like a Linear's columns; channels in a
+        dim the product keeps (rows of ``x``) pass to the same output dim."""
+        if m.data is not src:
+            raise Refuse(f"{op_name(node)}{where(node)} uses the channels as its weight")
+        if dim == m.data_dim:
+            self._use(m.fqn, m.weight_in, "consumer", layout)
+        elif dim in m.kept:
             self._propagate(src, node, dim)
         else:
-            raise Refuse(f"bmm{where(node)} reads the channels in its batch dimension")
+            raise Refuse(f"{op_name(node)}{where(node)} reads the channels in its batch dimension or group offsets")
 
     def _conv(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
         if node.args[0] is not src:

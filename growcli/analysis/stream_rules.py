@@ -20,7 +20,8 @@ from torch import fx
 
 from growcli.analysis.stream_plan import (Constant, FINITE, HiddenState, LINEAR_UNARY, MEAN, MEANS, POSITIVE_HOMOGENEOUS,
                                           PlanBook, SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
-from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS, expert_matmul
+from growcli.analysis.matmuls import param_matmul
+from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS
 from growcli.analysis.trace import (ADDMM, BINARY, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, attr_of, data_of,
                                     flat_args, module_of, op_name, shape, weight_of, where)
 
@@ -54,7 +55,7 @@ class Planner(PlanBook):
             return self.producer_op(node)
         if node in self.a.stats:
             return self.stat_op(node)
-        if expert_matmul(node) is not None:
+        if param_matmul(node) is not None:
             return self.expert_op(node)
         if node not in core:
             self.refuse(f"{op_name(node)}{where(node)} uses the hidden states and growcli has no rule for it")
@@ -119,10 +120,11 @@ class Planner(PlanBook):
             self.plan.producers.append(module_of(node))
 
     def expert_op(self, node: fx.Node) -> None:
-        """A per-expert matmul: ``experts.gate_up_proj`` reads the hidden states like a Linear's columns, in every
-        expert (consumer: tiled, divided by ``k``, padded with zero); ``experts.down_proj`` writes them like a
-        Linear's rows (producer: tiled, padded like the stream, every expert alike)."""
-        m = expert_matmul(node)
+        """A product by a weight (``x @ W.T``, a per-expert matmul): ``experts.gate_up_proj`` reads the hidden states
+        like a Linear's columns, in every expert (consumer: tiled, divided by ``k``, padded with zero);
+        ``experts.down_proj`` writes them like a Linear's rows (producer: tiled, padded like the stream, every
+        expert alike)."""
+        m = param_matmul(node)
         if m.data in self.stats:
             self.refuse(f"{op_name(node)}{where(node)} reads a statistic over the hidden dimension")
         if m.data in self.st:

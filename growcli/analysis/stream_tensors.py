@@ -8,23 +8,20 @@ followed until it multiplies the stream again. Mixture-of-experts layers are fol
 that move whole hidden vectors between rows (:data:`ROW_OPS`, :func:`row_dim`: ``x[token_ids]``,
 ``index_select``, ``repeat_interleave`` along the token dimension), sums over the top-k rows of a token
 and additions of rows back onto the tokens (:data:`ACCUMULATE`: ``index_add_``, ``scatter_add_``); the
-experts' per-expert matmuls (:func:`expert_matmul`: ``bmm`` of ``w[expert_ids]``, grouped matmuls) read
-the stream like a Linear (``experts.gate_up_proj``'s input dim) and write it like one
-(``experts.down_proj``'s output dim). How each of these tensors grows is phase 2,
-:mod:`growcli.analysis.stream_plan` and :mod:`growcli.analysis.stream_rules`;
+experts' per-expert matmuls (``bmm`` of ``w[expert_ids]``, grouped matmuls), like any other product by a
+weight (``x @ W.T``; :func:`growcli.analysis.matmuls.param_matmul`), read the stream like a Linear
+(``experts.gate_up_proj``'s input dim) and write it like one (``experts.down_proj``'s output dim). How each
+of these tensors grows is phase 2, :mod:`growcli.analysis.stream_plan` and :mod:`growcli.analysis.stream_rules`;
 :mod:`growcli.analysis.stream` has the overview.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
 from growcli.analysis.coupled_group import Group, TensorUse
 from growcli.analysis.coupling import Analysis
-from growcli.analysis.coupling_forward import bmm_weight, is_grouped_mm, weight_param
 from growcli.analysis.layouts import CORE, Layout
 from growcli.analysis.trace import (ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, Refuse, Trace, UNARY, VIEW,
                                     attr_of, flat_args, module_of, op_name, reduce_dims, shape, weight_of, where)
@@ -147,17 +144,11 @@ class StreamAnalysis(Analysis):
                 self._mark(arg, dim, backward=True)
 
     def _backward(self, node: fx.Node) -> None:
-        # The rules that make a tensor carry the hidden states and that the general ones lack: an expert's
-        # output projection, rows gathered from a tensor, a sum over the rows of a token.
+        # The rules that make a tensor carry the hidden states and that the general ones lack (an expert's output
+        # projection, like any product by a weight, is a general one): rows gathered from a tensor, a sum over
+        # the rows of a token.
         dim = self.core[node]
         t = node.target
-        matmul = expert_matmul(node)
-        if matmul is not None and matmul.data not in self.core:
-            if self._producer(node, matmul.fqn) != dim:
-                raise Refuse(f"{op_name(node)}{where(node)} writes the hidden states in another dimension than its "
-                             "experts' output channels")
-            self.group.producers.append(matmul.fqn)
-            return
         if t in ACCUMULATE:
             return self._accumulate(node, dim)
         if t in ZEROS and t != aten.zeros_like.default:
@@ -198,39 +189,6 @@ class StreamAnalysis(Analysis):
             return
         raise Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
                      "and growcli has no rule for it")
-
-
-@dataclass(frozen=True)
-class ExpertMatmul:
-    """A per-expert matmul: parameter ``fqn`` (``[E, …]``) multiplies ``data``, contracting ``data``'s dim
-    ``data_dim`` with the parameter's dim ``weight_in``; the parameter's dim ``weight_out`` becomes the output's
-    dim ``out_dim``."""
-
-    fqn: str
-    data: fx.Node
-    data_dim: int
-    weight_in: int
-    weight_out: int
-    out_dim: int
-
-
-def expert_matmul(node: fx.Node) -> ExpertMatmul | None:
-    """The per-expert matmul ``node`` is — ``bmm(w[expert_ids], x)``, ``bmm(x, w[expert_ids])`` or a grouped
-    matmul of ``x`` by ``w`` (possibly transposed) — else None."""
-    if node.op != "call_function":
-        return None
-    if is_grouped_mm(node) and isinstance(node.args[0], fx.Node):
-        found = weight_param(node.args[1])
-        if found is None:
-            return None
-        fqn, dims = found
-        return ExpertMatmul(fqn, node.args[0], len(shape(node.args[0])) - 1, dims[1], dims[2], len(shape(node)) - 1)
-    if node.target == aten.bmm.default and (found := bmm_weight(node)) is not None:
-        k, fqn, dims = found
-        if k == 0:  # bmm(w[ids] [S, out, in], x [S, in, n])
-            return ExpertMatmul(fqn, node.args[1], 1, dims[2], dims[1], 1)
-        return ExpertMatmul(fqn, node.args[0], 2, dims[1], dims[2], 2)  # bmm(x [S, n, in], w[ids] [S, in, out])
-    return None
 
 
 def row_dim(node: fx.Node, src: fx.Node, dim: int) -> int:
