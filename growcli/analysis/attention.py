@@ -14,7 +14,9 @@ Features are head-major inside a projection: the view that splits them into head
 head's query, key and value together; the walk checks that this view is the only reshape that
 mixes heads with anything else. A site also lists the per-feature parameters met on the
 features before that split (a norm's ``γ`` over all heads, which grows with them) and the norms
-whose statistic spans all heads (exact under growth only if every head is copied equally often).
+whose statistic spans all heads (exact under growth only if every head is copied equally often),
+and the learned tables a per-head bias on the scores is looked up from (an eager attention's
+operands, an ``attn_mask`` given to ``scaled_dot_product_attention``): they grow with the heads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from growcli.analysis.attention_eager import AttentionCall, eager_calls
+from growcli.analysis.attention_bias import BiasTable
+from growcli.analysis.attention_eager import AttentionCall, eager_calls, score_operand_tables
 from growcli.analysis.attention_inputs import MOVES, Projection, projection_in, projection_outputs, walk_input
 from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.trace import (ADDMM, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, attr_of, merge_groups,
@@ -55,6 +58,9 @@ class AttentionSite:
     # Norms whose statistic is over all heads' features (OLMo-2's q_norm): exact only when every head is
     # copied the same number of times.
     stats: list[str] = field(default_factory=list)
+    # Learned tables a per-head bias on the scores is looked up from (T5's relative_attention_bias): their head
+    # dim grows with the query heads.
+    tables: tuple[BiasTable, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -123,7 +129,9 @@ def attention_sites(trace: Trace, required: bool = True) -> list[AttentionSite]:
     output pass through an op this module has no rule for, or, if ``required``, when the
     model computes attention without ``scaled_dot_product_attention`` (else that gives ``[]``).
     """
-    nodes = [AttentionCall(module_of(n), *n.args[:3], n) for n in trace.graph.nodes
+    data = projection_outputs(trace)
+    params = {name for name, _ in trace.gm.named_parameters()}
+    nodes = [AttentionCall(module_of(n), *n.args[:3], n, _mask_tables(n, data, params)) for n in trace.graph.nodes
              if n.op == "call_function" and n.target in SDPA]
     nodes += eager_calls(trace)
     if not nodes and not required:
@@ -134,8 +142,19 @@ def attention_sites(trace: Trace, required: bool = True) -> list[AttentionSite]:
             " (load Hugging Face models with attn_implementation='sdpa')"
         raise NotGrowableError("growing attention heads needs attention computed by torch's "
                                f"scaled_dot_product_attention, and the traced model has none{hint}")
-    data = projection_outputs(trace)
     return [_site(n, data) for n in nodes]
+
+
+def _mask_tables(node: fx.Node, data: set[fx.Node], params: set[str]) -> tuple[BiasTable, ...]:
+    """The tables the ``attn_mask`` of ``scaled_dot_product_attention`` ``node`` is looked up from along its heads
+    (a relative position bias passed as an additive mask); refuses any other mask that differs per head."""
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if not isinstance(mask, fx.Node):
+        return ()
+    try:
+        return tuple(score_operand_tables(mask, node, data, params))
+    except Refuse as exc:
+        raise NotGrowableError(f"attention in '{module_of(node)}' (its attn_mask): {exc}") from None
 
 
 def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
@@ -165,4 +184,4 @@ def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
     except Refuse as exc:
         raise NotGrowableError(f"attention in '{module}': {exc}") from None
     return AttentionSite(module, found["q"][0], found["k"][0], found["v"][0], o, hq, found["k"][1], hd, params,
-                         sorted(stats))
+                         sorted(stats), call.tables)

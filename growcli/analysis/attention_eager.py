@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from growcli.analysis.attention_bias import BiasTable, NotATable, head_tables
 from growcli.analysis.attention_inputs import projection_outputs
 from growcli.analysis.trace import (ADDMM, CONV, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, flat_args,
                                     merge_groups, module_of, op_name, reduce_dims, shape, where)
@@ -48,13 +49,15 @@ STOPS = PRODUCTS | CONV | {aten.linear.default, ADDMM}
 @dataclass
 class AttentionCall:
     """One attention in the trace: its query, key and value inputs, each ``[B, heads, L, head_dim]``,
-    and the node of its output ``[B, heads, L, head_dim]`` (whose users lead to the output projection)."""
+    and the node of its output ``[B, heads, L, head_dim]`` (whose users lead to the output projection);
+    ``tables``: the learned tables a per-head bias on its scores is looked up from (they grow with the heads)."""
 
     module: str
     q: fx.Node
     k: fx.Node
     v: fx.Node
     out: fx.Node
+    tables: tuple[BiasTable, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,10 +139,11 @@ def _call(m1: fx.Node, region: list[fx.Node], stops: list[fx.Node], data: set[fx
         raise Refuse(f"{op_name(m1)}{where(m1)} computes attention scores of rank {rank}")
     layouts = {m1: _Layout(rank, 1, False) if rank == 4 else _Layout(3, 0, True)}
     heads_seen: list[int] = []  # head counts of views that split [B·H] into [B, H]
+    tables: set[BiasTable] = set()
     if m1.target == aten.baddbmm.default:
-        _head_free(m1.args[0], m1, layouts[m1], data, params)
+        tables.update(_head_free(m1.args[0], m1, layouts[m1], data, params))
     for node in region:
-        layouts[node] = _step(node, layouts, data, params, heads_seen)
+        layouts[node] = _step(node, layouts, data, params, heads_seen, tables)
     inside = set(layouts)
     ends = [s for s in stops if s.op != "output"]
     if len(ends) != len(stops):
@@ -157,11 +161,13 @@ def _call(m1: fx.Node, region: list[fx.Node], stops: list[fx.Node], data: set[fx
                      f"{list(shape(k))}, {list(shape(v))}, which do not fit one attention")
     if any(n != h for n in heads_seen) or shape(out)[:2] != (b, h):
         raise Refuse(f"the attention scores{where(m1)} are reshaped to another number of heads than {h}")
-    return AttentionCall(module_of(m1), q, k, v, out)
+    return AttentionCall(module_of(m1), q, k, v, out, tuple(sorted(tables, key=lambda t: (t.fqn, t.dim))))
 
 
-def _step(node: fx.Node, layouts: dict, data: set[fx.Node], params: set[str], heads_seen: list[int]) -> _Layout:
-    """The layout of ``node``'s scores, after checking that ``node`` treats every head alike."""
+def _step(node: fx.Node, layouts: dict, data: set[fx.Node], params: set[str], heads_seen: list[int],
+          tables: set[BiasTable]) -> _Layout:
+    """The layout of ``node``'s scores, after checking that ``node`` treats every head alike (adding to ``tables``
+    the learned tables its per-head operands are looked up from)."""
     args = [a for a in flat_args(list(node.args) + list(node.kwargs.values())) if isinstance(a, fx.Node)]
     ins = [a for a in args if a in layouts]
     kinds = {layouts[a] for a in ins}
@@ -189,7 +195,7 @@ def _step(node: fx.Node, layouts: dict, data: set[fx.Node], params: set[str], he
         if len(shape(node) or ()) != lay.rank:
             raise Refuse(f"{op_name(node)}{where(node)} broadcasts the attention scores to more dimensions")
         for other in others:
-            _head_free(other, node, lay, data, params)
+            tables.update(_head_free(other, node, lay, data, params))
         return lay
     if t in VIEW:
         return _view(node, lay, heads_seen)
@@ -221,11 +227,20 @@ def _view(node: fx.Node, lay: _Layout, heads_seen: list[int]) -> _Layout:
                  "cannot follow")
 
 
-def _head_free(arg, node: fx.Node, lay: _Layout, data: set[fx.Node], params: set[str]) -> None:
-    """Refuse unless ``arg`` (an operand ``node`` combines with the scores) is the same for every head."""
+def score_operand_tables(arg, node: fx.Node, data: set[fx.Node], params: set[str]) -> list[BiasTable]:
+    """The learned tables ``arg``, an operand ``node`` combines with scores ``[B, heads, Lq, Lk]`` (broadcast to them;
+    an ``attn_mask``), is looked up from along its heads ([] when it is the same for every head). Raises
+    :class:`Refuse` like the operands of eager attention scores."""
+    return _head_free(arg, node, _Layout(4, 1, False), data, params)
+
+
+def _head_free(arg, node: fx.Node, lay: _Layout, data: set[fx.Node], params: set[str]) -> list[BiasTable]:
+    """The learned tables ``arg`` (an operand ``node`` combines with the scores) is looked up from along its head
+    axis: [] when it is the same for every head. Refuses any other per-head operand, with the reason the walk
+    to a table stopped."""
     s = shape(arg)
     if s is None:
-        return  # a number
+        return []  # a number
     if arg in data:
         raise Refuse(f"{op_name(node)}{where(node)} combines the attention scores with '{arg.name}' {list(s)}, "
                      "which is computed from projections (a relative-position term?), and growcli has no rule for it")
@@ -234,17 +249,24 @@ def _head_free(arg, node: fx.Node, lay: _Layout, data: set[fx.Node], params: set
         raise Refuse(f"{op_name(node)}{where(node)} broadcasts the attention scores to more dimensions")
     axis = lay.head - off
     if axis < 0 or s[axis] == 1:
-        return  # broadcast over the heads: the same for every head, whatever their number
+        return []  # broadcast over the heads: the same for every head, whatever their number
+    if lay.flat:  # [B·H, ..]: the heads share an axis with the batch, no table column is one head
+        why = "its heads are merged with the batch axis"
+    else:
+        try:
+            return head_tables(arg, axis, data, params)
+        except NotATable as exc:
+            why = str(exc)
     learned, sources = _origins(arg, params)
     if learned:
         names = ", ".join(f"'{n}'" for n in learned)
         raise Refuse(f"{op_name(node)}{where(node)} combines the attention scores with a learned per-head bias "
-                     f"{list(s)} (parameter {names}), which growcli does not grow with the heads")
+                     f"{list(s)} (parameter {names}), which growcli does not grow with the heads ({why})")
     name = f"buffer '{arg.target}'" if arg.op == "get_attr" else f"'{arg.name}'"
     origin = f"computed from {', '.join(sources)}" if sources else "built from constants"
     raise Refuse(f"{op_name(node)}{where(node)} combines the attention scores with {name} {list(s)}, a bias that "
                  f"differs per head and comes from no projection ({origin}), like ALiBi's: its slopes depend on the "
-                 "number of heads, so heads cannot grow")
+                 f"number of heads, so heads cannot grow ({why})")
 
 
 def _origins(node: fx.Node, params: set[str]) -> tuple[list[str], list[str]]:

@@ -5,7 +5,9 @@ source head; the output projection's columns of a source and its copies split th
 columns (shares summing to 1, built to sum to them exactly in the weights' dtype, see
 :mod:`growcli.transforms.splits`). With grouped-query attention key/value heads grow by the same
 factor, each new one bringing copies of its source's query heads, so every query head keeps
-its key/value head; multi-query attention keeps its single one. The head planning here is
+its key/value head; multi-query attention keeps its single one. A learned table a per-head bias
+is looked up from (T5's relative position buckets) grows along its heads with the same map: a
+copy of head ``h`` gets column ``h``; attentions sharing a table copy the same heads. The head planning here is
 also used by ``hidden`` when the config ties the attention width to the hidden size.
 Planning reads no weight values, so the step also streams (:mod:`growcli.run.width_stream`):
 planned on the meta device, its tensors computed one at a time from disk.
@@ -22,7 +24,7 @@ import torch
 from growcli.analysis.attention import AttentionSite, attention_sites
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
-from growcli.transforms.hfconfig import config_error, set_new_keys, sync_config, with_config
+from growcli.transforms.hfconfig import config_error, get_key, key_paths, set_new_keys, sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.widen import split_factors
@@ -45,11 +47,13 @@ class HeadsSpec:
         return target_size(self, heads)
 
 
-def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Generator) -> tuple[dict, int]:
+def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Generator,
+               picks: tuple[list[int], list[int]] | None = None) -> tuple[dict, int, tuple[list[int], list[int]]]:
     """One attention grown to ``new_heads``: ``{(weight, dim, offset): (idx, scale, size, bias)}`` — the old
     feature of every new feature of each projection part (and per-feature parameter), its scale (output
-    columns: the copies' shares) — and the new number of key/value heads. Refuses sizes grouped-query
-    attention cannot take, and uneven copies where a norm's statistic spans all heads."""
+    columns: the copies' shares) —, the new number of key/value heads, and the source of every new query and
+    key/value head ``(g_q, g_kv)``: ``picks`` when given (another attention's, sharing a bias table), else drawn.
+    Refuses sizes grouped-query attention cannot take, and uneven copies where a norm's statistic spans all heads."""
     h, kv, hd = site.heads, site.kv_heads, site.head_dim
     if new_heads <= h:
         raise NotGrowableError(f"attention in '{site.module}' has {h} heads; the new number {new_heads} is not larger")
@@ -72,6 +76,8 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
         g_kv = pick(kv, new_kv - kv)
         # Query head j·G + i uses key/value head j (Hugging Face's repeat_kv): copies come in whole groups.
         g_q = [g_kv[j] * group + i for j in range(new_kv) for i in range(group)]
+    if picks is not None and len(picks[0]) == len(g_q) and len(picks[1]) == len(g_kv):
+        g_q, g_kv = picks
     shares = split_factors(g_q, h, split, "net2net", gen).tolist()
     g_of = {"q": g_q, "k": g_kv, "v": g_kv}
 
@@ -91,7 +97,7 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
         out[key] = (idx, [1.0] * len(idx), p.size, bias)
     o = site.o
     out[(o.weight, o.dim, o.offset)] = (rows(o, g_q), [s for s in shares for _ in range(hd)], o.size, None)
-    return out, new_kv
+    return out, new_kv, (g_q, g_kv)
 
 
 def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: str, gen: torch.Generator,
@@ -100,9 +106,21 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
     segments: dict[tuple[str, int], list] = {}
     splits = {(s.o.weight, s.o.dim) for s in sites}  # output columns are shared out; q, k, v rows are copies
     new_kv = None
-    for site in sites:
-        maps, kv = _head_maps(site, new_heads, split, gen)
+    groups = _table_groups(sites)
+    picks: dict[int, tuple[list[int], list[int]]] = {}
+    tables: dict[tuple[str, int], tuple[list[int], str, set[str]]] = {}  # table → (g_q, first site, lookup modules)
+    for i, site in enumerate(sites):
+        maps, kv, picks[groups[i]] = _head_maps(site, new_heads, split, gen, picks.get(groups[i]))
         new_kv = kv
+        for t in site.tables:
+            g_q, first, modules = tables.setdefault((t.fqn, t.dim), (picks[groups[i]][0], site.module, set()))
+            if g_q != picks[groups[i]][0]:
+                raise NotGrowableError(f"the bias table {t.fqn} is shared by the attentions in '{first}' and "
+                                       f"'{site.module}', whose heads cannot grow from the same source heads")
+            if shapes[t.fqn][t.dim] != site.heads:
+                raise NotGrowableError(f"the bias table {t.fqn} holds {shapes[t.fqn][t.dim]} columns along dim "
+                                       f"{t.dim}, not one per head of the {site.heads} heads of '{site.module}'")
+            modules.add(t.module)
         for (weight, dim, offset), (idx, scale, size, bias) in maps.items():
             segments.setdefault((weight, dim), []).append((offset, size, idx, scale))
             if bias is not None:
@@ -125,7 +143,27 @@ def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: st
         if pos != shapes[name][dim]:
             raise NotGrowableError(f"parameter {name}: features {pos}..{shapes[name][dim]} along dim {dim} belong to no head")
         edit.add(name, DimMap(dim, idx, scale, split=(name, dim) in splits))
+    for (name, dim), (g_q, _, modules) in tables.items():  # a copy of head h reads column h
+        edit.add(name, DimMap(dim, list(g_q), [1.0] * len(g_q)))
+        edit.planned_ops.setdefault(name, set()).update(modules)
     return new_kv
+
+
+def _table_groups(sites: list[AttentionSite]) -> list[int]:
+    """For every site, the smallest index of the sites it shares a bias table with, directly or through others."""
+    root = list(range(len(sites)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    first: dict[tuple[str, int], int] = {}
+    for i, site in enumerate(sites):
+        for t in site.tables:
+            a, b = find(i), find(first.setdefault((t.fqn, t.dim), i))
+            root[max(a, b)] = min(a, b)
+    return [find(i) for i in range(len(sites))]
 
 
 def query_features(site: AttentionSite, rows: int, kv_heads: int) -> int:
@@ -197,7 +235,13 @@ def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int], val
 
 
 def _probe(gm: GrowModel, site: AttentionSite, updates: dict[str, int], validate: bool) -> tuple[int | None, str]:
-    """:func:`probe_heads` for one set of updates."""
+    """:func:`probe_heads` for one set of updates; a config giving a count per stage (Swin's ``num_heads: [2, 2]``,
+    all equal, as in a model whose attentions all have one shape) is probed with the new count in every stage."""
+    probed = {}
+    for key, value in updates.items():
+        listed = _listed(gm, key, updates)
+        probed[key] = value if listed is None else [value] * len(listed)
+    updates = probed
     try:
         shapes = {k: tuple(v.shape) for k, v in with_config(gm, updates, validate).state_dict().items()}
     except Exception as exc:  # the config rejects these sizes (say, hidden_size not divisible by the heads)
@@ -206,6 +250,12 @@ def _probe(gm: GrowModel, site: AttentionSite, updates: dict[str, int], validate
     if shape is None:
         return None, f"a model built from the config has no {site.q.weight}"
     return query_features(site, shape[site.q.dim], updates.get("num_key_value_heads", site.kv_heads)), ""
+
+
+def _listed(gm: GrowModel, key: str, updates: dict) -> list | None:
+    """The list the config holds for ``key`` (one value per stage), None when it holds a number or nothing."""
+    values = [get_key(gm.module.config, path) for path in key_paths(gm.module.config, key, updates)]
+    return next((list(v) for v in values if isinstance(v, (list, tuple))), None)
 
 
 def uniform_shape(sites: list[AttentionSite]) -> tuple[int, int, int]:
@@ -262,6 +312,10 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
                                    f"num_attention_heads (an explicit head_dim key does not change its projections), so "
                                    f"{new_heads} heads of {hd} cannot be described; grow the hidden size with them "
                                    f"(widen --hidden {new_heads * hd} --heads {new_heads})")
+        listed = [k for k in updates if _listed(gm, k, updates) is not None]
+        if listed:
+            raise NotGrowableError(f"{type(gm.module).__name__}'s config gives {listed[0]} per stage as a list, which "
+                                   "growcli does not rewrite")
     else:
         updates = {"num_attention_heads": new_heads, "num_key_value_heads": new_kv}
     check_layout(gm, sites, updates)
