@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from growcli.core.replay import replay
 from growcli.core.errors import FormatError
 from growcli.core.inputs import Batch, make_batches
-from growcli.io.formats import read_safetensors, require_exists, safetensors_metadata
+from growcli.io.formats import require_exists, safetensors_metadata
 from growcli.io.load import load_model
-from growcli.io.weights import load_state_dict_strict
+from growcli.io.weights import load_replayed
 from growcli.core.model import GrowModel, eval_mode
 from growcli.run.outputs import save_model, save_models
 from growcli.run.steps import VerifySettings, run_step
@@ -71,6 +70,4 @@ def load_grown(model: nn.Module, path: str | Path) -> nn.Module:
     except (json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{path}: metadata growcli.edits is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
     # Only allowlisted module classes are built (torch.nn layers, growcli's own); nothing is imported.
-    model = replay(model, records, str(path))
-    load_state_dict_strict(model, read_safetensors(path), path)
-    return eval_mode(model)
+    return eval_mode(load_replayed(model, records, path))

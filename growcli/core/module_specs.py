@@ -147,10 +147,14 @@ def check_module_spec(spec: Any, where: str = "recorded edit", depth: int = 0) -
         raise FormatError(f"{where}: malformed module spec for {kind} ('kwargs' must be an object)")
 
 
-def build_module(spec: dict, root: nn.Module, where: str = "recorded edit") -> nn.Module:
+def build_module(spec: dict, root: nn.Module, where: str = "recorded edit", *,
+                 like: torch.Tensor | None = None) -> nn.Module:
     """Inverse of :func:`module_spec`; ``ref`` entries are looked up in ``root`` (before the edit).
 
     Only allowlisted classes are built (see :func:`check_module_spec`); nothing is imported.
+    Layers built afresh get ``like``'s dtype and device when it is a floating-point tensor (the
+    layer they join), unless their spec records a ``dtype`` of its own; ``ref`` and ``copy``
+    entries keep the tensors of the module they name.
     """
     check_module_spec(spec, where)
     kind = spec["type"]
@@ -159,12 +163,15 @@ def build_module(spec: dict, root: nn.Module, where: str = "recorded edit") -> n
     if kind == "copy":
         return copy.deepcopy(root.get_submodule(spec["name"]))
     if kind in ("Sequential", "ModuleList"):
-        children = [build_module(c, root, where) for c in spec["children"]]
+        children = [build_module(c, root, where, like=like) for c in spec["children"]]
         return nn.Sequential(*children) if kind == "Sequential" else nn.ModuleList(children)
     cls = allowed_module_class(kind)
     kwargs = {k: from_json_value(v) for k, v in spec.get("kwargs", {}).items()}
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        if like is not None and like.is_floating_point() and "dtype" not in kwargs:
+            built.to(dtype=like.dtype, device=like.device)  # a fresh layer: only its own floating-point tensors
+        return built
     except GrowError:
         raise
     except Exception as exc:

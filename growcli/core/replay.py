@@ -102,31 +102,52 @@ def replay(root: nn.Module, records: list[dict], source: str | None = None) -> n
         where = f"{src}recorded edit {i}"
         try:
             if op == "param":
-                set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=dtype_named(rec["dtype"])))
+                set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=dtype_named(rec["dtype"]),
+                                                         device=_device_of(root, rec["name"])))
             elif op == "attr":
                 setattr(root.get_submodule(rec["module"]) if rec["module"] else root, rec["attr"], from_json_value(rec["value"]))
             elif op == "module":
-                new = build_module(rec["spec"], root, where)
+                new = build_module(rec["spec"], root, where, like=_like(root.get_submodule(rec["name"]), root))
                 owner, leaf = parent_of(root, rec["name"])
                 setattr(owner, leaf, new)
             elif op == "wrap":
-                new = build_module(rec["spec"], root, where)
+                new = build_module(rec["spec"], root, where, like=_like(root))
                 setattr(new, rec["child"], root)
                 root = new
             elif op == "insert":
                 seq = root.get_submodule(rec["container"])
                 items = list(seq)
-                items.insert(rec["index"], build_module(rec["spec"], root, where))
+                items.insert(rec["index"], build_module(rec["spec"], root, where, like=_like(seq, root)))
                 replace_items(seq, items)
             elif op == "config":
                 set_config(root, rec["key"], from_json_value(rec["value"]))
             elif op == "graph_arg":
                 set_graph_arg(root, rec["node"], rec["index"], from_json_value(rec["value"]))
             elif op == "graph_call":
-                insert_graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root, where))
+                insert_graph_call(root, rec["after"], rec["name"], build_module(rec["spec"], root, where, like=_like(root)))
         except GrowError:
             raise
         except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
             detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ArchitectureError(f"{where} ({op}) does not fit this model: {detail}") from None
     return root
+
+
+def _device_of(root: nn.Module, name: str) -> torch.device | None:
+    """The device of the tensor ``name`` an edit replaces; ``None`` (the default device) when there is none."""
+    try:
+        owner, leaf = parent_of(root, name)
+    except AttributeError:
+        return None  # set_tensor names the missing tensor
+    old = owner._parameters.get(leaf, owner._buffers.get(leaf))
+    return old.device if old is not None else None
+
+
+def _like(*modules: nn.Module) -> torch.Tensor | None:
+    """The first floating-point parameter or buffer of the first of ``modules`` that has one: the tensor whose
+    dtype and device a layer built next to them takes (when no saved weights say otherwise)."""
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                return tensor
+    return None

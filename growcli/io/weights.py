@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from growcli.core.edits import parent_of
 from growcli.core.errors import ArchitectureError, FormatError, UsageError
 from growcli.core.inputs import InputSpec, TensorSpec, spec_from_batch
 from growcli.core.model import GrowModel
@@ -93,6 +94,42 @@ def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], pa
     if problems:
         raise ArchitectureError(f"{path}: the weights do not fit the architecture: {'; '.join(problems)}")
     module.load_state_dict(state, strict=True)
+
+
+def load_replayed(module: nn.Module, edits: list[dict], path: Path) -> nn.Module:
+    """Replay ``edits`` onto ``module`` (a freshly built original), then load the weights of the safetensors file
+    ``path`` strictly; returns the grown root. The edits are checked before the weights are read.
+
+    Tensors the edits made (inserted layers, resized tensors) take the dtype the file holds them in, so
+    they load unrounded: a float64 file gives float64 inserted layers, whatever torch's default dtype. Where
+    the model holds the file's other tensors of that dtype in one other dtype (a float32 model given a
+    bfloat16 file), they take that dtype instead, so the model computes in one dtype throughout. Tensors
+    without a saved value (non-persistent buffers) keep the dtype of the layer they join (see
+    :func:`growcli.core.replay.replay`). Raises like :func:`replay` and :func:`load_state_dict_strict`.
+    """
+    kept = {id(t): t for t in module.state_dict(keep_vars=True).values()}  # held, so no id is reused meanwhile
+    module = replay(module, edits, str(path))
+    state = read_safetensors(path)
+    own = module.state_dict(keep_vars=True)
+    floats = [k for k in own if k in state and own[k].is_floating_point() and state[k].is_floating_point()]
+    held: dict[torch.dtype, set[torch.dtype]] = {}
+    for k in floats:
+        if id(own[k]) in kept:
+            held.setdefault(state[k].dtype, set()).add(own[k].dtype)
+    made: dict[int, torch.Tensor] = {}  # one replacement per tensor, so tied tensors stay tied
+    for k in floats:
+        old, want = own[k], state[k].dtype
+        if len(held.get(want, ())) == 1:
+            want = next(iter(held[want]))
+        if id(old) in kept or old.dtype == want:
+            continue
+        if id(old) not in made:
+            new = torch.empty(old.shape, dtype=want, device=old.device)
+            made[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        owner, leaf = parent_of(module, k)
+        (owner._parameters if leaf in owner._parameters else owner._buffers)[leaf] = made[id(old)]
+    load_state_dict_strict(module, state, path)
+    return module
 
 
 def infer_input_spec(module: nn.Module) -> InputSpec:
@@ -212,9 +249,7 @@ def load_safetensors(path: Path, arch_spec: dict | None, base: GrowModel | None)
     else:
         raise UsageError(f"{path}: a safetensors file holds only weights; pass --arch package.module:factory "
                          "(or compare it against its original with growcli verify ORIGINAL GROWN)")
-    state = read_safetensors(path)
-    module = replay(module, edits, str(path))
-    load_state_dict_strict(module, state, path)
+    module = load_replayed(module, edits, path)
     if inputs is None:
         inputs = infer_input_spec(module)
     if base is not None and inputs.empty:
