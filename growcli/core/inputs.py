@@ -7,7 +7,7 @@ data, so it can be stored in safetensors metadata and regenerated deterministica
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -42,6 +42,9 @@ class InputSpec:
     max_seq: int | None = None  # upper bound for those lengths (max_position_embeddings)
     mask: str | None = None  # keyword argument that is an attention mask (1 = token, 0 = padding)
     pad_id: int | None = None  # token id written at padded positions (random ids when None)
+    # Further attention masks (an encoder-decoder's ``decoder_attention_mask``): ones, padded like ``mask``.
+    masks: tuple[str, ...] = ()
+    reason: str | None = None  # why an empty spec is empty (growcli cannot generate the inputs), for the error
 
     def describe(self) -> str:
         parts = [f"{list(t.shape)} {t.dtype}" for t in self.args]
@@ -110,6 +113,14 @@ def spec_from_batch(batch: Batch, high: dict[str, int] | None = None) -> InputSp
                      example=batch, mask=mask)
 
 
+def with_example(spec: InputSpec, batch: Batch) -> InputSpec:
+    """``spec`` with ``batch`` (the user's ``--inputs``) as its example: the batch the model is traced on and the
+    first of :func:`make_batches`. An empty spec (no input shape known) becomes :func:`spec_from_batch` of it."""
+    if spec.empty:
+        return spec_from_batch(batch)
+    return replace(spec, example=batch)
+
+
 def parse_input_shape(text: str) -> InputSpec:
     """Parse ``--input-shape``: ``1,3,32,32`` or several tensors ``2,16;2,4``; ``:int64`` suffix allowed."""
     specs = []
@@ -155,10 +166,12 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
     variable sequence (``spec.seq``), batch ``i`` has length ``seq_len`` (default: the spec's)
     times 1, ½, 1½, ¾, … bounded by ``spec.max_seq``. Where it names an attention mask,
     batch 0 is unpadded and later batches right-pad every other row to a random length
-    (mask 0 and ``pad_id`` there), so a model that mishandles padding shows a difference.
+    (mask 0 and ``pad_id`` there), so a model that mishandles padding shows a difference; further masks
+    (``spec.masks``) are the same mask. An empty spec raises :class:`InputsError` (``spec.reason`` when set).
     """
     if spec.empty:
-        raise InputsError("no input shape is known for this model; pass --input-shape (e.g. 1,3,32,32) or --inputs FILE")
+        raise InputsError(spec.reason or "no input shape is known for this model; pass --input-shape (e.g. 1,3,32,32) "
+                          "or --inputs FILE")
     if seq_len is not None and seq_len < 1:
         raise UsageError(f"--seq-len {seq_len}: must be a positive integer")
     gen = torch.Generator().manual_seed(seed)
@@ -168,6 +181,8 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
     lengths = seq_lengths(spec, n, seq_len)
     # A stored spec (to_json) keeps the attention_mask tensor but not the flag: still a mask, not noise.
     mask_name = spec.mask or next((k for k, t in spec.kwargs if k == "attention_mask" and not t.is_float), None)
+    extra = spec.masks or [k for k, t in spec.kwargs if k == "decoder_attention_mask" and not t.is_float]
+    masks = tuple(k for k in extra if k != mask_name)
 
     def one(t: TensorSpec, name: str, i: int) -> torch.Tensor:
         shape = t.shape
@@ -178,6 +193,8 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
             return torch.randn(shape, generator=gen, dtype=torch.float64).to(torch_dtype)
         if torch_dtype == torch.bool:
             return torch.randint(0, 2, shape, generator=gen).bool()
+        if name in masks:
+            return torch.ones(shape, dtype=torch_dtype)  # padded in pad() with the main mask, never random
         return torch.randint(0, max(int(t.high or 2), 1), shape, generator=gen, dtype=torch_dtype)
 
     def pad(batch: Batch, i: int) -> Batch:
@@ -198,6 +215,9 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
                     if k != mask_name and k in spec.seq and not v.is_floating_point() and v.dim() == 2:
                         v[r, keep:] = spec.pad_id
         kwargs[mask_name] = mask
+        for k in masks:
+            if k in kwargs and kwargs[k].shape == mask.shape:
+                kwargs[k] = mask.clone()
         return args, kwargs
 
     while len(batches) < n:

@@ -190,7 +190,8 @@ def load_inputs_file(path: str | Path, spec: InputSpec | None = None) -> Batch:
     """Read one batch from a .safetensors or .pt file of tensors.
 
     Keys ``"0"``, ``"1"``, … are positional arguments in that order; any other key is a
-    keyword argument of ``forward``. Shapes are checked against ``spec`` (batch dim free).
+    keyword argument of ``forward``. Shapes are checked against ``spec``: the batch dim is free, and so is
+    dim 1 of the inputs the spec marks as a variable sequence (``spec.seq``: token ids of any length).
     """
     tensors = read_tensor_file(Path(path), what="inputs file")
     if not tensors:
@@ -201,12 +202,14 @@ def load_inputs_file(path: str | Path, spec: InputSpec | None = None) -> Batch:
     batch: Batch = (tuple(tensors[k] for k in positional),
                     {k: v for k, v in tensors.items() if not k.isdigit()})
     if spec is not None and not spec.empty:
-        expected = [("arg " + str(i), t) for i, t in enumerate(spec.args)] + list(spec.kwargs)
-        got = [("arg " + str(i), a) for i, a in enumerate(batch[0])] + list(batch[1].items())
+        expected = [(str(i), t) for i, t in enumerate(spec.args)] + list(spec.kwargs)
+        got = [(str(i), a) for i, a in enumerate(batch[0])] + list(batch[1].items())
         exp_map = dict(expected)
-        for name, tensor in got:
-            want = exp_map.get(name)
-            if want is not None and tuple(tensor.shape[1:]) != tuple(want.shape[1:]):
+        for key, tensor in got:
+            want, name = exp_map.get(key), f"arg {key}" if key.isdigit() else key
+            free = 2 if key in spec.seq else 1  # dims 0 (batch) and, for a sequence, 1 may differ
+            if want is not None and (tensor.dim() != len(want.shape) or
+                                     tuple(tensor.shape[free:]) != tuple(want.shape[free:])):
                 raise InputsError(
                     f"{path}: input {name} has shape {list(tensor.shape)}, the model expects "
                     f"[batch, {', '.join(map(str, want.shape[1:]))}]")

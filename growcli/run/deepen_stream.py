@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from growcli.core.edits import set_config_json
-from growcli.core.inputs import cast_batch, make_batches
 from growcli.io.atomic import atomic_output
-from growcli.io.hf_dir import hf_input_spec
+from growcli.io.hf_dir import sample_batch
 from growcli.io.shards import pack_shards, read_tensors, shard_names, write_index, write_shard
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings
@@ -54,7 +53,7 @@ def stream_deepen(src: Path, out: Path, spec: DeepenSpec, *, shard_size: int, se
     started = time.perf_counter()
     refs = read_tensors(src)
     module = meta_model(src)
-    batch = cast_batch(make_batches(hf_input_spec(module), 1, seed=seed)[0], next(module.parameters()).dtype)
+    batch = sample_batch(module, seed, settings.inputs[0] if settings.inputs else None)
     plan, report = plan_streamed_blocks(module, spec, batch)
     names = stack_names(module, plan.container, refs)
     tensors = plan_tensors(refs, plan, names)

@@ -36,9 +36,8 @@ import torch
 
 from growcli.analysis.blocks import find_stack
 from growcli.core.errors import GrowError, NotGrowableError
-from growcli.core.inputs import cast_batch, make_batches
 from growcli.io.atomic import atomic_output
-from growcli.io.hf_dir import hf_input_spec, load_hf_config
+from growcli.io.hf_dir import load_hf_config, sample_batch
 from growcli.io.load import load_model
 from growcli.io.shards import INDEX, pack_shards, shard_names, write_index, write_shard
 from growcli.io.sidefiles import copy_side_files
@@ -70,8 +69,8 @@ class Planned:
     finish: Callable[[], None] = lambda: None  # after writing: what only computing the tensors tells (rounding)
 
 
-def _sample(module: torch.nn.Module, seed: int):
-    return cast_batch(make_batches(hf_input_spec(module), 1, seed=seed)[0], next(module.parameters()).dtype)
+def _sample(module: torch.nn.Module, seed: int, batch=None):
+    return sample_batch(module, seed, batch)
 
 
 def _depth_step(stage: Stage, plan, report: StepReport, module: torch.nn.Module) -> Planned:
@@ -89,9 +88,9 @@ def _depth_step(stage: Stage, plan, report: StepReport, module: torch.nn.Module)
                    depth=stacked(plan.order, plan.copies))
 
 
-def plan_stack_step(stage: Stage, spec: Any, seed: int) -> Planned:
+def plan_stack_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     module = meta_model(stage.directory)
-    plan = plan_stack(module, spec, lambda: _sample(module, seed))
+    plan = plan_stack(module, spec, lambda: _sample(module, seed, batch))
     if spec.init == "identity" and plan.post_norms and not spec.allow_inexact:
         raise NotGrowableError(f"stack --init identity: {post_ln_reason(plan)}. Pass --allow-mismatch to write it "
                                "anyway (reported as not function-preserving), or use --init copy")
@@ -99,15 +98,16 @@ def plan_stack_step(stage: Stage, spec: Any, seed: int) -> Planned:
     return _depth_step(stage, plan, report, module)
 
 
-def plan_deepen_step(stage: Stage, spec: Any, seed: int) -> Planned:
+def plan_deepen_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     module = meta_model(stage.directory)
-    plan, report = plan_streamed_blocks(module, spec, _sample(module, seed))
+    plan, report = plan_streamed_blocks(module, spec, _sample(module, seed, batch))
     return _depth_step(stage, plan, report, module)
 
 
-def _plan_width_step(name: str, stage: Stage, spec: Any, seed: int) -> Planned:
+def _plan_width_step(name: str, stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     before = getattr(load_hf_config(stage.directory)[1], "hidden_size", None) if name == "hidden" else None
-    gm, report, jobs, siblings, changed = plan_width(stage.directory, name, spec, seed, tensors=stage.tensors)
+    gm, report, jobs, siblings, changed = plan_width(stage.directory, name, spec, seed, tensors=stage.tensors,
+                                                     batch=batch)
     report.exact = get_transform(name).exact(spec) and report.exact
     rounded: dict[str, str] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -124,18 +124,19 @@ def _plan_width_step(name: str, stage: Stage, spec: Any, seed: int) -> Planned:
                    finish=lambda: note_rounding(report, rounded, dtypes[min(rounded)] if rounded else torch.float64))
 
 
-def plan_widen_step(stage: Stage, spec: Any, seed: int) -> Planned:
+def plan_widen_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     if spec.init in ("gradmax", "firefly"):
         raise NotGrowableError(f"widen --init {spec.init} --streaming: the new units come from gradients on "
                                "calibration data, which needs the model in memory; use --no-streaming")
-    return _plan_width_step("widen", stage, spec, seed)
+    return _plan_width_step("widen", stage, spec, seed, batch)
 
 
-PLANNERS: dict[str, Callable[[Stage, Any, int], Planned]] = {
+# Planner(stage, spec, seed, batch): ``batch`` is the user's --inputs (None: inputs generated from the config).
+PLANNERS: dict[str, Callable[..., Planned]] = {
     "stack": plan_stack_step,
     "deepen": plan_deepen_step,
-    "hidden": lambda stage, spec, seed: _plan_width_step("hidden", stage, spec, seed),
-    "heads": lambda stage, spec, seed: _plan_width_step("heads", stage, spec, seed),
+    "hidden": lambda stage, spec, seed, batch=None: _plan_width_step("hidden", stage, spec, seed, batch),
+    "heads": lambda stage, spec, seed, batch=None: _plan_width_step("heads", stage, spec, seed, batch),
     "widen": plan_widen_step,
 }
 
@@ -195,7 +196,7 @@ def stream_chain(src: Path, out: Path, steps: list[tuple[str, Any]], *, shard_si
             if on_step:
                 on_step(k)
             try:
-                step = PLANNERS[name](stage, spec, seed)
+                step = PLANNERS[name](stage, spec, seed, (settings.inputs or [None])[0])
                 directory = Path(scratch) / f"after-step-{k + 1}"
                 directory.mkdir()
                 (directory / "config.json").write_text(json.dumps(step.config, indent=2, sort_keys=True) + "\n")

@@ -30,11 +30,11 @@ from typing import Any, Callable
 from growcli.analysis.blocks import find_stack
 from growcli.core.edits import set_config_json
 from growcli.core.errors import NotGrowableError, UsageError, VerificationFailed
-from growcli.core.inputs import Batch, cast_batch, make_batches
+from growcli.core.inputs import Batch, make_batches
 from growcli.core.units import parse_size
 from growcli.io.atomic import atomic_output
 from growcli.io.formats import load_inputs_file
-from growcli.io.hf_dir import hf_input_spec
+from growcli.io.hf_dir import hf_input_spec, sample_batch
 from growcli.io.load import load_model
 from growcli.io.save import output_format
 from growcli.io.shards import (OutTensor, TensorRef, checkpoint_bytes, pack_shards, read_tensors, shard_names,
@@ -140,7 +140,7 @@ def stream_stack(src: Path, out: Path, spec: StackSpec, *, shard_size: int, sett
     module = meta_model(src)
 
     def sample() -> Batch:
-        return cast_batch(make_batches(hf_input_spec(module), 1, seed=seed)[0], next(module.parameters()).dtype)
+        return sample_batch(module, seed, settings.inputs[0] if settings.inputs else None)
 
     plan = plan_stack(module, spec, sample)
     names = stack_names(module, plan.container, refs)

@@ -35,7 +35,7 @@ import torch
 from growcli.core.errors import FormatError, GrowError, NotGrowableError, UsageError
 from growcli.core.model import GrowModel
 from growcli.io.atomic import atomic_output
-from growcli.io.hf_dir import hf_input_spec
+from growcli.io.hf_dir import hf_inputs
 from growcli.io.load import load_model
 from growcli.io.shards import INDEX, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
@@ -155,10 +155,10 @@ def read_tensor(ref: TensorRef) -> torch.Tensor:
     return raw.view(DTYPES[ref.dtype]).reshape(ref.shape)
 
 
-def plan_width(src: Path, name: str, spec: Any, seed: int, tensors: dict[str, Any] | None = None
+def plan_width(src: Path, name: str, spec: Any, seed: int, tensors: dict[str, Any] | None = None, batch=None
                ) -> tuple[GrowModel, StepReport, list[Rewrite], dict, dict]:
     """Run step ``name`` on ``src``'s meta-device model with its rewrites deferred (``tensors``: the
-    checkpoint's tensors when they are not ``src``'s shards, as in a chain of streamed steps).
+    checkpoint's tensors when they are not ``src``'s shards, as in a chain of streamed steps; ``batch``: --inputs).
 
     Returns the grown meta model, the step's report (rounding not yet known), the planned
     rewrites in the in-memory order, the parameter name → names sharing its tensor before
@@ -171,7 +171,7 @@ def plan_width(src: Path, name: str, spec: Any, seed: int, tensors: dict[str, An
     if floats:  # from_pretrained loads the weights in their own dtype, and the step computes in it
         dtype = max({r.dtype for r in floats}, key=lambda d: sum(math.prod(r.shape) for r in floats if r.dtype == d))
         module = module.to(DTYPES[dtype])
-    gm = GrowModel(module, "hf", src, "", hf_input_spec(module), hf_class=(module.config.architectures or [None])[0])
+    gm = GrowModel(module, "hf", src, "", hf_inputs(module, batch), hf_class=(module.config.architectures or [None])[0])
     shared: dict[int, list[str]] = {}
     for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         shared.setdefault(id(t), []).append(n)
@@ -308,7 +308,7 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
     started = time.perf_counter()
     refs = read_tensors(src)
     before = json.loads((src / "config.json").read_text())
-    gm, report, jobs, siblings, changed = plan_width(src, name, spec, seed)
+    gm, report, jobs, siblings, changed = plan_width(src, name, spec, seed, batch=(settings.inputs or [None])[0])
     report.exact = get_transform(name).exact(spec) and report.exact
     disk = checkpoint_names(gm.module)
     rounded: dict[str, str] = {}
