@@ -99,3 +99,16 @@ def _one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# The slowest cases (≥ 5 s each on the 2-core development machine), listed by node id in tests/slow_tests.txt, are
+# marked ``slow`` and left out of the default run (pyproject's addopts); ``python -m pytest -m slow`` runs them,
+# ``python -m pytest -m ""`` runs everything. Cases can also carry ``@pytest.mark.slow`` themselves.
+_SLOW = {line.strip() for line in (Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
+         if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in _SLOW:
+            item.add_marker(pytest.mark.slow)
