@@ -112,3 +112,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid in _SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+def as_grow_model(module, inputs):
+    """A live module as a GrowModel whose inputs are ``inputs`` (a dict of keyword inputs: a Hugging Face model)."""
+    from growcli.core.inputs import spec_from_batch
+    from growcli.core.model import GrowModel
+    if isinstance(inputs, dict):
+        return GrowModel(module, "hf", Path("mem"), "0", spec_from_batch(((), inputs)), hf_class=type(module).__name__)
+    return GrowModel(module, "state_dict", Path("mem"), "0", spec_from_batch((inputs, {})))
+
+
+def relative_diff(before, after, inputs) -> float:
+    """max |a − b| / max |a| over every output of the two modules, computed on ``inputs``."""
+    from growcli.verification.compare import flatten_outputs
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    with torch.no_grad():
+        a, b = flatten_outputs(before(*args, **kwargs)), flatten_outputs(after(*args, **kwargs))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)

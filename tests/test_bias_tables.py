@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,13 +22,12 @@ from growcli.analysis.attention_bias import BiasTable, NotATable, head_tables
 from growcli.analysis.attention_inputs import projection_outputs
 from growcli.analysis.trace import trace_model
 from growcli.core.errors import NotGrowableError
-from growcli.core.inputs import spec_from_batch
-from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.heads import plan_heads
 from growcli.transforms.registry import Context
 from growcli.transforms.width_edit import Edit
-from growcli.verification.compare import flatten_outputs
+
+from conftest import as_grow_model, relative_diff
 
 VOCAB, EXACT = 100, 1e-10
 T5_TABLE = "{}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
@@ -70,19 +68,7 @@ def _model(family: str, impl: str = "eager", **extra):
     return m, inputs
 
 
-def _as_model(module: nn.Module, inputs: dict | tuple) -> GrowModel:
-    if isinstance(inputs, dict):
-        return GrowModel(module, "hf", Path("mem"), "0", spec_from_batch(((), inputs)), hf_class=type(module).__name__)
-    return GrowModel(module, "state_dict", Path("mem"), "0", spec_from_batch((inputs, {})))
-
-
-def _measure(before: nn.Module, after: nn.Module, inputs: dict | tuple) -> float:
-    """max |a − b| / max |a| over every output, computed here on the given inputs."""
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    with torch.no_grad():
-        a, b = flatten_outputs(before(*args, **kwargs)), flatten_outputs(after(*args, **kwargs))
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)
+_as_model, _measure = as_grow_model, relative_diff
 
 
 def _grow(m: nn.Module, inputs, seed: int = 1):

@@ -23,11 +23,10 @@ import growcli
 from growcli.analysis.attention_eager import eager_calls
 from growcli.analysis.trace import shape, trace_model
 from growcli.core.errors import NotGrowableError
-from growcli.core.inputs import spec_from_batch
-from growcli.core.model import GrowModel
 from growcli.run.steps import VerifySettings, run_step
 from growcli.transforms.registry import Context
-from growcli.verification.compare import flatten_outputs
+
+from conftest import as_grow_model, relative_diff
 
 VOCAB, EXACT = 100, 1e-10
 
@@ -61,19 +60,7 @@ def _hf(family: str):
     return m.to(torch.float64).eval(), {"input_ids": torch.randint(0, VOCAB, (2, 6))}
 
 
-def _as_model(module: nn.Module, inputs: dict | tuple) -> GrowModel:
-    if isinstance(inputs, dict):
-        return GrowModel(module, "hf", Path("mem"), "0", spec_from_batch(((), inputs)), hf_class=type(module).__name__)
-    return GrowModel(module, "state_dict", Path("mem"), "0", spec_from_batch((inputs, {})))
-
-
-def _measure(before: nn.Module, after: nn.Module, inputs: dict | tuple) -> float:
-    """max |a − b| / max |a| over every output, computed here on the given inputs."""
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    with torch.no_grad():
-        a, b = flatten_outputs(before(*args, **kwargs)), flatten_outputs(after(*args, **kwargs))
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in a)
+_as_model, _measure = as_grow_model, relative_diff
 
 
 def _fresh_ids() -> dict:
