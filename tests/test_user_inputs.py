@@ -110,10 +110,11 @@ def _bert(directory: Path) -> Path:
     return directory
 
 
-def _bert_diff(a: Path, b: Path, ids: torch.Tensor) -> float:
+def _logits_diff(cls: str, a: Path, b: Path, ids: torch.Tensor) -> float:
+    """max |logits| difference of two saved directories of transformers class ``cls``, in float64."""
     import transformers as T
 
-    x, y = (T.BertForMaskedLM.from_pretrained(str(d), dtype=torch.float64).eval() for d in (a, b))
+    x, y = (getattr(T, cls).from_pretrained(str(d), dtype=torch.float64).eval() for d in (a, b))
     with torch.no_grad():
         return float((x(input_ids=ids).logits - y(input_ids=ids).logits).abs().max())
 
@@ -131,7 +132,7 @@ def test_hf_model_traces_and_grows_on_a_user_batch_of_length_5(tmp_path, traced,
     assert report["execution"] == ("streaming" if streaming else "memory")
     assert traced and all(s == {"input_ids": (3, 5)} for s in traced)
     assert report["function_preserving"] and report["verification"]["max_abs_diff"] <= 1e-10
-    assert _bert_diff(src, out, ids) <= 1e-10
+    assert _logits_diff("BertForMaskedLM", src, out, ids) <= 1e-10
 
 
 def test_a_user_batch_may_change_the_sequence_length_but_no_other_dim(tmp_path):
@@ -177,7 +178,7 @@ def test_a_streamed_chain_plans_every_step_on_the_users_batch(tmp_path, traced, 
                   [Output(str(out) + "/")], seed=0, streaming=True)
     assert report["execution"] == "streaming" and report["function_preserving"]
     assert sampled == [(3, 5)] and traced and all(s == {"input_ids": (3, 5)} for s in traced)
-    assert report["verification"]["max_abs_diff"] <= 1e-10 and _llama_diff(src, out, ids) <= 1e-10
+    assert report["verification"]["max_abs_diff"] <= 1e-10 and _logits_diff("LlamaForCausalLM", src, out, ids) <= 1e-10
 
 
 def _llama(directory: Path) -> Path:
@@ -189,14 +190,6 @@ def _llama(directory: Path) -> Path:
                            num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=32)
     T.LlamaForCausalLM(config).to(torch.float64).eval().save_pretrained(directory)
     return directory
-
-
-def _llama_diff(a: Path, b: Path, ids: torch.Tensor) -> float:
-    import transformers as T
-
-    x, y = (T.LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float64).eval() for d in (a, b))
-    with torch.no_grad():
-        return float((x(input_ids=ids).logits - y(input_ids=ids).logits).abs().max())
 
 
 def test_a_bf16_vit_is_traced_on_bf16_pixels(tmp_path, traced):
@@ -237,4 +230,4 @@ def test_a_streamed_depth_step_plans_on_the_users_batch(tmp_path, monkeypatch, t
                   [Step(transform, options)], [Output(str(out) + "/")], seed=0, streaming=True)
     assert report["execution"] == "streaming" and report["function_preserving"]
     assert sampled and set(sampled) == {(3, 5)}
-    assert report["verification"]["max_abs_diff"] <= 1e-10 and _llama_diff(src, out, ids) <= 1e-10
+    assert report["verification"]["max_abs_diff"] <= 1e-10 and _logits_diff("LlamaForCausalLM", src, out, ids) <= 1e-10

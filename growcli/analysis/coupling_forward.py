@@ -21,7 +21,7 @@ from torch import fx
 
 from growcli.analysis.coupled_group import GroupWalk, ViewPatch
 from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
-from growcli.analysis.matmuls import GROUPED_MM, ParamMatmul, is_grouped_mm, param_matmul  # noqa: F401 (residual.py)
+from growcli.analysis.matmuls import ParamMatmul, is_grouped_mm, param_matmul
 from growcli.analysis.pooling import PER_CHANNEL, pooled_values
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REDUCE, Refuse,
                                     UNARY, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,

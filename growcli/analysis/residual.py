@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from growcli.analysis.coupling_forward import GROUPED_MM
+from growcli.analysis.matmuls import GROUPED_MM
 from growcli.analysis.trace import METADATA_CHECKS, Trace, attr_of, in_scope, module_of, shape
 from growcli.core.errors import NotGrowableError
 

@@ -69,10 +69,6 @@ class Planned:
     finish: Callable[[], None] = lambda: None  # after writing: what only computing the tensors tells (rounding)
 
 
-def _sample(module: torch.nn.Module, seed: int, batch=None):
-    return sample_batch(module, seed, batch)
-
-
 def _depth_step(stage: Stage, plan, report: StepReport, module: torch.nn.Module) -> Planned:
     """A stack layout (``stack`` or ``deepen --block``) applied to the stage: renames and zeroed writers."""
     names = stack_names(module, plan.container, stage.tensors)
@@ -90,7 +86,7 @@ def _depth_step(stage: Stage, plan, report: StepReport, module: torch.nn.Module)
 
 def plan_stack_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     module = meta_model(stage.directory)
-    plan = plan_stack(module, spec, lambda: _sample(module, seed, batch))
+    plan = plan_stack(module, spec, lambda: sample_batch(module, seed, batch))
     if spec.init == "identity" and plan.post_norms and not spec.allow_inexact:
         raise NotGrowableError(f"stack --init identity: {post_ln_reason(plan)}. Pass --allow-mismatch to write it "
                                "anyway (reported as not function-preserving), or use --init copy")
@@ -100,7 +96,7 @@ def plan_stack_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
 
 def plan_deepen_step(stage: Stage, spec: Any, seed: int, batch=None) -> Planned:
     module = meta_model(stage.directory)
-    plan, report = plan_streamed_blocks(module, spec, _sample(module, seed, batch))
+    plan, report = plan_streamed_blocks(module, spec, sample_batch(module, seed, batch))
     return _depth_step(stage, plan, report, module)
 
 
