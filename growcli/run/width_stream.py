@@ -8,8 +8,8 @@ only plans (:func:`deferred_rewrites`): every tensor it would rewrite becomes a
 the in-memory path would have at that tensor). Then each output tensor is written on its own:
 a tensor the step does not change is a byte copy from the input shards; a rewritten one is read
 from disk, rewritten by :func:`apply_rewrite` (the in-memory path's own code; large tensors in
-slices along a dimension no map touches) and written, so peak memory is about a tensor, not the
-model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
+slices along a dimension no map touches) and written (the next one computed meanwhile), so peak memory
+is about two tensors, not the model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
 ``widen`` defers the same way (:func:`growcli.transforms.widen.widen_group`); its data-driven
 inits (gradmax, firefly) are refused. A tied weight the step unties (the output projection of a tied
 embedding) is computed from the one tensor the checkpoint stores for both.
@@ -27,6 +27,7 @@ import json
 import math
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,19 +37,18 @@ from growcli.core.errors import FormatError, GrowError, NotGrowableError, UsageE
 from growcli.core.model import GrowModel
 from growcli.io.atomic import atomic_output
 from growcli.io.hf_dir import hf_inputs
-from growcli.io.load import load_model
-from growcli.io.shards import INDEX, TensorRef, read_tensors, shard_names
+from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
-from growcli.run.steps import VerifySettings, verification_batches
+from growcli.run.steps import VerifySettings
 from growcli.run.stream_names import checkpoint_names, meta_model
 from growcli.run.stream_source import read_entry, whole_ref
 from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, verify_written
 from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
+from growcli.run.width_output import _run_both, _structure, saved_names  # noqa: F401 (saved_names, _structure: re-exported)
 from growcli.transforms.catalog import get_transform
 from growcli.transforms.hfconfig import config_error, mismatches, validate_config
 from growcli.transforms.registry import Context, StepReport
 from growcli.transforms.width_edit import Rewrite, deferred_rewrites, note_rounding, rewrite
-from growcli.verification.compare import VerifyReport, verify_models
 
 
 CHUNK = 1 << 22  # elements of output per piece when a tensor is rewritten in pieces (float64 temporaries: 32 MB)
@@ -240,6 +240,7 @@ class _Computed:
     ref: TensorRef
     job: Rewrite
     on_rounded: Callable[[str, str, torch.dtype], None]
+    ahead: "_Ahead | None" = None  # set by the writer: computed on a worker thread, one tensor ahead
 
     def __call__(self) -> torch.Tensor:
         new, why = apply_rewrite(read_tensor(self.ref), self.job)
@@ -248,25 +249,59 @@ class _Computed:
 
     def parts(self) -> Iterator[torch.Tensor]:
         """The rewritten tensor as consecutive runs of its bytes (C order): its slices along the leading
-        dimension as they are computed, else the whole tensor; the input is read once."""
-        old = read_tensor(self.ref)
-        lead = next((d for d, n in enumerate(self.job.shape) if n > 1), None)
-        pieces = rewrite_pieces(old, self.job)
-        first = next(pieces)
-        if first[0] != lead or first[0] is None:  # whole, or slices along an inner dimension: assembled first
-            new, why = _assemble(self.job, first, pieces)
-            self._note(why)
-            yield new
-            return
+        dimension as they are computed (all at once when computed ahead), else the whole tensor."""
         why = ""
-        for _, _, piece, reason in [first, *pieces]:
+        for piece, reason in self.ahead.take(self) if self.ahead is not None else self._runs():
             why = why or reason
             yield piece
         self._note(why)
 
+    def compute(self) -> list[tuple[torch.Tensor, str]]:
+        """Every run of :meth:`parts` with why it is not exact (for :class:`_Ahead`'s worker)."""
+        return list(self._runs())
+
+    def _runs(self) -> Iterator[tuple[torch.Tensor, str]]:
+        old = read_tensor(self.ref)  # read once
+        lead = next((d for d, n in enumerate(self.job.shape) if n > 1), None)
+        pieces = rewrite_pieces(old, self.job)
+        first = next(pieces)
+        if first[0] != lead or first[0] is None:  # whole, or slices along an inner dimension: assembled first
+            yield _assemble(self.job, first, pieces)
+            return
+        for _, _, piece, reason in [first, *pieces]:
+            yield piece, reason
+
     def _note(self, why: str) -> None:
         if why:
             self.on_rounded(self.job.name, why, self.job.dtype)
+
+
+class _Ahead:
+    """Rewritten tensors computed one ahead of the writer, on a worker thread: while one is written (or the
+    byte copies around it), the next is computed, each thread running torch on one thread (no intra-op pool
+    waiting on a core another process holds). At most two rewritten tensors are in memory."""
+
+    def __init__(self, order: list[_Computed]):
+        self.after = {id(a): b for a, b in zip(order, order[1:])}
+        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+        self.pending: dict[int, Future] = {}
+        for item in order:
+            item.ahead = self
+        if order:
+            self.pending[id(order[0])] = self.pool.submit(order[0].compute)
+
+    def take(self, item: _Computed) -> list[tuple[torch.Tensor, str]]:
+        """``item``'s runs: the worker's (computed while the tensor before it was written), else computed now;
+        the tensor written after it is started on the worker first."""
+        done = self.pending.pop(id(item), None)
+        after = self.after.get(id(item))
+        if after is not None and id(after) not in self.pending:
+            self.pending[id(after)] = self.pool.submit(after.compute)
+        return done.result() if done is not None else item.compute()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 def _recomputed(entry: Entry, job: Rewrite, on_rounded) -> Callable[[], torch.Tensor]:
@@ -277,23 +312,6 @@ def _recomputed(entry: Entry, job: Rewrite, on_rounded) -> Callable[[], torch.Te
             on_rounded(job.name, why, job.dtype)
         return new
     return make
-
-
-def saved_names(gm: GrowModel) -> set[str]:
-    """The checkpoint names ``save_pretrained`` writes for the grown (meta) model: tied copies once, no
-    non-persistent buffers."""
-    module = gm.module
-    names = checkpoint_names(module)
-    seen: dict[int, str] = {}
-    tied = set(getattr(module, "_tied_weights_keys", None) or ())
-    for n, t in module.state_dict(keep_vars=True).items():
-        if id(t) in seen and n in names:
-            continue
-        seen[id(t)] = n
-    keep = {names[n] for n in seen.values() if n in names}
-    if getattr(module.config, "tie_word_embeddings", False):
-        keep -= {names.get(k, k) for k in tied}
-    return keep
 
 
 def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int, settings: VerifySettings | None = None,
@@ -333,8 +351,16 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
                               "loaded_with": None, "max_abs_diff": None, "readback": None}
     verification = None
     with atomic_output(out, directory=True) as tmp:
-        for file, group in zip(files, shards):
-            write_file(tmp / file, group, advance)
+        ahead = _Ahead([p for g in shards for e in sorted(g, key=lambda e: -ITEMSIZE[e.dtype]) for p in e.pieces
+                        if isinstance(p, _Computed)])  # in the order write_file writes them
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for file, group in zip(files, shards):
+                write_file(tmp / file, group, advance)
+        finally:
+            ahead.close()
+            torch.set_num_threads(threads)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total},
                      "weight_map": {e.name: f for f, g in zip(files, shards) for e in g}}
@@ -350,31 +376,6 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]
     return Streamed(report.to_dict(), verification, report.params_before, report.params_after, output, checked,
                     {k: round(v, 3) for k, v in timing.items()})
-
-
-def _structure(tmp: Path, written: dict[str, tuple[int, ...]]) -> str:
-    """The written config rebuilds (on the meta device) exactly the written tensors: names and shapes."""
-    fresh = meta_model(tmp)
-    names = checkpoint_names(fresh)
-    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    want = {names.get(k, k): shapes[k] for k in shapes}
-    bad = [f"{k} {list(s)} vs config {list(want[k])}" for k, s in written.items() if k in want and want[k] != tuple(s)]
-    bad += [f"unexpected {k}" for k in written if k not in want]
-    if bad:
-        raise NotGrowableError(f"the written tensors do not fit the new config ({bad[0]})")
-    return f"the new config rebuilds {len(want)} tensors; all {len(written)} written ones match in name and shape"
-
-
-def _run_both(src: Path, tmp: Path, report: StepReport, settings: VerifySettings, seed: int) -> tuple[str, VerifyReport]:
-    """The written directory loaded back from disk and run against the input, also loaded from disk, at the
-    tolerance the in-memory step gets (exact in the weights' dtype or not)."""
-    original = load_model(src)
-    grown = load_model(tmp)
-    batches = verification_batches(original, settings, seed)
-    result = verify_models(original.module, grown.module, batches, dtype=settings.dtype, atol=settings.atol,
-                           rtol=settings.rtol, exact_in_dtype=report.exact_in_dtype if report.exact else None,
-                           output_maps=getattr(report, "output_maps", None))
-    return f"transformers.{grown.hf_class}.from_pretrained", result
 
 
 def stream_widen(src: Path, out: Path, spec: Any, **kwargs) -> Streamed:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -38,10 +40,166 @@ def split_columns(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.T
     idx = torch.as_tensor(idx, dtype=torch.long)
     share = torch.as_tensor(share, dtype=torch.float64)
     split = torch.as_tensor(split, dtype=torch.bool)
-    new = old.index_select(dim, idx)  # a new tensor: written in place below
     got = torch.where(split, share, torch.ones_like(share))
     if old.dtype == torch.float64 or not old.is_floating_point():
+        new = old.index_select(dim, idx)
         return new * along(new, dim, got), got
+    if bool(split.any()) and finite(old) and finite(share):
+        return _split_fast(old, dim, idx, share, got, split), got
+    new = take(old, dim, idx)  # a new tensor: written in place below
+    if bool(split.any()):  # NaNs (or inf − inf) as well: float64 writes the canonical NaN
+        _split_reference(new, old, dim, idx, share, got, split)
+    return new, got
+
+
+@dataclass
+class _Plan:
+    """What :func:`_split_fast` does for given positions and shares, whatever the values: the shares the
+    positions get, the positions whose power-of-two share is applied directly, and the remainder groups
+    (their old positions, largest groups first, and per rank the groups still sharing, the positions they
+    write and their ratios); ``final`` picks each new position from ``old`` and the computed parts."""
+
+    got: torch.Tensor
+    direct: torch.Tensor
+    direct_share: torch.Tensor
+    sources: torch.Tensor
+    ranks: list[tuple[int, int, torch.Tensor]]
+    final: torch.Tensor
+
+
+_PLANS: list[tuple] = []  # the last few plans: the slices of one tensor (streaming) share theirs
+
+
+def _split_fast(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.Tensor, got: torch.Tensor,
+                split: torch.Tensor) -> torch.Tensor:
+    """The new tensor of :func:`split_columns` for a finite ``old``, bit for bit :func:`_split_reference`'s (and
+    its shares, written into ``got``): a position whose part is the old value itself (the one copy of its
+    old position at share 1, which float64 leaves unchanged) is a copy; only the other split positions are
+    computed (the remainders on the groups still sharing at each rank), and the result is gathered once
+    from ``old`` and the computed parts."""
+    size = old.shape[dim]
+    plan = next((p for n, i, s, m, p in _PLANS if n == size and _same(i, idx) and _same(s, share) and _same(m, split)), None)
+    if plan is None:
+        plan = _plan(size, idx, share, split)
+        _PLANS[:] = [(size, idx.clone(), share.clone(), split.clone(), plan), *_PLANS[:3]]
+    got.copy_(plan.got)
+    pieces = [old]
+    if len(plan.direct):  # w·2^-m is exact: apply the shares as asked
+        part = take(old, dim, idx[plan.direct]).double() * along(old, dim, plan.direct_share).double()
+        pieces.append(part.to(old.dtype))
+    rest = take(old, dim, plan.sources)
+    for active, going, r in plan.ranks:
+        if going:
+            rest64 = rest.narrow(dim, 0, going).double()
+            head = (rest64 * along(rest64, dim, r)).to(old.dtype)
+            pieces.append(head)
+        if going < active:  # the last part of a group is what is left
+            pieces.append(rest.narrow(dim, going, active - going))
+        if going:
+            rest = rest.narrow(dim, 0, going) - head  # exact: head lies in [rest/2, rest]
+    return take(torch.cat(pieces, dim) if len(pieces) > 1 else old, dim, plan.final)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _plan(size: int, idx: torch.Tensor, share: torch.Tensor, split: torch.Tensor) -> _Plan:
+    """:func:`_split_fast`'s plan (see :class:`_Plan`), the groups formed as :func:`_split_reference` forms them."""
+    got = torch.where(split, share, torch.ones_like(share))
+    where = torch.nonzero(split).flatten()
+    src, sh = idx[where], share[where]
+    counts = torch.bincount(src, minlength=size)
+    pow2 = (sh > 0) & (torch.frexp(sh).mantissa == 0.5)
+    alone = counts[src] == 1
+    # A group is "exact" (its shares applied directly) when all its shares are powers of two summing to 1:
+    # alone, its share is 1; in larger groups (rare) the sum is taken as the reference takes it, in order.
+    all_pow2 = torch.ones(len(counts), dtype=torch.bool).index_put_((src[~pow2],), torch.tensor(False))
+    exact = alone & (sh == 1.0)
+    several = torch.nonzero(~alone & all_pow2[src]).flatten()
+    members: dict[int, list[int]] = defaultdict(list)
+    for k, i in zip(several.tolist(), src[several].tolist()):
+        members[i].append(k)
+    shares = sh.tolist()
+    for ks in members.values():
+        if sum(shares[k] for k in ks) == 1.0:
+            exact[ks] = True
+    direct = where[exact & (sh != 1.0)]
+    writes = [direct]  # positions of each computed piece, in the order _split_fast appends them
+    rest = torch.nonzero(~exact).flatten()
+    pos, src, sh = where[rest], src[rest], sh[rest]
+    order = torch.argsort(-sh, stable=True)  # within a source: the largest share first, then by position
+    order = order[torch.argsort(src[order], stable=True)]
+    pos, src, sh = pos[order], src[order], sh[order]
+    first = torch.ones(len(src), dtype=torch.bool)
+    first[1:] = src[1:] != src[:-1]
+    starts = torch.nonzero(first).flatten()
+    lens = torch.diff(starts, append=torch.tensor([len(src)]))
+    by_len = torch.argsort(-lens, stable=True)
+    starts, lens = starts[by_len], lens[by_len]
+    left = sh[starts].clone()  # a sum of one or two floats is one rounding in any order; longer ones as torch sums them
+    two = lens == 2
+    left[two] = sh[starts[two]] + sh[starts[two] + 1]
+    for g in torch.nonzero(lens > 2).flatten().tolist():
+        a, n = int(starts[g]), int(lens[g])
+        left[g] = float(sh[a:a + n].sum())
+    kept = torch.ones(len(starts), dtype=torch.float64)
+    ranks = []
+    for j in range(int(lens[0]) if len(lens) else 0):
+        active = int((lens > j).sum())  # groups still sharing: a prefix
+        going = int((lens > j + 1).sum())  # of which these continue after rank j
+        at = pos[starts[:active] + j]
+        s = sh[starts[:active] + j]
+        r = torch.ones(active, dtype=torch.float64)
+        lv = left[:active]
+        r[:going] = torch.where(lv[:going] > 0, (s[:going] / lv[:going].clamp(min=1e-300)).clamp(0.5, 1.0), 1.0)
+        ranks.append((active, going, r[:going]))
+        writes += [at[:going], at[going:]]
+        got[at] = kept[:active] * r
+        kept, left = (kept[:active] * (1 - r))[:going], (lv - s)[:going]
+    final = idx.clone()
+    offset = size
+    for at in writes:
+        final[at] = torch.arange(offset, offset + len(at))
+        offset += len(at)
+    return _Plan(got, direct, share[direct], src[starts], ranks, final)
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN and no infinity (one pass: its smallest and largest values)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def has_nan(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN (one reduction, no mask: its smallest value is NaN then)."""
+    return t.numel() > 0 and t.is_floating_point() and math.isnan(float(torch.aminmax(t.detach())[0]))
+
+
+def take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)`` (``idx ≥ 0``), bit for bit. Along an inner dimension of a CPU float tensor
+    through numpy's ``take`` on its bits, several times faster than torch's element-wise gather there."""
+    if dim == 0 or t.device.type != "cpu" or not t.is_floating_point() or t.element_size() not in BITS:
+        return t.index_select(dim, idx)
+    bits = np.take(t.detach().view(BITS[t.element_size()]).numpy(), idx.numpy(), axis=dim)
+    return torch.from_numpy(bits).view(t.dtype)
+
+
+def put(t: torch.Tensor, dim: int, pos: torch.Tensor, values: torch.Tensor) -> None:
+    """``t.index_copy_(dim, pos, values)`` (distinct ``pos``, the same dtype), bit for bit; along an inner
+    dimension of CPU float tensors as a numpy assignment of their bits (as :func:`take`)."""
+    if dim == 0 or t.device.type != "cpu" or not t.is_floating_point() or t.element_size() not in BITS:
+        t.index_copy_(dim, pos, values)
+        return
+    kind = BITS[t.element_size()]
+    t.detach().view(kind).numpy()[(slice(None),) * dim + (pos.numpy(),)] = values.detach().view(kind).numpy()
+
+
+def _split_reference(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.Tensor,
+                     got: torch.Tensor, split: torch.Tensor) -> None:
+    """The split positions of :func:`split_columns`, one group of copies at a time (any values, NaN too)."""
     copies: dict[int, list[int]] = defaultdict(list)
     where = torch.nonzero(split).flatten().tolist()
     for pos, i in zip(where, idx[where].tolist()):
@@ -56,7 +214,6 @@ def split_columns(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.T
     rest_groups = [sorted(ps, key=lambda p: (-shares[p], p)) for i, ps in copies.items() if not exact[i]]
     if rest_groups:
         _remainders(new, old, dim, idx, share, got, rest_groups)
-    return new, got
 
 
 def _remainders(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.Tensor,
@@ -96,8 +253,8 @@ BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an int
 
 def negative_zeros(t: torch.Tensor) -> bool:
     """Whether ``t`` holds a ``-0`` (its bits: the sign bit alone)."""
-    kind = BITS[t.element_size()]
-    return bool((t.view(kind) == torch.iinfo(kind).min).any())
+    kind = BITS[t.element_size()]  # -0's bits are the smallest integer: present iff it is the minimum
+    return t.numel() > 0 and int(t.view(kind).amin()) == torch.iinfo(kind).min
 
 
 def positive_zeros(t: torch.Tensor) -> None:
@@ -130,9 +287,14 @@ def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tenso
     ``fl(w·total)``): the parts, the scale each got (float64), and whether the parts of every old position
     sum, in float64, to ``w·total``."""
     hit, slot = torch.unique(src, return_inverse=True)
-    want = old.index_select(dim, hit).to(torch.float64)
-    want = want * along(want, dim, total[hit])
-    parts, got = split_columns(want.to(old.dtype), dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
+    cols = take(old, dim, hit)
+    if bool((total[hit] == 1.0).all()) and finite(cols):  # w·1 is w: no float64 round trip
+        base, want = cols, cols.to(torch.float64)
+    else:
+        want = cols.to(torch.float64)
+        want = want * along(want, dim, total[hit])
+        base = want.to(old.dtype)
+    parts, got = split_columns(base, dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
     sums = torch.zeros_like(want).index_add_(dim, slot, parts.to(torch.float64))
     return parts, got * total[src], torch.equal(sums, want)
 
@@ -144,7 +306,7 @@ def gather(old: torch.Tensor, dim: int, idx: torch.Tensor, runs: int = 64) -> to
     ids = idx.tolist()
     starts = [p for p in range(len(ids)) if p == 0 or ids[p] != ids[p - 1] + 1 or (ids[p] < 0) != (ids[p - 1] < 0)]
     if len(starts) > runs or dim == 0:
-        return old.index_select(dim, idx.clamp(min=0))
+        return take(old, dim, idx.clamp(min=0))
     shape = list(old.shape)
     shape[dim] = len(ids)
     new = torch.empty(shape, dtype=old.dtype)

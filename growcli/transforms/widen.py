@@ -20,13 +20,13 @@ from torch import nn
 
 from growcli.analysis.coupled_group import Group
 from growcli.analysis.coupling import analyze, producer_layers
-from growcli.analysis.layouts import Layout
 from growcli.analysis.trace import trace_model
 from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.core.origins import AxisMap, Origin
 from growcli.core.select import select
+from growcli.transforms.channels import channel_map, new_units, remap, split_factors  # noqa: F401 (re-exported)
 from growcli.transforms.firefly import widen_firefly
 from growcli.transforms.gradmax import widen_gradmax
 from growcli.transforms.hfconfig import fit_sizes
@@ -109,50 +109,6 @@ class WidenSpec:
         return target_size(self, current)
 
 
-# --------------------------------------------------------------------------- channel map
-def channel_map(size: int, new_size: int, groups: int, gen: torch.Generator) -> list[int]:
-    """``g``: new index → source channel. Old channels keep their place within their group;
-    each group gets the same number of new channels, copied from random channels of that group."""
-    if size % groups or new_size % groups:
-        raise NotGrowableError(f"a grouped convolution splits these channels into {groups} groups; "
-                               f"the new size must be a multiple of {groups}")
-    per_old, per_new = size // groups, new_size // groups
-    g: list[int] = []
-    for k in range(groups):
-        base = k * per_old
-        g += range(base, base + per_old)
-        g += (torch.randint(0, per_old, (per_new - per_old,), generator=gen) + base).tolist()
-    return g
-
-
-def split_factors(g: list[int], size: int, mode: str, init: str, gen: torch.Generator) -> torch.Tensor:
-    """The share of the source's outgoing weight each new unit gets; shares of a source sum to 1."""
-    if init == "zero":
-        return (~new_units(g)).to(torch.float64)
-    counts = torch.bincount(torch.tensor(g), minlength=size).to(torch.float64)
-    if mode == "uniform":
-        return 1.0 / counts[torch.tensor(g)]
-    weights = torch.rand(len(g), generator=gen, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
-    totals = torch.zeros(size, dtype=torch.float64).index_add_(0, torch.tensor(g), weights)
-    return weights / totals[torch.tensor(g)]
-
-
-def new_units(g: list[int]) -> torch.Tensor:
-    """True for every unit that is a copy (an earlier unit has the same source)."""
-    seen: set[int] = set()
-    return torch.tensor([(src in seen) or seen.add(src) or False for src in g], dtype=torch.bool)
-
-
-def remap(layout: Layout, g: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old position of each new position along a dimension, and its channel (-1: not a channel)."""
-    old = {k: i for i, k in enumerate(layout.keys(list(range(size))))}
-    idx, chan = [], []
-    for c, sub in layout.keys(g):
-        idx.append(old[(g[c], sub)] if c >= 0 else old[(c, sub)])
-        chan.append(c)
-    return torch.tensor(idx), torch.tensor(chan)
-
-
 # --------------------------------------------------------------------------- tensor rewriting
 def _get(root: nn.Module, fqn: str) -> torch.Tensor:
     owner_name, _, leaf = fqn.rpartition(".")
@@ -210,7 +166,7 @@ def _rewrite_use(old: torch.Tensor, use, g: list[int], fresh: torch.Tensor, fact
     origin = None  # grouped consumers: no single axis map; their optimizer state starts fresh
     if use.role == "producer":  # rows of every part of a fused projection follow g (use.layout)
         idx, chan = remap(use.layout, g, group.size)
-        new = old.index_select(use.dim, idx).clone()
+        new = old.index_select(use.dim, idx)  # its own storage: the new units are written into it
         fresh_at = fresh[chan]
         if fresh_at.any():
             new = _init_new_units(new, old, use, fresh_at, spec, gen)
@@ -248,10 +204,13 @@ def _use_shape(shape: tuple[int, ...], use, g: list[int], group: Group) -> tuple
 def _slice_dims(shape: tuple[int, ...], use, fresh: torch.Tensor, spec: WidenSpec) -> tuple[int, ...]:
     """Dimensions along which :func:`_rewrite_use` of a slice is that slice of the result: every one but the
     channels' own, except for grouped consumers and for new units drawn at random (their std is the whole
-    tensor's, their draws the whole block's)."""
+    tensor's, their draws the whole block's). A producer's copied rows need no float64 temporaries: sliced
+    only along dimensions before its channels' (runs of bytes), as one gather otherwise."""
     random = bool(fresh.any()) and (spec.init == "zero" or spec.noise > 0)
     if use.role == "grouped_consumer" or (use.role == "producer" and random):
         return ()
+    if use.role == "producer":
+        return tuple(range(use.dim))
     return tuple(d for d in range(len(shape)) if d != use.dim)
 
 

@@ -38,8 +38,8 @@ from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.transforms.registry import StepReport
 from growcli.transforms.resize import sync_attributes
-from growcli.transforms.splits import (BITS, along, gather, identity_splits, negative_zeros, positive_zeros,
-                                      share_out, split_columns)
+from growcli.transforms.splits import (BITS, along, gather, has_nan, identity_splits, negative_zeros, positive_zeros,
+                                      put, share_out, split_columns)
 
 
 # --------------------------------------------------------------------------- how one dimension changes
@@ -114,7 +114,7 @@ def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator)
     idx, scale, src, counts, multi, total = _positions(t, m)
     if (not t.is_floating_point() or t.element_size() not in BITS or (m.noise_tiles > 1 and noise > 0)
             or (m.pad == "mean" and bool((idx < 0).any())) or (bool(multi.any()) and m.shift != 0)
-            or bool(t.isnan().any())):  # a NaN: float64 writes the canonical one
+            or has_nan(t)):  # a NaN: float64 writes the canonical one
         return _rewrite_dim_float64(t, m, noise, gen)
     new = gather(t.detach(), m.dim, idx)  # padded positions are set below
     if (negative_zero := negative_zeros(t)) and math.copysign(1.0, m.shift) > 0:
@@ -125,18 +125,18 @@ def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator)
     if len(pads):  # a zero-padded position holds 0·scale + shift all along: one value, computed once
         fill64 = torch.zeros(len(pads), dtype=torch.float64) * scale[pads] + m.shift
         fill, block = fill64.to(t.dtype), new.narrow(m.dim, 0, len(pads))
-        new.index_copy_(m.dim, pads, along(block, m.dim, fill).expand_as(block))
+        put(new, m.dim, pads, along(block, m.dim, fill).expand_as(block))
         single = "" if torch.equal(fill.to(torch.float64), fill64) else "rounded"
     computed = torch.nonzero(~multi & (idx >= 0) & ((scale != 1.0) | torch.tensor(m.shift != 0))).flatten()
     if len(computed):
         part64 = t.index_select(m.dim, src[computed]).to(torch.float64)
         part64 = part64 * along(part64, m.dim, scale[computed]) + m.shift
-        new.index_copy_(m.dim, computed, part := part64.to(t.dtype))
+        put(new, m.dim, computed, part := part64.to(t.dtype))
         single = single or ("" if torch.equal(part.to(torch.float64), part64) else "rounded")
     where = torch.nonzero(multi).flatten()
     if len(where):  # each old position's total shared out among its copies exactly in the dtype
         parts, got, exact = share_out(t, m.dim, src[where], scale[where], total)
-        new.index_copy_(m.dim, where, parts)
+        put(new, m.dim, where, parts)
         m = dataclasses.replace(m, scale=scale.index_copy(0, where, got).tolist())
         split = "" if exact else "split of a rescaled total"
     if single:

@@ -1,0 +1,61 @@
+"""The channel map of Net2WiderNet: which source channel each new channel copies, and the shares of
+the outgoing weights (:mod:`growcli.transforms.widen`), and where a map puts each position of a tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from growcli.analysis.layouts import Layout
+from growcli.core.errors import NotGrowableError
+
+
+def channel_map(size: int, new_size: int, groups: int, gen: torch.Generator) -> list[int]:
+    """``g``: new index → source channel. Old channels keep their place within their group;
+    each group gets the same number of new channels, copied from random channels of that group."""
+    if size % groups or new_size % groups:
+        raise NotGrowableError(f"a grouped convolution splits these channels into {groups} groups; "
+                               f"the new size must be a multiple of {groups}")
+    per_old, per_new = size // groups, new_size // groups
+    g: list[int] = []
+    for k in range(groups):
+        base = k * per_old
+        g += range(base, base + per_old)
+        g += (torch.randint(0, per_old, (per_new - per_old,), generator=gen) + base).tolist()
+    return g
+
+
+def split_factors(g: list[int], size: int, mode: str, init: str, gen: torch.Generator) -> torch.Tensor:
+    """The share of the source's outgoing weight each new unit gets; shares of a source sum to 1."""
+    if init == "zero":
+        return (~new_units(g)).to(torch.float64)
+    counts = torch.bincount(torch.tensor(g), minlength=size).to(torch.float64)
+    if mode == "uniform":
+        return 1.0 / counts[torch.tensor(g)]
+    weights = torch.rand(len(g), generator=gen, dtype=torch.float64) + 0.5  # in [0.5, 1.5)
+    totals = torch.zeros(size, dtype=torch.float64).index_add_(0, torch.tensor(g), weights)
+    return weights / totals[torch.tensor(g)]
+
+
+def new_units(g: list[int]) -> torch.Tensor:
+    """True for every unit that is a copy (an earlier unit has the same source)."""
+    seen: set[int] = set()
+    return torch.tensor([(src in seen) or seen.add(src) or False for src in g], dtype=torch.bool)
+
+
+_REMAPS: list[tuple] = []  # the last few answers: the slices of a tensor written in pieces (streaming) map once
+
+
+def remap(layout: Layout, g: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old position of each new position along a dimension, and its channel (-1: not a channel); the
+    tensors are shared by calls with the same layout and channel list (never written in place)."""
+    for lay, known, n, idx, chan in _REMAPS:
+        if lay is layout and n == size and known == g:
+            return idx, chan
+    old = {k: i for i, k in enumerate(layout.keys(list(range(size))))}
+    idx, chan = [], []
+    for c, sub in layout.keys(g):
+        idx.append(old[(g[c], sub)] if c >= 0 else old[(c, sub)])
+        chan.append(c)
+    _REMAPS[:] = [(layout, list(g), size, torch.tensor(idx), torch.tensor(chan)), *_REMAPS[:3]]
+    return _REMAPS[0][3], _REMAPS[0][4]

@@ -1,0 +1,140 @@
+"""The fast paths behind streamed width growth give, bit for bit, what the reference constructions give.
+
+``split_columns`` groups the copies of each position with tensor ops (``_split_fast``) and falls back
+to the one-group-at-a-time reference (``_split_reference``) on non-finite tensors; ``take``/``put``
+copy along inner dimensions through numpy; ``share_out`` skips a float64 round trip when every
+total is 1; ``remap`` reuses its answer for the same layout and channel list; the streamed writer
+computes the next rewritten tensor on a worker thread. Every case compares bits (an integer view),
+so ``-0``, NaN payloads and rounding all count.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from growcli.analysis.layouts import CORE, Cat, Fixed
+from growcli.transforms import splits
+from growcli.transforms.channels import channel_map, remap, split_factors
+
+INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(INT[t.element_size()])
+
+
+def reference(old, dim, idx, share, split):
+    """split_columns as it was: index_select, then every group of copies one at a time."""
+    got = torch.where(split, share, torch.ones_like(share))
+    new = old.index_select(dim, idx)
+    if bool(split.any()):
+        splits._split_reference(new, old, dim, idx, share, got, split)
+    return new, got
+
+
+def case(seed: int, dtype: torch.dtype, mode: str, dim: int, shares: str, values: str):
+    gen = torch.Generator().manual_seed(seed)
+    n, m = 23, 9 + 5 * seed
+    g = torch.tensor(channel_map(n, n + m, 1, gen))
+    share = split_factors(g.tolist(), n, mode, "net2net", gen)
+    if shares == "odd":  # powers of two, thirds, a zero: every branch of the construction
+        share = share.clone()
+        share[::3], share[1::5], share[2::7] = 0.5, 1 / 3, 0.0
+    shape = [n, 4] if dim == 0 else [3, n, 2][: dim + 1] + ([2] if dim == 1 else [])
+    old = torch.randn(shape, generator=gen).to(dtype)
+    flat = old.view(-1)
+    flat[::5], flat[1::7] = 0.0, -0.0
+    if values == "inf":
+        flat[2] = float("inf")
+    elif values == "nan":
+        flat[3] = float("nan")
+    split = torch.rand(len(g), generator=gen) < 0.8 if seed % 2 else torch.ones(len(g), dtype=torch.bool)
+    return old, dim, g, share, split
+
+
+CASES = list(itertools.product(range(3), [torch.bfloat16, torch.float16, torch.float32], ["asymmetric", "uniform"],
+                               [0, 1], ["asked", "odd"], ["finite", "inf", "nan"]))
+
+
+@pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(str(x).removeprefix("torch.") for x in a))
+def test_split_columns_equals_the_reference_bit_for_bit(args):
+    old, dim, idx, share, split = case(*args)
+    new, got = splits.split_columns(old, dim, idx, share, split)
+    want, want_got = reference(old, dim, idx, share, split)
+    assert new.shape == want.shape and new.dtype == old.dtype
+    assert torch.equal(bits(new), bits(want)) and torch.equal(got, want_got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_take_and_put_equal_index_select_and_index_copy(dtype, dim):
+    gen = torch.Generator().manual_seed(dim)
+    old = torch.randn(5, 6, 7, generator=gen).to(dtype)
+    old.view(-1)[::4] = float("nan")
+    idx = torch.randint(0, old.shape[dim], (11,), generator=gen)
+    assert torch.equal(bits(splits.take(old, dim, idx)), bits(old.index_select(dim, idx)))
+    pos = torch.randperm(old.shape[dim], generator=gen)[:3]
+    values = torch.randn(*[3 if d == dim else s for d, s in enumerate(old.shape)], generator=gen).to(dtype)
+    a, b = old.clone(), old.clone()
+    splits.put(a, dim, pos, values)
+    b.index_copy_(dim, pos, values)
+    assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("totals", ["ones", "scaled"])
+def test_share_out_equals_its_float64_construction(dtype, totals):
+    gen = torch.Generator().manual_seed(3)
+    old = torch.randn(4, 10, generator=gen).to(dtype)
+    src = torch.tensor([0, 0, 3, 3, 3, 7, 9, 9])
+    scale = torch.rand(len(src), generator=gen, dtype=torch.float64) + 0.5
+    total = torch.zeros(10, dtype=torch.float64).index_add_(0, src, scale)
+    if totals == "ones":
+        scale = scale / total[src]
+        total = torch.ones(10, dtype=torch.float64)
+    parts, got, exact = splits.share_out(old, 1, src, scale, total)
+    hit, slot = torch.unique(src, return_inverse=True)
+    want = old.index_select(1, hit).to(torch.float64)
+    want = want * splits.along(want, 1, total[hit])
+    ref, ref_got = splits.split_columns(want.to(dtype), 1, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
+    sums = torch.zeros_like(want).index_add_(1, slot, ref.to(torch.float64))
+    assert torch.equal(bits(parts), bits(ref)) and torch.equal(got, ref_got * total[src])
+    assert exact == torch.equal(sums, want)
+    assert exact or totals == "scaled"  # shares of a weight at total 1 sum to it exactly
+
+
+def test_remap_reuses_an_answer_only_for_the_same_layout_and_channels():
+    layout = Cat([CORE, Fixed(2, "x")])
+    g = [0, 1, 2, 1]
+    first = remap(layout, g, 3)
+    assert remap(layout, list(g), 3)[0] is first[0]  # equal channel lists: the same answer
+    g2 = [0, 1, 2, 2]
+    assert remap(layout, g2, 3)[0].tolist() == [0, 1, 2, 2, 3, 4]
+    assert remap(Cat([CORE, Fixed(2, "x")]), g, 3)[0].tolist() == first[0].tolist() == [0, 1, 2, 1, 3, 4]
+
+
+def test_streamed_widen_restores_torch_threads_and_writes_what_memory_does(tmp_path):
+    import transformers as T
+
+    from conftest import dir_tensors
+    from growcli.run.runner import Output, Source, Step, grow
+    from growcli.run.steps import VerifySettings
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=32, num_key_value_heads=1)
+    src = tmp_path / "model"
+    T.LlamaForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(str(src), max_shard_size="10KB")
+    threads = torch.get_num_threads()
+    runs = {}
+    for streaming in (False, True):
+        out = tmp_path / f"out-{streaming}"
+        runs[streaming] = grow(Source(src), [Step("widen", {"layer": "model.layers.*.mlp.up_proj", "to": 48})],
+                               [Output(out, shard_size=20_000)], settings=VerifySettings(batches=1), streaming=streaming)
+    assert torch.get_num_threads() == threads
+    a, b = dir_tensors(tmp_path / "out-False"), dir_tensors(tmp_path / "out-True")
+    assert sorted(a) == sorted(b) and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    assert runs[True]["execution"] == "streaming"
