@@ -223,6 +223,10 @@ def test_missing_id_names_the_id_and_offline_mode(hub, cli, monkeypatch):
 def test_unreachable_hub_is_one_line_naming_the_id(hub, cli, monkeypatch):
     """Online mode with the endpoint on a closed local port: the download fails, the id and the reason are named."""
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when first imported (under the suite's HF_HUB_OFFLINE=1 if an
+    # earlier test imported it): set its snapshot to what a fresh process started in this environment reads.
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     r = cli("inspect", "org/missing")
     assert r.code == 1 and r.err.strip().count("\n") == 0
