@@ -1,15 +1,15 @@
 """Progressive columns (Rusu et al. 2016): one column per task, old columns frozen, lateral adapters.
 
 :class:`Columns` holds the original model unchanged as column 0 and :class:`Column` s added for
-new tasks. A column runs the *chain* the original computes — a sequence of layers (Linear or
-Conv) with element-wise activations, BatchNorm, pooling and flattening between them — read from
+new tasks. A column runs the *chain* the original computes — a sequence of layers (Linear,
+Conv or ConvTranspose) with element-wise activations, BatchNorm, pooling and flattening between them — read from
 the model's ``torch.export`` trace by :mod:`growcli.transforms.column` and stored as a JSON
 ``plan``. Layer ``i`` of column ``k`` computes
 
     ``z_i^k = layer_i^k(h_{i-1}^k) + Σ_{j<k} U_i^{k,j}(h_{i-1}^j)``
 
 where ``h_{i-1}^j`` is the input of column ``j``'s layer ``i`` and ``U`` a lateral adapter
-(a bias-free Linear, or a conv). ``forward(x, task=k)`` returns column ``k``'s output; task 0
+(a bias-free Linear, or a conv — transposed into a transposed layer). ``forward(x, task=k)`` returns column ``k``'s output; task 0
 is ``base(x)`` itself, so the original task's output is the original's, bit for bit, and an
 old column never reads a newer one, so every old task is unchanged too. Old columns are frozen:
 ``requires_grad=False`` on their parameters, and eval mode (BatchNorm statistics never move)
@@ -71,6 +71,16 @@ class ColumnOp(nn.Module):
 
 
 _MAX_WEIGHT = 2**31  # elements of one layer built from a recorded plan; real weights must match it anyway
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _conv_class(item: dict, geometry: dict):
+    """The conv module class of a plan item, and the geometry keywords (``output_padding`` when transposed)."""
+    keywords = {k: tuple(geometry[k]) for k in ("stride", "padding", "dilation")}
+    if item.get("transposed"):
+        keywords["output_padding"] = tuple(geometry.get("output_padding") or [0] * item["dims"])
+        return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[item["dims"]], keywords
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[item["dims"]], keywords
 
 
 def _layer(item: dict, dtype: torch.dtype) -> nn.Module:
@@ -79,9 +89,8 @@ def _layer(item: dict, dtype: torch.dtype) -> nn.Module:
         raise FormatError(f"column plan: a layer of {item['in']} → {item['out']} features is malformed or implausibly large")
     if item["kind"] == "linear":
         return nn.Linear(item["in"], item["out"], bias=item["bias"] is not None, dtype=dtype)
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[item["dims"]]
-    return conv(item["in"], item["out"], tuple(item["kernel"]), stride=tuple(item["stride"]),
-                padding=tuple(item["padding"]), dilation=tuple(item["dilation"]), groups=item["groups"],
+    conv, keywords = _conv_class(item, item)
+    return conv(item["in"], item["out"], tuple(item["kernel"]), **keywords, groups=item["groups"],
                 bias=item["bias"] is not None, dtype=dtype)
 
 
@@ -92,9 +101,8 @@ def _adapter(item: dict, dtype: torch.dtype, kind: str) -> nn.Module:
     if kind not in item["adapters"]:
         raise UsageError(f"adapter {kind!r}: expected one of {', '.join(item['adapters'])}")
     a = item["adapters"][kind]
-    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[item["dims"]]
-    return conv(item["in"], item["out"], tuple(a["kernel"]), stride=tuple(a["stride"]), padding=tuple(a["padding"]),
-                dilation=tuple(a["dilation"]), bias=False, dtype=dtype)
+    conv, keywords = _conv_class(item, a)
+    return conv(item["in"], item["out"], tuple(a["kernel"]), **keywords, bias=False, dtype=dtype)
 
 
 def _module(item: dict, dtype: torch.dtype) -> nn.Module:
@@ -121,7 +129,7 @@ def init_uniform_(module: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's default scale, drawn from ``generator``: weights and biases ~ U(±1/√fan_in); BatchNorm 1, 0."""
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if isinstance(m, LAYERS):  # weight[0]: a transposed conv's out/groups·k, PyTorch's own fan-in
                 bound = 1.0 / max(1, m.weight[0].numel()) ** 0.5
                 m.weight.copy_((torch.rand(m.weight.shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
                 if m.bias is not None:
@@ -151,7 +159,7 @@ class Column(nn.Module):
         mine: list[torch.Tensor] = []
         layer = 0
         for module in self.items:
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if isinstance(module, LAYERS):
                 z = module(x)
                 if layer:
                     mine.append(x)
@@ -184,6 +192,9 @@ def base_chain(base: nn.Module, items: list[dict], x: torch.Tensor) -> tuple[tor
             w, b = _tensor(base, item["weight"]), _tensor(base, item["bias"])
             if kind == "linear":
                 x = F.linear(x, w, b)
+            elif item.get("transposed"):
+                conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[item["dims"]]
+                x = conv(x, w, b, item["stride"], item["padding"], item["output_padding"], item["groups"], item["dilation"])
             else:
                 conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[item["dims"]]
                 x = conv(x, w, b, item["stride"], item["padding"], item["dilation"], item["groups"])

@@ -10,7 +10,8 @@ Recipe: docs/recipes.md#branch. The module matched by ``layer`` is replaced by a
   ½, ¼, ¼) are exact bit for bit in every dtype. Other weights (the default 1/3 for N = 3)
   round once per product and sum: a few units in the last place of the output's dtype.
 - ``concat``: branch ``i`` is a copy whose final Linear/Conv keeps only its share of the
-  output channels (rows of ``W`` and ``b``); concatenating the shares rebuilds the output.
+  output channels (rows of ``W`` and ``b``; columns of a transposed conv's ``[in, out, k…]`` ``W``,
+  :func:`~growcli.analysis.trace.conv_weight_dims`); concatenating the shares rebuilds the output.
   Each output channel is computed by the same weights: exact in any dtype, each branch unique.
   For a block the final op must be that Linear/Conv, followed only by ops acting on each
   channel alone (element-wise activations; BatchNorms, sliced too); the trace says which ops
@@ -33,8 +34,8 @@ import torch
 from torch import fx, nn
 
 from growcli.analysis.depth import INDEX_NAMES
-from growcli.analysis.trace import CONV, METADATA_CHECKS, UNARY, Trace, attr_of, conv_groups, in_scope, op_name, \
-    shape, trace_model, where
+from growcli.analysis.trace import CONV, CONV_TRANSPOSE, METADATA_CHECKS, UNARY, Trace, attr_of, conv_groups, \
+    conv_weight_dims, in_scope, op_name, shape, trace_model, where
 from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.model import GrowModel
@@ -45,7 +46,7 @@ from growcli.transforms.registry import Context, StepReport, option, register
 
 aten = torch.ops.aten
 LINEAR = {aten.linear.default}
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -106,6 +107,7 @@ class Site:
     norms: list[str] = dataclasses.field(default_factory=list)  # concat: BatchNorms after it (paths inside the site)
     channels: int = 0  # concat: output channels of that layer
     dim: int = -1  # concat: the dimension holding them (-1 Linear features, 1 conv channels)
+    axis: int = 0  # concat: the dim of that layer's weight holding them (1 for a transposed conv)
     concat_refusal: str | None = None  # why concat is impossible here
 
 
@@ -196,7 +198,7 @@ def analyse(trace: Trace, root: nn.Module, name: str, calls: dict[int, tuple[int
                                        "its projections or MLP instead")
     site = Site(name, module)
     try:
-        site.out_layer, site.norms, site.channels, site.dim = _output_layer(trace, root, name)
+        site.out_layer, site.norms, site.channels, site.dim, site.axis = _output_layer(trace, root, name)
     except NotGrowableError as exc:
         site.concat_refusal = str(exc)
     return site
@@ -213,9 +215,9 @@ def _norm_module(root: nn.Module, node: fx.Node, name: str) -> str | None:
     return owner if reads == wanted else None
 
 
-def _output_layer(trace: Trace, root: nn.Module, name: str) -> tuple[str, list[str], int, int]:
-    """The Linear/Conv inside ``name`` whose output is ``name``'s output through ops that act on each
-    channel alone (element-wise ops, BatchNorms), those BatchNorms, the channels and their dimension."""
+def _output_layer(trace: Trace, root: nn.Module, name: str) -> tuple[str, list[str], int, int, int]:
+    """The Linear/Conv inside ``name`` whose output is ``name``'s output through ops that act on each channel
+    alone (element-wise ops, BatchNorms), those BatchNorms, the channels, their dimension and weight dim."""
     outs = [n for n in trace.graph.nodes if n.op == "call_function" and in_scope(n, name)
             and any(u.op == "output" or not in_scope(u, name) for u in _data_users(n))]
     if len(outs) != 1:
@@ -229,7 +231,7 @@ def _output_layer(trace: Trace, root: nn.Module, name: str) -> tuple[str, list[s
             node = node.args[0]
         else:
             break
-    if node.target not in LINEAR | CONV:
+    if node.target not in LINEAR | CONV | CONV_TRANSPOSE:
         raise NotGrowableError(f"concat: '{name}''s output is computed by {op_name(node)}{where(node)}, not by a "
                                "Linear or Conv whose output channels could be shared among branches (use merge add)")
     weight = attr_of(node.args[1])
@@ -243,7 +245,7 @@ def _output_layer(trace: Trace, root: nn.Module, name: str) -> tuple[str, list[s
     if len(_users(trace, weight)) != 1:
         raise NotGrowableError(f"concat: '{layer}' is used {len(_users(trace, weight))} times, so its output channels are not only "
                                f"'{name}''s output")
-    if node.target in CONV and conv_groups(node) != 1:
+    if node.target not in LINEAR and conv_groups(node) != 1:
         raise NotGrowableError(f"concat: '{layer}' is a grouped convolution ({conv_groups(node)} groups); slicing "
                                "its output channels would break the groups (use merge add)")
     out = shape(node)
@@ -260,7 +262,8 @@ def _output_layer(trace: Trace, root: nn.Module, name: str) -> tuple[str, list[s
         if len(_users(trace, f"{norm}.running_mean")) != 1:
             raise NotGrowableError(f"concat: the BatchNorm '{norm}' is used {len(_users(trace, f'{norm}.running_mean'))} "
                                    "times")
-    return _relative(layer, name), [_relative(n, name) for n in norms], int(owner.weight.shape[0]), dim
+    axis = 0 if node.target in LINEAR else conv_weight_dims(node)[0]
+    return _relative(layer, name), [_relative(n, name) for n in norms], int(owner.weight.shape[axis]), dim, axis
 
 
 def _sizes(site: Site, spec: BranchSpec) -> list[int]:
@@ -303,15 +306,16 @@ def branch_site(gm: GrowModel, site: Site, spec: BranchSpec) -> tuple[Branches, 
     gm.edits.module(root, name, merged, refs={id(merged): f"{name}.0"})
     start = 0
     for i, size in enumerate(sizes):  # concat: each branch keeps its rows of the layer and of the BatchNorms after it
-        keep = Origin((AxisMap(0, tuple(range(start, start + size)), (1.0,) * size),))
+        keep = [Origin((AxisMap(a, tuple(range(start, start + size)), (1.0,) * size),)) for a in (0, site.axis)]
         layer = _branch_path(name, i, site.out_layer)
         count = "out_features" if isinstance(root.get_submodule(layer), nn.Linear) else "out_channels"
         for path, attr, tensors in [(layer, count, ("weight", "bias"))] + \
                 [(_branch_path(name, i, n), "num_features", NORM_TENSORS) for n in site.norms]:
             module = root.get_submodule(path)
             for t in tensors:
+                axis = site.axis if (path, t) == (layer, "weight") else 0
                 if getattr(module, t, None) is not None:
-                    gm.edits.param(root, f"{path}.{t}", getattr(module, t)[start:start + size], keep)
+                    gm.edits.param(root, f"{path}.{t}", getattr(module, t).narrow(axis, start, size), keep[axis > 0])
             gm.edits.attr(root, path, attr, size)
         start += size
     return merged, sizes

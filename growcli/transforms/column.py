@@ -2,7 +2,7 @@
 
 Recipe: docs/recipes.md#column. The column's layer sequence is read from the ``torch.export``
 trace, never from names: starting at the model's one input, every activation must have exactly
-one consumer, and that consumer must be a Linear or Conv layer whose weight is a parameter, an
+one consumer, and that consumer must be a Linear or Conv layer (transposed too) whose weight is a parameter, an
 eval-mode BatchNorm, a parameter-free per-sample op of :data:`growcli.nn.columns.OPS`
 (activations, pooling, flatten) or a view that keeps the batch dimension; the last one feeds the
 output. Anything else — an activation read twice (a residual or a branch), an op that mixes
@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from growcli.analysis.trace import (BATCH_NORM, CONV, METADATA_CHECKS, VIEW, Trace, attr_of, flat_args, op_name,
-                                    shape, trace_model, where)
+from growcli.analysis.trace import (BATCH_NORM, CONV, CONV_TRANSPOSE, METADATA_CHECKS, VIEW, Trace, attr_of,
+                                    conv_transposed, conv_weight_dims, flat_args, op_name, shape, trace_model, where)
 from growcli.core.errors import NotGrowableError, VerificationFailed
 from growcli.core.inputs import Batch, cast_batch, make_batches
 from growcli.core.model import GrowModel
@@ -80,26 +80,36 @@ def _ints(value, dims: int) -> list[int]:
 
 
 def _conv_item(node: fx.Node) -> dict:
+    """A conv layer's plan item; a transposed one (weight ``[in, out/groups, k…]``) also records its output padding."""
     args = list(node.args)
     w = shape(args[1])
     dims = len(w) - 2
+    transposed = conv_transposed(node)
     if node.target == aten.convolution.default:
-        stride, padding, dilation, transposed, _, groups = args[3:9]
-        if transposed:
-            raise _refuse(node, "is a transposed convolution")
-    else:
-        rest = args[3:] + [None] * 4
-        stride, padding, dilation, groups = (rest[0] or 1, rest[1] or 0, rest[2] or 1, rest[3] or 1)
+        stride, padding, dilation, _, output_padding, groups = args[3:9]
+    else:  # conv_transpose*(x, w, b, stride, padding, output_padding, groups, dilation); conv*(x, w, b, stride, padding, dilation, groups)
+        rest = args[3:] + [None] * 5
+        stride, padding = rest[0] or 1, rest[1] or 0
+        output_padding, groups, dilation = (rest[2] or 0, rest[3] or 1, rest[4] or 1) if transposed else (0, rest[3] or 1, rest[2] or 1)
         if isinstance(padding, str):
             raise _refuse(node, f"uses padding={padding!r}")
     stride, padding, dilation = _ints(stride, dims), _ints(padding, dims), _ints(dilation, dims)
+    out_dim, in_dim = conv_weight_dims(node)
     item = {"kind": "conv", "dims": dims, "weight": attr_of(args[1]), "bias": attr_of(args[2]) if len(args) > 2 else None,
-            "in": w[1] * int(groups), "out": w[0], "kernel": list(w[2:]), "stride": stride, "padding": padding,
-            "dilation": dilation, "groups": int(groups)}
+            "in": w[in_dim] * (1 if transposed else int(groups)), "out": w[out_dim] * (int(groups) if transposed else 1),
+            "kernel": list(w[2:]), "stride": stride, "padding": padding, "dilation": dilation, "groups": int(groups)}
     same = {"kernel": list(w[2:]), "stride": stride, "padding": padding, "dilation": dilation}
     one = {"kernel": [1] * dims, "stride": stride, "padding": [0] * dims, "dilation": [1] * dims}
     size_in, size_out = shape(args[0])[2:], shape(node)[2:]
-    fits = all((h - 1) // s + 1 == o for h, s, o in zip(size_in, stride, size_out))
+    if transposed:
+        item["transposed"], item["output_padding"] = True, _ints(output_padding, dims)
+        same["output_padding"] = item["output_padding"]
+        # a 1×1 transposed conv of the same stride gives (h − 1)·s + 1 + output padding positions
+        extra = [o - ((h - 1) * s + 1) for h, s, o in zip(size_in, stride, size_out)]
+        fits = all(0 <= e < s for e, s in zip(extra, stride))
+        one["output_padding"] = extra if fits else [0] * dims
+    else:
+        fits = all((h - 1) // s + 1 == o for h, s, o in zip(size_in, stride, size_out))
     item["adapters"] = {"1x1": one if fits else same, "layer": same}
     return item
 
@@ -145,7 +155,7 @@ def chain_plan(trace: Trace) -> list[dict]:
             w = shape(user.args[1])
             items.append({"kind": "linear", "weight": attr_of(user.args[1]), "in": w[1], "out": w[0],
                           "bias": attr_of(user.args[2]) if len(user.args) > 2 else None})
-        elif t in CONV:
+        elif t in CONV or t in CONV_TRANSPOSE:
             if attr_of(user.args[1]) is None:
                 raise _refuse(user, "has a computed weight")
             items.append(_conv_item(user))

@@ -39,7 +39,7 @@ from growcli.core.inputs import cast_batch
 from growcli.core.origins import AxisMap, Origin
 from growcli.transforms.firefly_measure import FireflyProbe
 from growcli.transforms.gradmax import outgoing_norm
-from growcli.transforms.gradmax_measure import measure
+from growcli.transforms.gradmax_measure import measure, unit_major
 from growcli.transforms.gradmax_site import Site, find_site
 from growcli.transforms.resize import sync_attributes
 
@@ -80,7 +80,7 @@ def score(gm, trace: Trace, groups: list[Group], spec, ctx) -> tuple[list[LayerS
     """Measure every candidate of every group's layer on the calibration data; returns the scores,
     the mean calibration loss and the data. The model is not changed."""
     try:
-        sites = [find_site(trace, g) for g in groups]
+        sites = [find_site(trace, g, any_conv=True) for g in groups]
     except NotGrowableError as exc:
         raise firefly_error(exc) from None
     cal = lookup(ctx, spec)
@@ -96,7 +96,7 @@ def score(gm, trace: Trace, groups: list[Group], spec, ctx) -> tuple[list[LayerS
         gnorm = pr.g.norm(dim=1) if pr.g is not None else torch.zeros(0, dtype=torch.float64)
         new = [Candidate(site.layer, "new", j, spec.eps * radius * float(n)) for j, n in enumerate(gnorm)]
         evals, evecs = torch.linalg.eigh(pr.s)  # ascending eigenvalues, per unit
-        w = pr.pw.detach().double().reshape(site.size, -1)
+        w = unit_major(pr.pw.detach().double(), site.producer_axis).reshape(site.size, -1)
         if site.producer_b:
             w = torch.cat([w, gm.module.get_parameter(site.producer_b).detach().double()[:, None]], dim=1)
         scales = w.norm(dim=1)
@@ -177,12 +177,14 @@ def grown_tensors(module: torch.nn.Module, layers: list[LayerScores], eps: torch
         ones = (1.0,) * len(index)
         # δ_i·v_i for each split (weights, then bias); 0 at eps = 0
         offset = (e_split * ls.scales[src])[:, None] * ls.directions[src]
-        w = cur(site.producer_w)
+        pa, ca = site.producer_axis, site.consumer_axis  # the units' dims (1 and 0 for transposed convolutions)
+        w = unit_major(cur(site.producer_w), pa)
         flat = w.reshape(size, -1)
         d_w = offset[:, :flat.shape[1]]
         plus = flat.index_add(0, src, d_w)
         rows = [plus, flat[src] - d_w, ls.probe.cand[torch.tensor(n_idx, dtype=torch.long)].reshape(k_n, flat.shape[1])]
-        put(site.producer_w, torch.cat(rows, 0).reshape(size + k_s + k_n, *w.shape[1:]), AxisMap(0, index, ones))
+        put(site.producer_w, torch.cat(rows, 0).reshape(size + k_s + k_n, *w.shape[1:]).movedim(0, pa),
+            AxisMap(pa, index, ones))
         if site.producer_b:
             b = cur(site.producer_b)
             d_b = offset[:, flat.shape[1]]
@@ -193,19 +195,19 @@ def grown_tensors(module: torch.nn.Module, layers: list[LayerScores], eps: torch
                 if fqn:
                     t = cur(fqn)
                     put(fqn, torch.cat([t, t[src], t.new_full((k_n,), value)]), AxisMap(0, index, ones))
-        cw = cur(site.consumer_w)
+        cw = unit_major(cur(site.consumer_w), ca)  # [units, consumer outputs, taps…]
         halves = torch.ones(size, dtype=torch.float64)
         halves[src] = 0.5
-        old = cw * halves.reshape(1, -1, *([1] * (cw.dim() - 2)))
+        old = cw * halves.reshape(-1, *([1] * (cw.dim() - 1)))
         g = ls.probe.g[torch.tensor(n_idx, dtype=torch.long)] if k_n else torch.zeros(0, 1, dtype=torch.float64)
         norms = g.norm(dim=1, keepdim=True)
         u = torch.where(norms > 0, -g / norms.clamp(min=1e-300), torch.zeros_like(g)) * ls.radius  # [k_n, O·taps]
-        new_cols = (e_new[:, None] * u).reshape(k_n, -1, *cw.shape[2:]).transpose(0, 1)
-        if new_cols.shape[0] < cw.shape[0]:  # the consumer grew too (its rows are appended): they read 0 from these
-            pad = new_cols.new_zeros(cw.shape[0] - new_cols.shape[0], *new_cols.shape[1:])
-            new_cols = torch.cat([new_cols, pad], 0)
-        put(site.consumer_w, torch.cat([old, old[:, src], new_cols], 1),
-            AxisMap(1, index, tuple(halves.tolist()) + (0.5,) * k_s + (1.0,) * k_n))
+        new_cols = (e_new[:, None] * u).reshape(k_n, -1, *cw.shape[2:])
+        if new_cols.shape[1] < cw.shape[1]:  # the consumer grew too (its outputs are appended): they read 0 from these
+            pad = new_cols.new_zeros(k_n, cw.shape[1] - new_cols.shape[1], *new_cols.shape[2:])
+            new_cols = torch.cat([new_cols, pad], 1)
+        put(site.consumer_w, torch.cat([old, old[src], new_cols], 0).movedim(0, ca),
+            AxisMap(ca, index, tuple(halves.tolist()) + (0.5,) * k_s + (1.0,) * k_n))
     return work, maps
 
 

@@ -9,7 +9,8 @@ for the gradient of the *mean* loss over all samples:
 - **new units**: ``g_j = ∂L/∂c_j``, the gradient of the loss w.r.t. the outgoing column ``c_j``
   of a candidate unit with random incoming weights ``w_j`` (its activation ``a_j = φ(w_j·h)``
   with identity BatchNorm statistics) and zero outgoing weights: ``g_j = Σ δ a_jᵀ``
-  (convolutions: over the consumer's taps);
+  (convolutions: over the consumer's taps; the traced calls are replayed, so any stride, padding,
+  dilation, 1/2/3-d and transposed convolutions);
 - **splits** (Liu, Wu, Wang 2019): the splitting matrix of every existing unit ``i``,
   ``S_i = Σ (∂L/∂a_i) · φ_i''(z_i) · x̃ x̃ᵀ``, where ``z_i = w̃_i·x̃`` is its pre-activation,
   ``x̃ = [h; 1]`` (the ``1`` only when the producer has a bias; convolutions: ``h``'s patches
@@ -23,11 +24,10 @@ The recipe is in :mod:`growcli.transforms.firefly`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from growcli.analysis.trace import BATCH_NORM
 from growcli.transforms.gradmax import new_unit_value
-from growcli.transforms.gradmax_measure import Probe, consumer_taps, unfold_patches
+from growcli.transforms.gradmax_measure import Probe, input_gradient, new_unit_gradient, patches, unit_major
 from growcli.transforms.gradmax_site import Site
 
 
@@ -72,15 +72,19 @@ def second_derivative(site: Site, module: torch.nn.Module, z: torch.Tensor) -> t
 
 
 class FireflyProbe(Probe):
-    """A :class:`Probe` that also accumulates the new-unit gradients ``g`` and the splitting matrices ``S``."""
+    """A :class:`Probe` that also accumulates the new-unit gradients ``g`` and the splitting matrices ``S``.
+
+    Weights are read unit-major (:func:`~growcli.transforms.gradmax_measure.unit_major`), so a transposed
+    convolution's units (dim 1 of a producer, dim 0 of a consumer) are handled like any other."""
 
     def __init__(self, site: Site, module: torch.nn.Module, candidates: int, gen: torch.Generator):
         super().__init__(site, module)
         self.module = module
         w = self.pw.detach().double()
         std = float(w.std()) if w.numel() > 1 else 1.0
-        # Candidate incoming weights: random with the spread of the existing ones, bias 0.
-        self.cand = torch.randn((candidates, *w.shape[1:]), generator=gen, dtype=torch.float64) * std
+        # Candidate incoming weights, unit-major: random with the spread of the existing ones, bias 0.
+        rest = unit_major(w, site.producer_axis).shape[1:]
+        self.cand = torch.randn((candidates, *rest), generator=gen, dtype=torch.float64) * std
         self.g: torch.Tensor | None = None  # [candidates, consumer outputs (× taps)]
         self.s: torch.Tensor | None = None  # [units, D, D], D = incoming weights per unit (+1 for a bias)
 
@@ -90,18 +94,15 @@ class FireflyProbe(Probe):
         b = self.module.get_parameter(site.producer_b).detach().double() if site.producer_b else None
         v = self.cw.detach().double()
         if site.is_conv:
-            p, q = site.producer_conv, site.consumer_conv
+            pa, ca = site.producer_axis, site.consumer_axis
             if len(self.cand):
-                pre = F.conv2d(h, self.cand, stride=p.stride, padding=p.padding, dilation=p.dilation)
-                taps = consumer_taps(new_unit_value(site, pre), q)  # [N, R·k2, L2]
-                g = torch.einsum("nol,ncl->oc", delta.reshape(delta.shape[0], delta.shape[1], -1), taps)
-                g = g.reshape(delta.shape[1], len(self.cand), -1).permute(1, 0, 2).reshape(len(self.cand), -1)
+                pre = self.producer.run(h, self.cand.movedim(0, pa))
+                g = new_unit_gradient(self.consumer, new_unit_value(site, pre), delta, v, ca)  # [R, rows]
                 self.g = g if self.g is None else self.g + g
-            z = F.conv2d(h, w, b, stride=p.stride, padding=p.padding, dilation=p.dilation)
-            a_shape = z.shape
-            grad_a = torch.nn.grad.conv2d_input(a_shape, v, delta, stride=q.stride, padding=q.padding,
-                                                dilation=q.dilation)
-            x = unfold_patches(h, p, tuple(z.shape[2:])).reshape(h.shape[0], -1, z.shape[2] * z.shape[3])
+            z = self.producer.run(h, w, b)
+            grad_a = input_gradient(self.consumer, z, delta, v)
+            x = patches(self.producer, h, w, pa)
+            x = x.reshape(x.shape[0], x.shape[1], -1)
             if b is not None:
                 x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
             c = (grad_a * second_derivative(site, self.module, z)).reshape(z.shape[0], z.shape[1], -1)

@@ -5,8 +5,10 @@ unchanged; their outgoing weights (the consumer's new columns) are the top-``k``
 singular vectors of ``M = Σ δ hᵀ``, where ``h`` is the layer's input and ``δ = ∂L/∂z`` the
 gradient at the consumer's output, measured on calibration data. The gradient of the new
 incoming weights is then ``φ'·W_newᵀ M``, as large as it can be for outgoing weights of that
-norm. Convolutions use patches: ``M`` pairs ``(consumer channel, consumer tap)`` with
-``(input channel, producer tap)``. Recipe: docs/recipes.md#widen-gradmax-init.
+norm. Convolutions (1-, 2- or 3-d, either side possibly transposed) use patches: ``M`` pairs
+``(consumer channel, consumer tap)`` with ``(input channel, producer tap)``; the units' dim of each
+weight is :func:`growcli.analysis.trace.conv_weight_dims`'s (dim 1 of a transposed producer, dim 0 of
+a transposed consumer). Recipe: docs/recipes.md#widen-gradmax-init.
 
 Where GradMax applies is :mod:`growcli.transforms.gradmax_site`, the measurement of ``M``
 :mod:`growcli.transforms.gradmax_measure`; this module decides how the new units sit on the
@@ -32,7 +34,7 @@ from growcli.analysis.calibration import lookup
 from growcli.analysis.coupled_group import Group
 from growcli.analysis.trace import BATCH_NORM, Trace, op_name, where
 from growcli.core.origins import AxisMap, Origin
-from growcli.transforms.gradmax_measure import Probe, measure
+from growcli.transforms.gradmax_measure import Probe, measure, unit_major
 from growcli.transforms.gradmax_site import Site, find_site, refusal
 from growcli.transforms.resize import sync_attributes
 
@@ -106,11 +108,14 @@ def plan_activation(site: Site, consumer_rms: float) -> Activation:
     if site.consumer_b is None:
         raise refusal(site.layer, f"the activation's gradient at 0 is 0 (ReLU); new units get a bias ε > 0 and their "
                                   f"constant output must be subtracted from the bias of '{site.consumer}', which has none")
-    if site.is_conv and any(site.consumer_conv.padding):
+    if site.is_conv and not site.consumer_conv.uniform_on_constants():
+        q = site.consumer_conv
+        why = f"'{site.consumer}' zero-pads its input" if not q.transposed else \
+            (f"'{site.consumer}' is a transposed convolution (stride {list(q.stride)}, padding {list(q.padding)}) whose "
+             "outputs do not all receive every tap (borders, or between strides)")
         raise refusal(site.layer, f"the activation's gradient at 0 is 0 (ReLU); new units get a bias ε > 0, and "
-                                  f"'{site.consumer}' zero-pads its input, so their constant output cannot be "
-                                  "compensated exactly at the borders (a GELU/SiLU/tanh network, or an unpadded "
-                                  "consumer, works)")
+                                  f"{why}, so their constant output cannot be compensated exactly in its bias "
+                                  "(a GELU/SiLU/tanh network, or an unpadded consumer, works)")
     return Activation(eps, where_, value, slope)
 
 
@@ -139,7 +144,8 @@ def directions(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def outgoing_norm(site: Site, module: torch.nn.Module) -> float:
     """Mean L2 norm of the existing units' outgoing weights (the consumer's columns)."""
     w = module.get_parameter(site.consumer_w).detach().double()
-    cols = w.transpose(0, 1).reshape(w.shape[1], -1)
+    cols = unit_major(w, site.consumer_axis)
+    cols = cols.reshape(cols.shape[0], -1)
     return float(cols.norm(dim=1).mean()) if cols.numel() else 0.0
 
 
@@ -152,7 +158,7 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
     (:class:`NotGrowableError`) where GradMax does not apply or cannot be exact, and when
     asked for more units than ``M`` has rows (independent directions).
     """
-    site = find_site(trace, group)
+    site = find_site(trace, group, any_conv=True)
     cal = lookup(ctx, spec)
     root = gm.module
     probe = Probe(site, root)
@@ -167,10 +173,8 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
     dirs, sv = directions(probe.m, k)
     radius = spec.scale * (outgoing_norm(site, root) or 1.0)
     old_cw = root.get_parameter(site.consumer_w).detach()
-    w_new = dirs * radius  # [rows, k]
-    if site.is_conv:
-        m2, kh, kw = old_cw.shape[0], old_cw.shape[2], old_cw.shape[3]
-        w_new = w_new.reshape(m2, kh * kw, k).permute(0, 2, 1).reshape(m2, k, kh, kw)
+    # [k, consumer outputs, taps…]: the new outgoing slices, unit-major (rows of M are in that order)
+    w_new = (dirs * radius).T.reshape(k, *unit_major(old_cw, site.consumer_axis).shape[1:])
 
     def put(fqn: str, new: torch.Tensor, dim: int, role: str) -> None:
         old = root.get_parameter(fqn) if fqn in dict(root.named_parameters()) else root.get_buffer(fqn)
@@ -181,7 +185,8 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
         report.changes.append({"name": fqn, "role": role, "before": list(old.shape), "after": list(grown.shape)})
 
     old_pw = root.get_parameter(site.producer_w).detach()
-    put(site.producer_w, torch.zeros((k, *old_pw.shape[1:]), dtype=torch.float64), 0, "producer")
+    zeros = torch.zeros((k, *unit_major(old_pw, site.producer_axis).shape[1:]), dtype=torch.float64)
+    put(site.producer_w, zeros.movedim(0, site.producer_axis), site.producer_axis, "producer")
     if site.producer_b:
         put(site.producer_b, torch.full((k,), act.shift if act.shift_at == "bias" else 0.0, dtype=torch.float64), 0, "producer")
     placed = act.shift_at != "norm"
@@ -191,11 +196,11 @@ def widen_gradmax(gm, trace: Trace, group: Group, new_size: int, spec, ctx, repo
         for fqn, value in zip(norm.fqns(), norm.new_values(shift)):
             if fqn:
                 put(fqn, torch.full((k,), value, dtype=torch.float64), 0, "copy")
-    put(site.consumer_w, w_new, 1, "consumer")
+    put(site.consumer_w, w_new.movedim(0, site.consumer_axis), site.consumer_axis, "consumer")
     notes = []
     if act.shift_at is not None:
         # Every new unit feeds the consumer the same constant on every input; take it off the bias.
-        constant = w_new.reshape(w_new.shape[0], k, -1).sum(dim=2).sum(dim=1) * act.value
+        constant = w_new.reshape(k, w_new.shape[1], -1).sum(dim=(0, 2)) * act.value
         old_cb = root.get_parameter(site.consumer_b).detach()
         gm.edits.param(root, site.consumer_b, (old_cb.double() - constant).to(old_cb.dtype), Origin())
         where_ = "bias" if act.shift_at == "bias" else "BatchNorm β"

@@ -4,13 +4,18 @@
 observed with a :class:`~torch.overrides.TorchFunctionMode` that recognises the producer's and
 consumer's weight tensors in linear/convolution calls, so the same code serves eager modules and
 loaded ``.pt2`` programs. For convolutions ``M`` pairs ``(consumer channel, consumer tap)`` with
-``(input channel, producer tap)``, from unfolded patches. :class:`Probe` accumulates ``M`` for one
-:class:`~growcli.transforms.gradmax_site.Site`; :func:`measure` runs the data through the model.
+``(input channel, producer tap)``. It is computed by replaying the two traced calls (:class:`Call`)
+with other weights, so stride, padding, dilation, output padding, 1/2/3-d and transposed
+convolutions all follow the op's own semantics: the producer run with one "basis" unit per incoming
+weight gives every patch element as a channel (:func:`patches`), and the consumer's weight gradient
+on those channels, against ``δ``, is ``M`` (:func:`new_unit_gradient`). :class:`Probe` accumulates
+``M`` for one :class:`~growcli.transforms.gradmax_site.Site`; :func:`measure` runs the data through the model.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +29,72 @@ from growcli.transforms.gradmax_site import ConvGeom, Site
 _MAX_PATCH_ELEMENTS = 1 << 24  # memory bound for the unfolded patches of one chunk of samples
 
 
+@dataclass
+class Call:
+    """One observed linear/convolution call, replayable with another input, weight and bias."""
+
+    func: object
+    args: tuple  # the call's arguments, the input and weight left out (None)
+    kwargs: dict
+    in_shape: tuple[int, ...]  # the input's shape in the observed call
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The same op with the same geometry (stride, padding, …) on ``x`` with ``weight`` and ``bias``."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        args[0] = x
+        for i, name, value in ((1, "weight", weight), (2, "bias", bias)):
+            if len(args) > i:
+                args[i] = value
+            elif name in kwargs or name == "weight":
+                kwargs[name] = value
+        return self.func(*args, **kwargs)
+
+
+def unit_major(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """``w`` with its units' dim ``axis`` first: ``[units, rest…]`` (a view)."""
+    return w.movedim(axis, 0)
+
+
+def basis(w: torch.Tensor, axis: int) -> torch.Tensor:
+    """A producer weight shaped like ``w`` with ``D`` units, ``D`` = incoming weights per unit, unit ``d``
+    the ``d``-th one-hot incoming weight (float64): run with it, the producer outputs its patches."""
+    rest = unit_major(w, axis).shape[1:]
+    d = math.prod(rest)
+    return torch.eye(d, dtype=torch.float64).reshape(d, *rest).movedim(0, axis)
+
+
+def patches(producer: Call, h: torch.Tensor, w: torch.Tensor, axis: int) -> torch.Tensor:
+    """What each incoming weight of a producer unit multiplies, at each output position: ``[N, D, *out]``
+    (``D`` = incoming weights per unit in unit-major order, ``out`` = the producer's output positions)."""
+    return producer.run(h, basis(w, axis))
+
+
+def new_unit_gradient(consumer: Call, a: torch.Tensor, delta: torch.Tensor, cw: torch.Tensor, axis: int) -> torch.Tensor:
+    """``∂/∂V Σ δ · consumer(a, V)`` for new units whose consumer inputs are ``a`` (``R`` channels, dim 1)
+    and whose outgoing weights ``V`` are still zero: ``[R, consumer outputs × taps]``, each row the
+    gradient of one unit's outgoing weights in unit-major order. Linear in ``a`` and ``δ``."""
+    shape = list(cw.shape)
+    shape[axis] = a.shape[1]
+    v = torch.zeros(shape, dtype=a.dtype, requires_grad=True)
+    with torch.enable_grad():
+        out = consumer.run(a, v)
+        (g,) = torch.autograd.grad(out, v, grad_outputs=delta.to(out.dtype).reshape(out.shape))
+    return unit_major(g, axis).reshape(a.shape[1], -1)
+
+
+def input_gradient(consumer: Call, a: torch.Tensor, delta: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+    """``∂/∂a Σ δ · consumer(a, V)``: the gradient at the consumer's input (``V`` = ``cw``, no bias)."""
+    a = a.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = consumer.run(a, cw)
+        (g,) = torch.autograd.grad(out, a, grad_outputs=delta.to(out.dtype).reshape(out.shape))
+    return g
+
+
 class _Observe(TorchFunctionMode):
     """Records the input of calls using ``inputs`` weights and adds a zero ``aux`` to the output of
-    calls using ``outputs`` weights, whose gradient is then ``δ`` (the graph stays intact)."""
+    calls using ``outputs`` weights, whose gradient is then ``δ`` (the graph stays intact); keeps
+    each call (:class:`Call`) for replay."""
 
     def __init__(self, inputs: set[int], outputs: set[int]):
         super().__init__()
@@ -34,11 +102,16 @@ class _Observe(TorchFunctionMode):
         self.seen_in: dict[int, list[torch.Tensor]] = {k: [] for k in inputs}
         self.seen_out: dict[int, list[torch.Tensor]] = {k: [] for k in outputs}
         self.out_in_rms: dict[int, list[float]] = {k: [] for k in outputs}
+        self.calls: dict[int, Call] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         key = id(weight) if isinstance(weight, torch.Tensor) else None
+        if key in self.inputs or key in self.outputs:
+            kept = [None, None, *args[2:]] if len(args) > 1 else [None]
+            self.calls[key] = Call(func, tuple(kept), {k: v for k, v in kwargs.items() if k != "weight"},
+                                   tuple(args[0].shape))
         if key in self.inputs:
             self.seen_in[key].append(args[0].detach())
         out = func(*args, **kwargs)
@@ -61,15 +134,32 @@ class Probe:
         self.m: torch.Tensor | None = None
         self.rms_sq = 0.0
         self.rms_n = 0
+        self.producer: Call | None = None  # the observed calls (set by :func:`measure` before :meth:`add`)
+        self.consumer: Call | None = None
 
     def add(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         h, delta = h.double(), delta.double()
         if self.site.is_conv:
-            m = _conv_matrix(h, delta, self.site.producer_conv, self.site.consumer_conv)
+            m = self.conv_matrix(h, delta)
         else:
             m = delta.reshape(-1, delta.shape[-1]).T @ h.reshape(-1, h.shape[-1])
         self.m = m if self.m is None else self.m + m
         self.extra(h, delta)
+
+    def conv_matrix(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``M[(o, q), (c, p)] = ∂²(Σ δ · consumer(producer(h)))/∂V[o, ·, q] ∂W[·, c, p]`` for one new unit
+        (incoming ``W``, outgoing ``V``): ``[C_out·taps₂, C_in·taps₁]``, rows in the order of a new outgoing
+        slice, columns in that of a new incoming slice (both unit-major). Chunked over samples."""
+        site = self.site
+        w, cw = self.pw.detach().double(), self.cw.detach().double()
+        per_sample = math.prod(unit_major(w, site.producer_axis).shape[1:]) * math.prod(self.consumer.in_shape[2:])
+        chunk = max(1, _MAX_PATCH_ELEMENTS // max(per_sample, 1))
+        total = None
+        for s in range(0, h.shape[0], chunk):
+            a = patches(self.producer, h[s:s + chunk], w, site.producer_axis)
+            g = new_unit_gradient(self.consumer, a, delta[s:s + chunk], cw, site.consumer_axis)  # [D, rows]
+            total = g if total is None else total + g
+        return total.T.contiguous()
 
     def extra(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         """Hook for more statistics from the same ``h`` and ``δ`` (see :mod:`growcli.advise.suggest`)."""
@@ -79,37 +169,9 @@ class Probe:
         return math.sqrt(self.rms_sq / self.rms_n) if self.rms_n else 0.0
 
 
-def unfold_patches(h: torch.Tensor, p: ConvGeom, out_hw: tuple[int, int]) -> torch.Tensor:
-    """The producer's input patches at each of its output positions: ``[N, C_in·k1h·k1w, H1, W1]``."""
-    u = F.unfold(h, p.kernel, dilation=p.dilation, padding=p.padding, stride=p.stride)
-    return u.reshape(h.shape[0], u.shape[1], *out_hw)
-
-
 def consumer_taps(a: torch.Tensor, q: ConvGeom) -> torch.Tensor:
     """What each consumer tap reads at each consumer output position: ``[N, C·k2h·k2w, L2]``."""
     return F.unfold(a, q.kernel, dilation=q.dilation, padding=q.padding, stride=q.stride)
-
-
-def _conv_out_hw(h: torch.Tensor, p: ConvGeom) -> tuple[int, int]:
-    return tuple((h.shape[2 + i] + 2 * p.padding[i] - p.dilation[i] * (p.kernel[i] - 1) - 1) // p.stride[i] + 1
-                 for i in range(2))
-
-
-def _conv_matrix(h: torch.Tensor, delta: torch.Tensor, p: ConvGeom, q: ConvGeom) -> torch.Tensor:
-    """``M[(o, q), (c, p)] = Σ_{n,y} δ[n,o,y] · h[n, c, (y·s2 + q·d2 − p2)·s1 + p·d1 − p1]`` as a
-    ``[C_out·k2h·k2w, C_in·k1h·k1w]`` matrix: rows match a new consumer column ``W[:, j]``,
-    columns match a new producer row ``W[j]`` (both flattened channel-major)."""
-    n, m2 = delta.shape[0], delta.shape[1]
-    hw = _conv_out_hw(h, p)
-    c1 = h.shape[1] * p.kernel[0] * p.kernel[1]
-    k2 = q.kernel[0] * q.kernel[1]
-    per_sample = c1 * k2 * delta.shape[2] * delta.shape[3]
-    chunk = max(1, _MAX_PATCH_ELEMENTS // max(per_sample, 1))
-    total = torch.zeros(m2, c1 * k2, dtype=torch.float64)
-    for s in range(0, n, chunk):
-        taps = consumer_taps(unfold_patches(h[s:s + chunk], p, hw), q)  # [n, c1·k2, L2]
-        total += torch.einsum("nol,ncl->oc", delta[s:s + chunk].reshape(taps.shape[0], m2, -1), taps)
-    return total.reshape(m2, c1, k2).permute(0, 2, 1).reshape(m2 * k2, c1)
 
 
 def measure(module: torch.nn.Module, probes: list[Probe], cal: Calibration) -> float:
@@ -142,6 +204,7 @@ def measure(module: torch.nn.Module, probes: list[Probe], cal: Calibration) -> f
         for pr in probes:
             aux = mode.seen_out[id(pr.cw)][0]
             delta = by_aux[id(aux)]
+            pr.producer, pr.consumer = mode.calls[id(pr.pw)], mode.calls[id(pr.cw)]
             pr.add(mode.seen_in[id(pr.pw)][0], delta if delta is not None else torch.zeros_like(aux))
             pr.rms_sq += mode.out_in_rms[id(pr.cw)][0] ** 2
             pr.rms_n += 1

@@ -1,11 +1,17 @@
 """Where GradMax applies: a producer layer, its one consumer, and the per-unit ops between them.
 
 :func:`find_site` checks a coupled group (:mod:`growcli.analysis.coupling`) for what GradMax
-needs — one Linear or Conv2d producer, exactly one consumer of the same kind reading the
+needs — one Linear or convolution producer, exactly one consumer of the same kind reading the
 channels directly, and between them only element-wise activations, dropout and BatchNorm on a
 single path — and describes it as a :class:`Site` (parameter names, the chain of ops, the
 BatchNorms' running statistics, convolution geometry), or refuses with the reason. The method
 is described in :mod:`growcli.transforms.gradmax`.
+
+Which weight dim holds the units: a producer's output dim, a consumer's input dim, from
+:func:`growcli.analysis.trace.conv_weight_dims` — ``(0, 1)`` for Linear and convolutions, ``(1, 0)``
+for transposed convolutions (:attr:`Site.producer_axis`, :attr:`Site.consumer_axis`). With
+``any_conv=True`` (GradMax, Firefly: they replay the traced calls) 1-, 2- and 3-d and transposed
+convolutions are sites; without it only Conv2d is, for callers that unfold 2-d patches themselves.
 """
 
 from __future__ import annotations
@@ -17,16 +23,29 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from growcli.analysis.coupled_group import Group
-from growcli.analysis.trace import BATCH_NORM, CONV, Trace, UNARY, aten, attr_of, op_name, shape, where
+from growcli.analysis.trace import BATCH_NORM, CONV, CONV_TRANSPOSE, Trace, UNARY, aten, attr_of, conv_transposed, \
+    conv_weight_dims, op_name, shape, where
 from growcli.core.errors import NotGrowableError
 
 
 @dataclass(frozen=True)
 class ConvGeom:
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    """A convolution's geometry, one entry per spatial dim (``padding="same"`` as the padding it amounts to)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
+
+    def uniform_on_constants(self) -> bool:
+        """Whether every output position reads every tap of a constant input (so a constant input gives
+        ``constant · Σ weights`` everywhere): an unpadded convolution; a transposed one only with stride 1
+        and padding ``dilation·(kernel − 1)`` (borders cropped to where all taps overlap)."""
+        if not self.transposed:
+            return not any(self.padding)
+        return all(s == 1 and p == d * (k - 1) for s, p, d, k in zip(self.stride, self.padding, self.dilation, self.kernel))
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,8 @@ class Site:
     norms: dict[str, NormUse] = field(default_factory=dict)  # by batch-norm node name
     producer_conv: ConvGeom | None = None
     consumer_conv: ConvGeom | None = None
+    producer_axis: int = 0  # the producer weight's dim holding the units (its outputs): 1 if transposed
+    consumer_axis: int = 1  # the consumer weight's dim holding the units (its inputs): 0 if transposed
 
     @property
     def is_conv(self) -> bool:
@@ -72,39 +93,47 @@ def refusal(layer: str, reason: str) -> NotGrowableError:
     return NotGrowableError(f"'{layer}': gradmax: {reason}")
 
 
-def _pair(v) -> tuple[int, int]:
-    """``2`` or ``[2]`` or ``[2, 3]`` as a pair (ATen lists may hold one value for both dims)."""
+def _ints(v, n: int) -> tuple[int, ...]:
+    """``2`` or ``[2]`` or ``[2, 3]`` as one int per spatial dim (ATen lists may hold one value for all)."""
     v = list(v) if isinstance(v, (list, tuple)) else [v]
-    return int(v[0]), int(v[-1])
+    return tuple(int(x) for x in v) if len(v) == n else (int(v[0]),) * n
 
 
-def _conv_geom(node: fx.Node, layer: str) -> ConvGeom:
+def _conv_geom(node: fx.Node, layer: str, any_conv: bool) -> ConvGeom:
     w = shape(node.args[1])
-    if len(w) != 4:
-        raise refusal(layer, f"{op_name(node)}{where(node)} is a {len(w) - 2}-d convolution; gradmax handles Linear and Conv2d")
+    n = len(w) - 2
+    transposed = conv_transposed(node)
+    if not any_conv and (n != 2 or transposed):
+        kind = "transposed convolution" if transposed else f"{n}-d convolution"
+        raise refusal(layer, f"{op_name(node)}{where(node)} is a {kind}; only Linear and Conv2d layers are measured here")
     if node.target == aten.convolution.default:
-        stride, padding, dilation, transposed, _, groups = node.args[3:9]
-        if transposed:
-            raise refusal(layer, f"transposed convolution{where(node)} is not supported")
+        stride, padding, dilation, _, output_padding, groups = (list(node.args[3:9]) + [None] * 6)[:6]
     else:
-        names = ("stride", "padding", "dilation", "groups")
-        defaults = (1, 0, 1, 1)
-        vals = [node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))]
-        stride, padding, dilation, groups = vals
-    if isinstance(padding, str):
-        raise refusal(layer, f"convolution{where(node)} uses padding={padding!r}; gradmax needs explicit padding sizes")
-    if int(groups) != 1:
+        names = ("stride", "padding", "output_padding", "groups", "dilation") if transposed else \
+            ("stride", "padding", "dilation", "groups")
+        defaults = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+        vals = {m: node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(m, defaults[m]) for i, m in enumerate(names)}
+        stride, padding, dilation, groups = vals["stride"], vals["padding"], vals["dilation"], vals["groups"]
+        output_padding = vals.get("output_padding", 0)
+    if int(groups or 1) != 1:
         raise refusal(layer, f"grouped convolution{where(node)} ({groups} groups)")
-    return ConvGeom((w[2], w[3]), _pair(stride), _pair(padding), _pair(dilation))
+    kernel, dilation = tuple(w[2:]), _ints(dilation if dilation is not None else 1, n)
+    if isinstance(padding, str):
+        if not any_conv:
+            raise refusal(layer, f"convolution{where(node)} uses padding={padding!r}; this needs explicit padding sizes")
+        # "valid" pads nothing; "same" pads d·(k−1) in all, split between the two sides
+        padding = tuple((d * (k - 1) + 1) // 2 if padding == "same" else 0 for d, k in zip(dilation, kernel))
+    return ConvGeom(kernel, _ints(stride if stride is not None else 1, n), _ints(padding if padding is not None else 0, n),
+                    dilation, transposed, _ints(output_padding or 0, n) if transposed else ())
 
 
-
-def find_site(trace: Trace, group: Group) -> Site:
+def find_site(trace: Trace, group: Group, any_conv: bool = False) -> Site:
     """Check that GradMax applies to ``group``'s layer and describe it, or refuse with the reason.
 
-    GradMax needs one producer (Linear or Conv2d), exactly one consumer of the same kind reading
+    GradMax needs one producer (Linear or convolution), exactly one consumer of the same kind reading
     the channels directly (no concatenation or flatten), and between them only element-wise
-    activations, dropout and BatchNorm, on a single path.
+    activations, dropout and BatchNorm, on a single path. Convolutions may be transposed (either
+    side) and 1-, 2- or 3-d only with ``any_conv`` (see the module docstring); groups must be 1.
     """
     layer = group.layer
     if group.applications > 1:
@@ -127,21 +156,23 @@ def find_site(trace: Trace, group: Group) -> Site:
     weight = f"{layer}.weight" if layer else "weight"
     if weight not in users:
         raise refusal(layer, "it is a fused expert parameter read by a grouped or batched matmul; gradmax grows "
-                             "Linear and Conv2d layers")
+                             "Linear and convolution layers")
     prod = next(u for u in users[weight] if u.op == "call_function")
     cons = next(u for u in users[use.fqn] if u.op == "call_function")
     kinds = {aten.linear.default: "linear"}
-    pk = kinds.get(prod.target, "conv" if prod.target in CONV else None)
-    ck = kinds.get(cons.target, "conv" if cons.target in CONV else None)
+    convs = CONV | CONV_TRANSPOSE
+    pk = kinds.get(prod.target, "conv" if prod.target in convs else None)
+    ck = kinds.get(cons.target, "conv" if cons.target in convs else None)
     if pk is None:
-        raise refusal(layer, f"its weight is used by {op_name(prod)}; gradmax grows Linear and Conv2d layers")
+        raise refusal(layer, f"its weight is used by {op_name(prod)}; gradmax grows Linear and convolution layers")
     if pk != ck:
         raise refusal(layer, f"it is a {pk} layer and its consumer a {ck} layer; gradmax needs both of one kind")
     consumer = use.fqn.rpartition(".")[0]
     site = Site(layer, consumer, group.size, weight, attr_of(prod.args[2]) if len(prod.args) > 2 else None,
                 use.fqn, attr_of(cons.args[2]) if len(cons.args) > 2 else None, _walk(prod, cons, layer))
     if pk == "conv":
-        site.producer_conv, site.consumer_conv = _conv_geom(prod, layer), _conv_geom(cons, layer)
+        site.producer_conv, site.consumer_conv = _conv_geom(prod, layer, any_conv), _conv_geom(cons, layer, any_conv)
+        site.producer_axis, site.consumer_axis = conv_weight_dims(prod)[0], conv_weight_dims(cons)[1]
     for node in site.chain:
         if node.target in BATCH_NORM:
             fqns = [attr_of(a) for a in node.args[1:5]]

@@ -107,6 +107,9 @@ def _maskable(root: nn.Module) -> dict[str, str | None]:
             tied = uses.get(id(m.weight), 0) > 1
             out[name] = ("its weight is shared with another module (tied), so masking it here would not mask the other "
                          "use" if tied else None)
+        elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # named, so asking for one says why instead of "no match"
+            out[name] = (f"it is a {type(m).__name__} (weight [in, out/groups, k…]); NeST's masked layers are Linear and "
+                         "Conv1d/2d/3d, a masked transposed convolution is not available")
     return out
 
 
