@@ -38,9 +38,9 @@ from growcli.analysis.coupling_forward import ELEMENTWISE, ELEMENTWISE_N, LIKE, 
 from growcli.analysis.layouts import CORE, Cat
 from growcli.analysis.matmuls import WEIGHT_MOVES, param_matmul, weight_param
 from growcli.analysis.pooling import PER_CHANNEL, WITH_INDICES, pooled_source
-from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REINDEX, Refuse,
-                                    Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims, op_name,
-                                    shape, source_dim, weight_of, where)
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, INDEX_PUT, METADATA_CHECKS, PAD, REINDEX,
+                                    Refuse, Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
+                                    op_name, shape, source_dim, weight_of, where)
 from growcli.core.errors import NotGrowableError
 
 # Ops that split a tensor into parts along one dimension (``gate, up = x.chunk(2, -1)``).
@@ -229,6 +229,9 @@ class Analysis(ForwardRules):
             self._use(str(node.target), dim, "copy")
             return
         t = node.target
+        if t == aten.linear.default and dim < len(shape(node)) - 1 and isinstance(node.args[0], fx.Node):
+            self._mark(node.args[0], dim, backward=True)  # a batch dim of the Linear (token mixing): rows pass through
+            return
         if t in CONV or t in CONV_TRANSPOSE or t in (aten.linear.default, aten.embedding.default, ADDMM):
             w = weight_of(node)
             if w is None:
@@ -244,6 +247,17 @@ class Analysis(ForwardRules):
                 raise Refuse(f"{op_name(node)}{where(node)} produces the channels in another dimension")
             if (name := layer_name(m.fqn)) not in self.group.producers:
                 self.group.producers.append(name)
+            return
+        if t in INDEX_PUT:  # out = x; out[indices] (+)= values, along other dims
+            self._index_put_operands(node, dim)
+            return
+        if t == aten.index.Tensor:
+            self._index_back(node, dim)
+            return
+        if t in (aten.zeros.default, aten.new_zeros.default) and not self.trace.is_model:
+            return  # what x[idx] += v starts from: zero everywhere, its size computed again by the module's code
+        if t in (aten.index_add.default, aten.index_add_.default):
+            self._index_add_operands(node, dim)
             return
         if t in LIKE or t == aten.roll.default and roll_dims(node) and dim not in roll_dims(node):
             self._mark(node.args[0], dim, backward=True)  # its positions are its input's

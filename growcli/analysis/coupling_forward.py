@@ -3,8 +3,11 @@
 For every user of a tensor carrying the channels, the rule of its op says where the channels
 go: element-wise ops pass them on, other full-size operands of a binary op join them (a
 residual add, a gate), Linear/Conv/``addmm`` layers that read them become consumers (grouped
-and depthwise convolutions follow them), views, permutes and selections move them to another
-dimension, concatenation and flattening make derived layouts, and normalisations, pooling and
+and depthwise convolutions follow them; a Linear over another dim passes them on, as in MLP-Mixer
+token mixing), views, selections and every permutation form (``x.mT``, ``x.T``, ``transpose``,
+``permute``, ``movedim``, …) move them to another dimension, indexed writes and reads along other
+dims keep them (:mod:`growcli.analysis.indexing`: ``index_put``, ``x[idx]``, ``index_add``),
+concatenation and flattening make derived layouts, and normalisations, pooling and
 reductions over them are refused; products by a parameter (:mod:`growcli.analysis.matmuls`: ``x @ W.T``,
 fused experts' grouped and batched matmuls, ``w[e]`` per group of rows) read them like a Linear, in every
 expert. An op without a rule makes the layer not growable, with the op and
@@ -19,13 +22,15 @@ import operator
 
 from torch import fx
 
-from growcli.analysis.coupled_group import GroupWalk, ViewPatch
+from growcli.analysis.coupled_group import ViewPatch
+from growcli.analysis.indexing import IndexRules
 from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
 from growcli.analysis.matmuls import ParamMatmul, is_grouped_mm, param_matmul
 from growcli.analysis.pooling import PER_CHANNEL, pooled_values
-from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, REDUCE, Refuse,
-                                    UNARY, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
-                                    merge_groups, op_name, reduce_dims, shape, where)
+from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, PERMUTES,
+                                    INDEX_PUT, REDUCE, REINDEX, Refuse, UNARY, VIEW, aten, attr_of, conv_groups,
+                                    conv_transposed, conv_weight_dims, index_result_dim, merge_groups, op_name,
+                                    permutation, reduce_dims, shape, where)
 
 
 def in_place(ops: set) -> set:
@@ -55,7 +60,7 @@ def roll_dims(node: fx.Node) -> list[int]:
     return [d % len(shape(node)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
-class ForwardRules(GroupWalk):
+class ForwardRules(IndexRules):
     """The forward half of the walk (see module docstring); :class:`growcli.analysis.coupling.Analysis`
     adds producers and the backward rules."""
 
@@ -125,11 +130,21 @@ class ForwardRules(GroupWalk):
                 self._propagate(src, values, new)
         elif t in VIEW:
             self._view(src, node, dim, layout)
-        elif t in (aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
-                   aten.squeeze.dim, aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor):
+        elif t in REINDEX:
+            if node.args[0] is not src:
+                raise Refuse(f"{op_name(node)}{where(node)} uses the channels as an argument")
             self._reindex(src, node, dim)
         elif t == aten.cat.default:
             self._cat(src, node, dim)
+        elif t in INDEX_PUT:
+            self._index_put(src, node, dim)
+        elif t == aten.index.Tensor:  # x[idx]: rows gathered along the indexed dims, the others in place
+            at = index_result_dim(node.args[1], len(shape(src)), dim) if node.args[0] is src else None
+            if at is None:
+                raise Refuse(f"index{where(node)} indexes along the grown dimension or uses the channels as indices")
+            self._propagate(src, node, at[0])
+        elif t in (aten.index_add.default, aten.index_add_.default):
+            self._index_add(src, node, dim)
         elif t in PAD:
             pads = list(node.args[1])
             rank = len(shape(src))
@@ -287,11 +302,8 @@ class ForwardRules(GroupWalk):
     def _reindex(self, src: fx.Node, node: fx.Node, dim: int) -> None:
         t = node.target
         rank = len(shape(src))
-        if t == aten.permute.default:
-            new = [d % rank for d in node.args[1]].index(dim)
-        elif t in (aten.transpose.int, aten.t.default):
-            a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
-            new = b if dim == a else a if dim == b else dim
+        if t in PERMUTES:  # the channels go where the permutation puts their dim
+            new = permutation(node, rank).index(dim)
         elif t == aten.unsqueeze.default:
             k = node.args[1] % (rank + 1)
             new = dim + 1 if k <= dim else dim

@@ -5,8 +5,9 @@ in graph order and, op by op, derives each hidden tensor's scale ``α`` and what
 its padded entries, and plans the parameters the op reads: producers and consumers (Linear,
 Conv, Embedding, ``addmm``), norms (their ``eps`` and ``γ``), additive and multiplicative
 operands, concatenations, element-wise ops, per-token statistics, and mixture-of-experts layers
-(the experts' per-expert matmuls, :meth:`Planner.expert_op`; whole hidden vectors moved between rows
-and summed back onto their tokens, :meth:`Planner.accumulate_op`). Whatever breaks the invariants
+(the experts' per-expert matmuls, :meth:`Planner.expert_op`; whole hidden vectors moved between rows and summed
+back onto their tokens, :meth:`Planner.accumulate_op`, or written there, :meth:`Planner.index_put_op`), and Linears
+over another dim (token mixing, :meth:`Planner.batch_linear_op`). Whatever breaks the invariants
 is refused, naming the op and the module. The plan's types and the bookkeeping are
 in :mod:`growcli.analysis.stream_plan`; :mod:`growcli.analysis.stream` has the overview.
 """
@@ -22,8 +23,8 @@ from growcli.analysis.stream_plan import (Constant, FINITE, HiddenState, LINEAR_
                                           PlanBook, SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
 from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS
-from growcli.analysis.trace import (ADDMM, BINARY, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, attr_of, data_of,
-                                    flat_args, module_of, op_name, shape, weight_of, where)
+from growcli.analysis.trace import (ADDMM, BINARY, INDEX_PUT, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, attr_of,
+                                    data_of, flat_args, module_of, op_name, shape, weight_of, where)
 
 aten = torch.ops.aten
 
@@ -51,6 +52,8 @@ class Planner(PlanBook):
     def visit(self, node: fx.Node) -> None:
         t = node.target
         core = self.a.core
+        if t == aten.linear.default and node in core and core[node] < len(shape(node)) - 1:
+            return self.batch_linear_op(node)  # the hidden dim is a batch dim of this Linear (token mixing)
         if t in PRODUCERS and weight_of(node) is not None:
             return self.producer_op(node)
         if node in self.a.stats:
@@ -65,6 +68,8 @@ class Planner(PlanBook):
             return
         if t in ACCUMULATE:
             return self.accumulate_op(node)
+        if t in INDEX_PUT:
+            return self.index_put_op(node)
         ins = [x for x in flat_args(node.args) if isinstance(x, fx.Node)]
         if not any(x in self.st or x in self.stats for x in ins):
             expr = self.param_expr(node, dim)
@@ -150,6 +155,32 @@ class Planner(PlanBook):
             self.refuse(f"{op_name(node)}{where(node)} adds hidden states of different scales ({base.alpha:.6g} and "
                         f"{source.alpha:.6g})")
         self.set(node, source.alpha, base.pads & source.pads, [base, source])
+
+    def index_put_op(self, node: fx.Node) -> None:
+        """``out = x; out[indices] (+)= values`` along other dims than the hidden one: each hidden vector of ``out`` is
+        one of ``x``'s, one of ``values``' or their sum, so the common scale and the padding are kept (as a sum)."""
+        base, values = (self.st.get(a) if isinstance(a, fx.Node) else None for a in (node.args[0], node.args[2]))
+        if base is None or values is None:
+            self.refuse(f"{op_name(node)}{where(node)} writes a tensor growcli cannot follow into the hidden states")
+        if not base.zero and not math.isclose(base.alpha, values.alpha, rel_tol=1e-12):
+            self.refuse(f"{op_name(node)}{where(node)} writes hidden states of different scales ({base.alpha:.6g} and "
+                        f"{values.alpha:.6g})")
+        self.set(node, values.alpha, base.pads & values.pads, [base, values])
+
+    def batch_linear_op(self, node: fx.Node) -> None:
+        """A Linear over another dim of hidden states (``W · x[…, c, :] + b`` for each hidden channel ``c``, MLP-Mixer
+        token mixing): tiles stay tiles and a mean of the channels stays one (an affine map commutes with it); its
+        bias breaks a scale other than 1 and zero padding. Its weight does not grow."""
+        data = data_of(node)
+        if data in self.stats:
+            self.refuse(f"{op_name(node)}{where(node)} reads a statistic over the hidden dimension")
+        if data not in self.st or any(a in self.st for a in node.args[1:]):
+            self.refuse(f"{op_name(node)}{where(node)} uses the hidden states as its weight or bias")
+        s = self.st[data]
+        bias = len(node.args) > 2 and node.args[2] is not None
+        if bias and not math.isclose(s.alpha, 1.0, rel_tol=1e-12):
+            self.refuse(f"{op_name(node)}{where(node)} adds its bias to hidden states rescaled by {s.alpha:.6g}")
+        self.set(node, s.alpha, s.pads & {MEAN} if bias else s.pads, [s])
 
     def norm_op(self, node: fx.Node) -> None:
         x = node.args[0]

@@ -4,7 +4,8 @@ Holds the ATen op vocabulary the analyses dispatch on (``UNARY``, ``BINARY``, ``
 :class:`Trace` and :func:`trace_model` (which first refreshes the recorded shapes of a loaded
 ``.pt2`` program edited in memory), and helpers over single nodes: their shapes, names,
 parameters and modules, and how a view or an op that only moves dimensions maps an output
-dimension back to an input one. No analysis happens here; see :mod:`growcli.analysis.coupling`.
+dimension back to an input one (:func:`permutation` for every transpose form, :func:`index_result_dim`
+for advanced indexing). No analysis happens here; see :mod:`growcli.analysis.coupling`.
 """
 
 from __future__ import annotations
@@ -59,9 +60,19 @@ PAD = {aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.def
 BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 # ``addmm(bias, x, W) = bias + x @ W``: Hugging Face's Conv1D (GPT-2) is a view → addmm → view.
 ADDMM = aten.addmm.default
+# Ops that reorder the dimensions and nothing else (:func:`permutation`), in every form ``torch.export`` keeps:
+# ``x.permute(…)``, ``x.transpose(a, b)`` / ``swapaxes`` / ``swapdims``, ``x.t()``, ``x.T`` (``numpy_T``), ``x.mT``,
+# ``x.mH`` / ``x.adjoint()`` (which also conjugate: element-wise), ``x.movedim(…)``.
+PERMUTES = {getattr(getattr(aten, name), overload) for name, overload in (
+    ("permute", "default"), ("transpose", "int"), ("t", "default"), ("numpy_T", "default"), ("mT", "default"),
+    ("mH", "default"), ("adjoint", "default"), ("swapaxes", "default"), ("swapdims", "default"), ("movedim", "int"),
+    ("movedim", "intlist")) if hasattr(getattr(aten, name, None), overload)}
 # Ops that only move dimensions around; used to follow a tensor back to what produced it.
-REINDEX = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
-           aten.squeeze.dims, aten.expand.default, aten.select.int, aten.slice.Tensor}
+REINDEX = PERMUTES | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
+                      aten.select.int, aten.slice.Tensor}
+# ``out = x.index_put(indices, values, accumulate)``: ``out[indices] = values`` (``+=`` with ``accumulate=True``;
+# ``x[idx] += v`` in place); the positions of the dims no index touches pass through (:func:`index_result_dim`).
+INDEX_PUT = {aten.index_put.default, aten.index_put_.default}
 # Assertions the exporter adds about a tensor's dtype/device; they read a tensor but compute nothing.
 METADATA_CHECKS = {aten._assert_tensor_metadata.default} if hasattr(aten, "_assert_tensor_metadata") else set()
 
@@ -219,11 +230,8 @@ def source_dim(node: fx.Node, dim: int) -> int | None:
                 big_out = [k for k in range(c, d) if outs[k] > 1]
                 return big_in[0] if big_out == [dim] and len(big_in) == 1 and ins[big_in[0]] == outs[dim] else None
         return None
-    if t == aten.permute.default:
-        return [d % rank for d in node.args[1]][dim]
-    if t in (aten.transpose.int, aten.t.default):
-        a, b = (node.args[1] % rank, node.args[2] % rank) if t == aten.transpose.int else (0, 1)
-        return b if dim == a else a if dim == b else dim
+    if t in PERMUTES:
+        return permutation(node, rank)[dim]
     if t == aten.unsqueeze.default:
         k = node.args[1] % (rank + 1)
         return None if dim == k else dim - (1 if k < dim else 0)
@@ -241,6 +249,63 @@ def source_dim(node: fx.Node, dim: int) -> int | None:
         d = node.args[1] % rank if len(node.args) > 1 else 0
         return None if d == dim and ins[dim] != outs[dim] else dim
     return None
+
+
+def permutation(node: fx.Node, rank: int) -> list[int]:
+    """For a :data:`PERMUTES` node whose input has ``rank`` dims: ``perm[i]`` is the input dim that becomes output
+    dim ``i`` (``x.mT`` of a rank-3 tensor: ``[0, 2, 1]``; ``x.T``: the dims reversed; ``x.t()`` of a vector: ``[0]``)."""
+    t, args = node.target, node.args
+    if t == aten.permute.default:
+        return [d % rank for d in args[1]]
+    perm = list(range(rank))
+    name = t.overloadpacket.__name__
+    if name == "numpy_T":
+        return perm[::-1]
+    if name == "movedim":
+        src, dst = (list(args[1]), list(args[2])) if isinstance(args[1], (list, tuple)) else ([args[1]], [args[2]])
+        src, dst = [d % rank for d in src], [d % rank for d in dst]
+        out: list[int | None] = [None] * rank
+        for a, b in zip(src, dst):
+            out[b] = a
+        rest = iter(d for d in range(rank) if d not in src)
+        return [next(rest) if d is None else d for d in out]
+    if name == "t":
+        a, b = (0, 1) if rank == 2 else (0, 0)
+    elif name in ("transpose", "swapaxes", "swapdims"):
+        a, b = args[1] % rank, args[2] % rank
+    else:  # mT, mH, adjoint: the last two dims
+        a, b = rank - 2, rank - 1
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+def index_result_dim(indices: Sequence[Any], rank: int, dim: int) -> tuple[int, int] | None:
+    """Where dim ``dim`` of a rank-``rank`` tensor ``x`` lands in ``x[indices]`` (advanced indexing, as ``index``
+    and ``index_put`` read it), with that result's rank: ``(position, result rank)``; None when an index touches
+    ``dim`` or an index's shape is not recorded. The indexed dims become the indices' broadcast dims, in place
+    when they are adjacent, else first (NumPy's rule); a boolean mask indexes as many dims as it has."""
+    indexed, index_rank, pos = [], 0, 0
+    for idx in indices:
+        if idx is None:
+            pos += 1
+            continue
+        val = idx.meta.get("val") if isinstance(idx, fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return None
+        width = val.dim() if val.dtype == torch.bool else 1
+        indexed += list(range(pos, pos + width))
+        index_rank = max(index_rank, 1 if val.dtype == torch.bool else val.dim())
+        pos += width
+    if dim in indexed:
+        return None
+    out_rank = rank - len(indexed) + index_rank
+    if not indexed:
+        return dim, out_rank
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    kept = [d for d in range(rank) if d not in indexed]
+    if adjacent:
+        return (dim if dim < indexed[0] else dim - len(indexed) + index_rank), out_rank
+    return index_rank + kept.index(dim), out_rank
 
 
 def conv_groups(node: fx.Node) -> int:

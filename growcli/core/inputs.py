@@ -113,9 +113,15 @@ def spec_from_batch(batch: Batch, high: dict[str, int] | None = None) -> InputSp
                      example=batch, mask=mask)
 
 
-def with_example(spec: InputSpec, batch: Batch) -> InputSpec:
+def with_example(spec: InputSpec, batch: Batch, dtype: torch.dtype | None = None) -> InputSpec:
     """``spec`` with ``batch`` (the user's ``--inputs``) as its example: the batch the model is traced on and the
-    first of :func:`make_batches`. An empty spec (no input shape known) becomes :func:`spec_from_batch` of it."""
+    first of :func:`make_batches`. An empty spec (no input shape known) becomes :func:`spec_from_batch` of it.
+
+    ``dtype`` (the model's floating dtype, :func:`floating_dtype`) casts the batch's floating-point tensors to it
+    first, integer and boolean ones untouched: a float32 file for a float64 or bfloat16 model is traced and
+    verified in the model's dtype, as the model would cast them itself (rounding to bfloat16 is silent)."""
+    if dtype is not None:
+        batch = cast_batch(batch, dtype)
     if spec.empty:
         return spec_from_batch(batch)
     return replace(spec, example=batch)
@@ -232,6 +238,12 @@ def make_batches(spec: InputSpec, n: int = 3, seed: int = 0, dtype: torch.dtype 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """``batch`` with every tensor on ``device``."""
     return tuple(a.to(device) for a in batch[0]), {k: v.to(device) for k, v in batch[1].items()}
+
+
+def floating_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (or buffer); None when it has neither."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from growcli.analysis.calibration import attach as attach_calibration
 from growcli.core.errors import OutputError, UsageError, VerificationFailed
-from growcli.core.inputs import with_example
+from growcli.core.inputs import floating_dtype, with_example
 from growcli.core.model import GrowModel, eval_mode
 from growcli.io.atomic import (atomic_output, check_distinct, check_output_path, ensure_space, staged_path,
                                transaction)
@@ -67,7 +67,8 @@ class Source:
         gm = load_model(self.path, arch=self.arch, arch_kwargs=self.arch_kwargs, trust_pickle=self.trust_pickle,
                         input_shape=self.input_shape, base=base)
         if self.inputs_file is not None:
-            gm.inputs = with_example(gm.inputs, load_inputs_file(self.inputs_file, gm.inputs))
+            gm.inputs = with_example(gm.inputs, load_inputs_file(self.inputs_file, gm.inputs),
+                                     dtype=floating_dtype(gm.module))  # traced in the model's dtype
         return gm
 
 
