@@ -28,7 +28,8 @@ from torch import fx
 
 from growcli.analysis.attention_bias import BiasTable
 from growcli.analysis.attention_eager import AttentionCall, eager_calls, score_operand_tables
-from growcli.analysis.attention_inputs import MOVES, Projection, projection_in, projection_outputs, walk_input
+from growcli.analysis.attention_features import Projection, projection_in
+from growcli.analysis.attention_inputs import MOVES, projection_outputs, walk_input
 from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.trace import (ADDMM, METADATA_CHECKS, Refuse, Trace, UNARY, VIEW, attr_of, merge_groups,
                                     module_of, op_name, shape, source_dim, where)
@@ -170,10 +171,13 @@ def _site(call: AttentionCall, data: set[fx.Node]) -> AttentionSite:
                 raise Refuse(f"the attention's {name} comes from {len(walk.found)} projections")
             (proj, offset, block), = walk.found
             heads = shape(arg)[1] // (walk.repeat[0] if walk.repeat else 1)
-            found[name] = (projection_in(proj, offset, heads * block, block if block != hd else None), heads)
+            blocks, members = heads // walk.members, walk.members  # a block holds `members` heads (a whole group)
+            if heads % members:
+                raise Refuse(f"the attention's {name} has {heads} heads, not whole groups of {members}")
+            found[name] = (projection_in(proj, offset, blocks * block, block if block != hd else None, members), heads)
             if block % hd:
                 raise Refuse(f"the attention's {name} reads heads of {block} features, not a multiple of head_dim {hd}")
-            params += [(name, Projection(p, dim, None, off, heads * b, where_, b if b != hd else None))
+            params += [(name, Projection(p, dim, None, off, blocks * b, where_, b if b != hd else None, members))
                        for p, dim, off, b, where_ in sorted(walk.params)]
             stats |= walk.stats
         if not (found["k"][1] == found["v"][1] and hq % found["k"][1] == 0 and hk == hv):

@@ -5,10 +5,11 @@ source head; the output projection's columns of a source and its copies split th
 columns (shares summing to 1, built to sum to them exactly in the weights' dtype, see
 :mod:`growcli.transforms.splits`). With grouped-query attention key/value heads grow by the same
 factor, each new one bringing copies of its source's query heads, so every query head keeps
-its key/value head; multi-query attention keeps its single one. A learned table a per-head bias
-is looked up from (T5's relative position buckets) grows along its heads with the same map: a
-copy of head ``h`` gets column ``h``; attentions sharing a table copy the same heads. The head planning here is
-also used by ``hidden`` when the config ties the attention width to the hidden size.
+its key/value head; multi-query attention keeps its single one, unless each key/value head's rows
+form one block with its query heads' (Falcon's new decoder architecture): blocks are copied whole, key/value
+heads growing with them. A learned table a per-head bias is looked up from (T5's relative position buckets)
+grows along its heads with the same map: a copy of head ``h`` gets column ``h``, in every attention sharing it.
+The head planning here is also used by ``hidden`` when the config ties the attention width to the hidden size.
 Planning reads no weight values, so the step also streams (:mod:`growcli.run.width_stream`):
 planned on the meta device, its tensors computed one at a time from disk.
 """
@@ -22,6 +23,7 @@ from typing import Literal
 import torch
 
 from growcli.analysis.attention import AttentionSite, attention_sites
+from growcli.analysis.attention_inputs import index_constants, known_constants
 from growcli.core.errors import NotGrowableError
 from growcli.core.model import GrowModel
 from growcli.transforms.hfconfig import config_error, get_key, key_paths, set_new_keys, sync_config, with_config
@@ -64,10 +66,13 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
                                f"of times; the new number of heads must be a multiple of {h}, got {new_heads}")
     pick = lambda n, extra: list(range(n)) + ([j % n for j in range(extra)] if even  # noqa: E731
                                               else torch.randint(0, n, (extra,), generator=gen).tolist())
-    if kv == 1 and h > 1:  # multi-query: every new query head shares the one key/value head
+    if (members := site.q.members) > 1 and members != h // kv:  # > 1: a key/value head's query heads in its block
+        raise NotGrowableError(f"attention in '{site.module}': {site.q.weight} holds {members} query heads per block, "
+                               f"not the {h // kv} of each key/value head")
+    if kv == 1 and h > 1 and members == 1:  # multi-query: every new query head shares the one key/value head
         new_kv, g_kv = 1, [0]
         g_q = pick(h, new_heads - h)
-    else:
+    else:  # grouped-query, or query heads in their key/value head's block: whole groups are copied
         group = h // kv
         if new_heads % group:
             raise NotGrowableError(f"attention in '{site.module}' is grouped-query with {group} query heads per key/value "
@@ -83,7 +88,7 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
 
     def rows(p, g: list[int]) -> list[int]:
         block = p.head_size or hd  # a per-head fused qkv: the head's q, k and v rows together
-        return [p.offset + src * block + t for src in g for t in range(block)]
+        return [p.offset + src * block + t for src in _blocks(site, p, g) for t in range(block)]
 
     out: dict = {}
     parts = [(site.q, g_q, site.q.bias), (site.k, g_kv, site.k.bias), (site.v, g_kv, site.v.bias)]
@@ -98,6 +103,19 @@ def _head_maps(site: AttentionSite, new_heads: int, split: str, gen: torch.Gener
     o = site.o
     out[(o.weight, o.dim, o.offset)] = (rows(o, g_q), [s for s in shares for _ in range(hd)], o.size, None)
     return out, new_kv, (g_q, g_kv)
+
+
+def _blocks(site: AttentionSite, p, g: list[int]) -> list[int]:
+    """The source block of every new block of ``p`` when its heads come from ``g``: the heads themselves, or, for
+    blocks of ``p.members`` heads (a whole group), the group each run of ``members`` new heads copies."""
+    m = p.members
+    if m == 1:
+        return g
+    blocks = [g[j] // m for j in range(0, len(g), m)]
+    if len(g) % m or g != [b * m + i for b in blocks for i in range(m)]:
+        raise NotGrowableError(f"attention in '{site.module}': {p.weight} holds the query heads of each key/value head "
+                               f"in one block with it, {m} of them, so heads grow only by copying whole blocks")
+    return blocks
 
 
 def plan_heads(edit: Edit, sites: list[AttentionSite], new_heads: int, split: str, gen: torch.Generator,
@@ -173,32 +191,37 @@ def query_features(site: AttentionSite, rows: int, kv_heads: int) -> int:
     hd = site.head_dim
     others = {p.offset: p for p in (site.k, site.v) if p.weight == site.q.weight and p.offset != site.q.offset}
     rest = rows - sum(kv_heads * (p.head_size or hd) for p in others.values())
+    if site.q.members > 1:  # blocks of a whole group: members query heads each
+        return rest // site.q.head_size * site.q.members * hd
     return rest * hd // (site.q.head_size or hd)
 
 
-def check_layout(gm: GrowModel, sites: list[AttentionSite], updates: dict[str, int]) -> None:
+def check_layout(gm: GrowModel, sites: list[AttentionSite], updates: dict[str, int], trace=None) -> None:
     """Refuse when a model built from ``config + updates`` places its heads' features elsewhere than ``sites`` say.
 
     Heads grow where the trace of the model as it is puts them; that is exact only if the grown model reads them
     from the same places, with more heads. A reshape by a constant that is not the number of heads (CodeGen's
     fixed four head groups) moves them when the heads grow, which only a trace of the grown model shows. A model
-    that cannot be built or traced on the meta device is left to the verification.
+    that cannot be built or traced on the meta device is left to the verification. Constants the meta-device trace
+    cannot hold (Falcon's index ``[-2]`` picking the key head) are read from ``trace``, the model's own trace.
     """
     if not gm.is_hf or getattr(gm.module, "config", None) is None:
         return
+    constants = index_constants(trace) if trace is not None else {}
     try:
         fresh = with_config(gm, updates)
-        trace = trace_width(GrowModel(fresh, gm.kind, gm.source, gm.source_sha256, gm.inputs))
+        fresh_trace = trace_width(GrowModel(fresh, gm.kind, gm.source, gm.source_sha256, gm.inputs))
     except Exception:  # noqa: BLE001 — no trace of the grown model: the verification still decides
         return
     heads = updates.get("num_attention_heads")
     try:
-        grown = attention_sites(trace, required=False)
+        with known_constants(constants):
+            grown = attention_sites(fresh_trace, required=False)
     except NotGrowableError as exc:
         raise NotGrowableError(f"a model with {heads} attention heads computes its attention in another way than this "
                                f"one ({exc}), so copying whole heads in place would not be exact") from None
     for old, new in zip(sites, grown):
-        if _layout(old) != _layout(new) or len(grown) != len(sites):
+        if _layout(old) != _layout(new) or len(grown) != len(sites) or heads not in (None, new.heads):
             raise NotGrowableError(f"attention in '{old.module}': a model with {heads} attention heads reads its query, "
                                    "key and value features from other places than this one (a reshape by a constant "
                                    "that is not the number of heads), so copying whole heads in place would not be exact")
@@ -208,8 +231,8 @@ def _layout(site: AttentionSite) -> tuple:
     """Where q, k and v sit in their weights, independent of the number of heads."""
     parts = (site.q, site.k, site.v)
     order = {w: sorted({p.offset for p in parts if p.weight == w}) for w in {p.weight for p in parts}}
-    return tuple((p.weight, p.dim, order[p.weight].index(p.offset), (p.head_size or site.head_dim) / site.head_dim)
-                 for p in parts) + ((site.o.weight, site.o.dim),)
+    return tuple((p.weight, p.dim, order[p.weight].index(p.offset), (p.head_size or site.head_dim) / site.head_dim,
+                  p.members) for p in parts) + ((site.o.weight, site.o.dim),)
 
 
 def probe_heads(gm: GrowModel, site: AttentionSite, updates: dict[str, int], validate: bool = False,
@@ -258,6 +281,30 @@ def _listed(gm: GrowModel, key: str, updates: dict) -> list | None:
     return next((list(v) for v in values if isinstance(v, (list, tuple))), None)
 
 
+# Names configs give the number of key/value heads (Falcon's ``num_kv_heads``, read only by a reshape in its
+# attention, so no weight shape tells the config fitter that it is stale).
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")
+
+
+def kv_keys(gm: GrowModel) -> list[str]:
+    """The config keys of the number of key/value heads: ``num_key_value_heads`` and every synonym the config sets."""
+    config = getattr(gm.module, "config", None)
+    return ["num_key_value_heads"] + [k for k in KV_HEAD_KEYS[1:] if getattr(config, k, None) is not None]
+
+
+def output_width(gm: GrowModel, site: AttentionSite, updates: dict[str, int]) -> int | None:
+    """How many attention features the output projection of a model built from ``config + updates`` reads (None
+    when it cannot be built): a config may size it by ``hidden_size`` rather than by heads × head_dim (Helium's
+    ``o_proj``), and then only the number of heads that makes the two equal describes the grown model."""
+    try:
+        weight = with_config(gm, updates).state_dict().get(site.o.weight)
+    except Exception:  # noqa: BLE001 — the query probe already said why these sizes do not build
+        return None
+    have = gm.module.state_dict().get(site.o.weight)
+    extra = int(have.shape[site.o.dim]) - site.o.size if have is not None else 0  # a fused output's other columns
+    return None if weight is None else int(weight.shape[site.o.dim]) - extra
+
+
 def uniform_shape(sites: list[AttentionSite]) -> tuple[int, int, int]:
     kinds = {(s.heads, s.kv_heads, s.head_dim) for s in sites}
     if len(kinds) != 1:
@@ -275,14 +322,19 @@ def heads_candidates(gm: GrowModel) -> dict[str, str | None]:
         return {"attention": str(exc)}
     reason = None
     if gm.is_hf and getattr(gm.module, "config", None) is not None:
-        group = h // kv if 1 < kv < h else 1  # grouped-query attention grows in whole groups
+        # grouped-query attention (or query heads in their key/value head's block) grows in whole groups
+        group = h // kv if 1 < kv < h or sites[0].q.members > 1 else 1
         derived = ("the config derives head_dim from hidden_size / num_attention_heads, so heads grow only with "
                    "the hidden size (widen --hidden)")
         built, rejected = False, ""
         for new_h in range(h + group, 4 * h + 1, group):
-            got, why, _ = probe_heads(gm, sites[0], {"num_attention_heads": new_h,
-                                                      "num_key_value_heads": 1 if kv == 1 else new_h // group}, True, hd)
+            got, why, used = probe_heads(gm, sites[0], {"num_attention_heads": new_h, **dict.fromkeys(
+                kv_keys(gm), 1 if kv == 1 and sites[0].q.members == 1 else new_h // group)}, True, hd)
+            reads = output_width(gm, sites[0], used) if got == new_h * hd else None
+            if got == new_h * hd and reads == new_h * hd:
+                break
             if got == new_h * hd:
+                reason = _sized_by_hidden(gm, sites[0], new_h, hd, reads)
                 break
             built, rejected = built or got is not None, why or rejected
         else:  # a config that builds with the wrong shapes derives head_dim; one that never builds says why
@@ -303,8 +355,8 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
     shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
     new_kv = plan_heads(edit, sites, new_heads, spec.split, ctx.generator(salt=61), shapes)
     if gm.is_hf and getattr(gm.module, "config", None) is not None:
-        got, why, updates = probe_heads(gm, sites[0], {"num_attention_heads": new_heads, "num_key_value_heads": new_kv},
-                                        head_dim=hd)
+        got, why, updates = probe_heads(gm, sites[0], {"num_attention_heads": new_heads,
+                                                       **dict.fromkeys(kv_keys(gm), new_kv)}, head_dim=hd)
         if got is None:
             raise NotGrowableError(f"a model with {new_heads} attention heads cannot be built from the config: {why}")
         if got != new_heads * hd:
@@ -312,13 +364,16 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
                                    f"num_attention_heads (an explicit head_dim key does not change its projections), so "
                                    f"{new_heads} heads of {hd} cannot be described; grow the hidden size with them "
                                    f"(widen --hidden {new_heads * hd} --heads {new_heads})")
+        reads = output_width(gm, sites[0], updates)
+        if reads != new_heads * hd:
+            raise NotGrowableError(_sized_by_hidden(gm, sites[0], new_heads, hd, reads))
         listed = [k for k in updates if _listed(gm, k, updates) is not None]
         if listed:
             raise NotGrowableError(f"{type(gm.module).__name__}'s config gives {listed[0]} per stage as a list, which "
                                    "growcli does not rewrite")
     else:
         updates = {"num_attention_heads": new_heads, "num_key_value_heads": new_kv}
-    check_layout(gm, sites, updates)
+    check_layout(gm, sites, updates, trace)
     check_shared(gm, trace, edit)
     apply_edit(gm, edit, 0.0, ctx.generator(salt=62), report)
     set_new_keys(gm, updates, report.notes)
@@ -328,6 +383,13 @@ def grow_heads(gm: GrowModel, spec: HeadsSpec, ctx: Context) -> StepReport:
                            f"head_dim {hd}")
     report.params_after = gm.num_parameters()
     return report
+
+
+def _sized_by_hidden(gm: GrowModel, site: AttentionSite, new_heads: int, hd: int, reads: int | None) -> str:
+    return (f"{type(gm.module).__name__}'s config gives the output projection {site.o.weight} {reads} input features "
+            f"whatever the number of heads (it sizes them by hidden_size, not by heads × head_dim), so {new_heads} heads "
+            f"of {hd} cannot be described by the config; grow the hidden size with them "
+            f"(widen --hidden {new_heads * hd} --heads {new_heads})")
 
 
 def size_map(h: int, kv: int, hd: int, new_h: int, new_kv: int) -> dict[int, set[int]]:

@@ -27,7 +27,8 @@ from growcli.core.errors import NotGrowableError, UsageError
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.core.origins import AxisMap
-from growcli.transforms.heads import check_layout, plan_heads, probe_heads, size_map, uniform_shape
+from growcli.transforms.heads import (check_layout, kv_keys, output_width, plan_heads, probe_heads, size_map,
+                                      uniform_shape)
 from growcli.transforms.hfconfig import set_new_keys, sync_config, with_config
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
@@ -71,18 +72,6 @@ class HiddenReport(StepReport):
     block-wise verification composes into the map between the streams after several hidden steps."""
 
     stream_widths: list[int] | None = None
-
-
-# Names configs give the number of key/value heads (Falcon's ``num_kv_heads``, read only by a reshape in its
-# attention, so no weight shape tells the config fitter that it is stale).
-KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")
-
-
-def kv_keys(gm: GrowModel) -> list[str]:
-    """The config keys holding the number of key/value heads: ``num_key_value_heads`` and every synonym the
-    model's config sets."""
-    config = getattr(gm.module, "config", None)
-    return ["num_key_value_heads"] + [k for k in KV_HEAD_KEYS[1:] if getattr(config, k, None) is not None]
 
 
 PAD_OF_KIND = {"consumer": "zero", "scale": "mean", "norm_weight": "mean", "norm_bias": "zero"}
@@ -162,7 +151,7 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
             shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
             new_kv = plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
             updates.update({"num_attention_heads": new_h, **dict.fromkeys(kv_keys(gm), new_kv)})
-            check_layout(gm, sites, updates)  # a reshape by a constant (CodeGen) would move the grown heads
+            check_layout(gm, sites, updates, trace)  # a reshape by a constant (CodeGen) would move the grown heads
             for old, new in size_map(h, kv, hd, new_h, new_kv).items():
                 sizes.setdefault(old, set()).update(new)
             report.notes.append(f"heads {h} → {new_h} (head_dim {hd} kept)")
@@ -255,7 +244,8 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
     """
     if not gm.is_hf or getattr(gm.module, "config", None) is None:
         return want or h, {}
-    group = h // kv if 1 < kv < h else 1  # grouped-query attention grows in whole groups
+    # grouped-query attention (or query heads in their key/value head's block) grows in whole groups
+    group = h // kv if 1 < kv < h or site.q.members > 1 else 1
     candidates = [want] if want else [h] + ([new_d // hd] if new_d % hd == 0 and new_d // hd != h else [])
     tried = []
     # A count the config's validators accept first (so the output saves as a Hugging Face directory), else
@@ -265,10 +255,10 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
             if new_h % group:
                 tried.append(f"{new_h} heads: not a multiple of the {group} query heads per key/value head")
                 continue
-            new_kv = 1 if kv == 1 and h > 1 else new_h // group
+            new_kv = 1 if kv == 1 and h > 1 and site.q.members == 1 else new_h // group
             got, why, used = probe_heads(gm, site, {"hidden_size": new_d, "num_attention_heads": new_h,
-                                                     "num_key_value_heads": new_kv}, validate, hd if want else None)
-            reads = _output_width(gm, site, used) if got == new_h * hd else None
+                                                     **dict.fromkeys(kv_keys(gm), new_kv)}, validate, hd if want else None)
+            reads = output_width(gm, site, used) if got == new_h * hd else None
             if got == new_h * hd and reads == new_h * hd:
                 return new_h, {k: v for k, v in used.items() if k == "head_dim"}
             if not validate:
@@ -279,19 +269,6 @@ def _heads_for_hidden(gm: GrowModel, site: AttentionSite, want: int | None, h: i
         tried.append(f"the config ties heads × head_dim to hidden_size and {new_d} is not a multiple of head_dim {hd}")
     raise NotGrowableError(f"no number of attention heads fits hidden size {new_d} with head_dim {hd} "
                            f"({'; '.join(tried)})")
-
-
-def _output_width(gm: GrowModel, site: AttentionSite, updates: dict[str, int]) -> int | None:
-    """How many attention features the output projection of a model built from ``config + updates`` reads (None
-    when it cannot be built): a config may size it by ``hidden_size`` rather than by heads × head_dim (Helium's
-    ``o_proj``), and then only the number of heads that makes the two equal describes the grown model."""
-    try:
-        weight = with_config(gm, updates).state_dict().get(site.o.weight)
-    except Exception:  # noqa: BLE001 — the query probe already said why these sizes do not build
-        return None
-    have = gm.module.state_dict().get(site.o.weight)
-    extra = int(have.shape[site.o.dim]) - site.o.size if have is not None else 0  # a fused output's other columns
-    return None if weight is None else int(weight.shape[site.o.dim]) - extra
 
 
 def _extra_groups(gm: GrowModel, trace, edit: Edit, plan: StreamPlan, updates: dict[str, int],
