@@ -26,7 +26,9 @@ disk), the verification time (growcli's ``check`` timing: structure check + bloc
 both models), the peak RSS of the growcli process (``os.wait4``), and write + sync against the
 warm and the cold plain copy + its sync. Targets: peak RSS ≤ 1.5 GB, write ≤ 1.3× the copy. The figures are
 saved to ``benchmarks/results/llm_scale.json`` and ``.txt``; generated files are deleted
-afterwards unless ``--keep``. Not a test: it prints figures and asserts nothing.
+afterwards unless ``--keep``; ``--reuse DIR`` generates them in ``DIR`` once and reuses them on the next
+run (the 1-min load average before each run is recorded: the machine may be shared). Not a test: it prints
+figures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -137,11 +139,16 @@ def arms(shape: tuple, available: set[str]) -> list[tuple[str, list[str]]]:
 
 def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
     shape = SIZES[name]
-    src = work / f"src-{name}"
+    src = (args.reuse or work) / f"src-{name}"
     t = time.perf_counter()
-    data = _generate(src, shape, args.shard_size)
-    print(f"[{name}] generated {src}: {data / 1e9:.2f} GB of bf16 weights ({data / 2e9:.2f} B parameters) "
-          f"in {time.perf_counter() - t:.1f} s", flush=True)
+    if args.reuse and _same_shape(src, shape):
+        data = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+        print(f"[{name}] reusing {src} ({data / 1e9:.2f} GB)", flush=True)
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        data = _generate(src, shape, args.shard_size)
+        print(f"[{name}] generated {src}: {data / 1e9:.2f} GB of bf16 weights ({data / 2e9:.2f} B parameters) "
+              f"in {time.perf_counter() - t:.1f} s", flush=True)
     rows = []
     skip = [p.strip() for p in args.skip.split(",") if p.strip()]
     for arm, argv in arms(shape, streaming_steps()):
@@ -149,6 +156,7 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
             continue
         out = work / f"out-{name}"
         _warm(src)
+        load = os.getloadavg()[0]
         try:
             child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
                                "--shard-size", args.shard_size, "--batches", str(args.batches), "--json", "-q",
@@ -178,15 +186,28 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
                "copy_peak_rss_mb": round(copy["peak_rss_mb"]),
                "cold_copy_s": round(cold["wall_s"], 2), "cold_copy_sync_s": round(cold["sync_s"], 2),
                "verified_with": output.get("loaded_with"), "passed": v.get("passed"),
-               "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches")}
+               "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches"),
+               "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
         done = row["write_s"] + row["sync_after_write_s"]
         row["write_mb_s"] = round(written / 1e6 / row["write_s"], 1)
         row["write_vs_copy"] = round(done / (row["copy_s"] + row["copy_sync_s"]), 3)  # the warm copy
         row["write_vs_cold_copy"] = round(done / (row["cold_copy_s"] + row["cold_copy_sync_s"]), 3)
         rows.append(row)
         print(f"[{name}] {_line(row)}", flush=True)
-    shutil.rmtree(src)
+    if not args.reuse:
+        shutil.rmtree(src)
     return rows
+
+
+def _same_shape(src: Path, shape: tuple) -> bool:
+    """Whether ``src`` holds a complete generated checkpoint of ``shape`` (see :data:`SIZES`)."""
+    try:
+        c = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    have = (c.get("num_hidden_layers"), c.get("hidden_size"), c.get("intermediate_size"), c.get("num_attention_heads"),
+            c.get("num_key_value_heads"), c.get("vocab_size"))
+    return have == tuple(shape) and any(src.glob("*.safetensors"))
 
 
 HEAD = (f"{'size':5} {'run':44} {'GB out':>7} {'wall s':>7} {'write s':>8} {'+sync':>6} {'MB/s':>6} {'warm cp':>8} "
@@ -213,6 +234,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary directory)")
     ap.add_argument("--skip", default="", help="comma-separated run names to leave out, by prefix (e.g. 'widen --hidden')")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="generate the checkpoints in DIR/src-<size> and keep them there; one found there with the "
+                         "right shape is reused instead of generated again (delete DIR yourself afterwards)")
+    ap.add_argument("--note", default="", help="a line added to the results (e.g. what else ran on the machine)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "llm_scale",
                     help="write <this>.json and <this>.txt (default benchmarks/results/llm_scale)")
     args = ap.parse_args()
@@ -237,11 +262,14 @@ def main() -> None:
              "(posix_fadvise DONTNEED) just before it is read; w/warm, w/cold: (write + sync) / (copy + sync); "
              "verify: growcli's check timing; peak RSS: the growcli process's own (wait4)",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-             f"shard size {args.shard_size}; {args.batches} verification batch(es); total {time.perf_counter() - started:.0f} s"]
+             f"shard size {args.shard_size}; {args.batches} verification batch(es); total {time.perf_counter() - started:.0f} s; "
+             f"1-min load average {', '.join(str(r.get('load_1min_before')) for r in rows)} (before each run)",
+             *([f"note: {args.note}"] if args.note else [])]
     print("\n".join(lines))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps({"shapes": {s: SIZES[s] for s in sizes}, "runs": rows,
-                                                             "shard_size": args.shard_size, "batches": args.batches},
+                                                             "shard_size": args.shard_size, "batches": args.batches,
+                                                             "note": args.note},
                                                             indent=2) + "\n")
     args.results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
 

@@ -138,3 +138,116 @@ def test_streamed_widen_restores_torch_threads_and_writes_what_memory_does(tmp_p
     a, b = dir_tensors(tmp_path / "out-False"), dir_tensors(tmp_path / "out-True")
     assert sorted(a) == sorted(b) and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
     assert runs[True]["execution"] == "streaming"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_gather_copies_runs_and_padding_as_slices(dtype, dim, monkeypatch):
+    """A map of a few runs and a long run of padding (hidden ×1.5: [0…d-1, -1 × d/2]) is copied as slices, along
+    the first dimension too, never through a per-element gather; the copied positions equal index_select."""
+    gen = torch.Generator().manual_seed(dim)
+    old = torch.randn(6, 40, 5, generator=gen).to(dtype).movedim(1, dim).contiguous()
+    old.view(-1)[::3] = float("nan")
+    old.view(-1)[1::7] = -0.0
+    n = old.shape[dim]
+    idx = torch.tensor([*range(n), *range(3, 9), *range(0, 4), *[-1] * 70])  # 70 pads: one run, not 70
+    monkeypatch.setattr(splits, "take", lambda *a: pytest.fail("a map of 4 runs went through take"))
+    new = splits.gather(old, dim, idx)
+    kept = torch.nonzero(idx >= 0).flatten()
+    assert new.shape[dim] == len(idx)
+    assert torch.equal(bits(new.index_select(dim, kept)), bits(old.index_select(dim, idx[kept])))
+
+
+def test_gather_falls_back_to_take_past_the_run_limit():
+    gen = torch.Generator().manual_seed(5)
+    old = torch.randn(4, 30, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(0, 30, (50,), generator=gen)
+    idx[::4] = -1
+    new = splits.gather(old, 1, idx, runs=8)
+    kept = torch.nonzero(idx >= 0).flatten()
+    assert torch.equal(bits(new.index_select(1, kept)), bits(old.index_select(1, idx[kept])))
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_put_of_a_run_of_positions_equals_index_copy(dim):
+    gen = torch.Generator().manual_seed(7)
+    t = torch.randn(9, 11, generator=gen).to(torch.bfloat16)
+    fill = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16)
+    fill |= 0x0015  # a NaN with a payload: copied as bits
+    block = t.narrow(dim, 0, 4)
+    values = fill.view(torch.bfloat16).view([1, 1]).expand_as(block)  # stride 0, as the padding fill is
+    for pos in (torch.arange(5, 9), torch.tensor([2]), torch.tensor([1, 3, 4, 8])):
+        a, b = t.clone(), t.clone()
+        v = values.narrow(dim, 0, len(pos))
+        splits.put(a, dim, pos, v)
+        b.index_copy_(dim, pos, v.contiguous())
+        assert torch.equal(bits(a), bits(b))
+
+
+HIDDEN_LIKE = [  # (shape, dim, idx, scale, pad, split): maps of the hidden, heads and FFN steps
+    ((37, 16), 1, [*range(16), *[-1] * 8], 1.0, "zero", True),
+    ((16, 37), 0, [*range(16), *[-1] * 8], 1.0, "zero", False),
+    ((37, 16), 1, [*range(16), *range(16)], 0.5, "zero", True),
+    ((16, 37), 0, [*range(16), *range(0, 16, 2)], 1.0, "zero", False),
+    ((37, 16), 1, [*range(16), *[-1] * 8], 0.8164965809277259, "zero", False),
+]
+
+
+@pytest.mark.parametrize("case", range(len(HIDDEN_LIKE)))
+@pytest.mark.parametrize("values", ["finite", "nan"])
+def test_sliced_rewrites_equal_the_whole_and_the_float64_reference(case, values):
+    """apply_rewrite in slices (the map's tensors cached across them) equals the unsliced fast path and the
+    float64 construction bit for bit, -0 and NaN included; a new map of the same length is not confused with it."""
+    from growcli.run.width_stream import apply_rewrite
+    from growcli.transforms import width_edit as we
+
+    shape, dim, idx, scale, pad, split = HIDDEN_LIKE[case]
+    gen = torch.Generator().manual_seed(case)
+    old = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    old.view(-1)[::6] = -0.0
+    if values == "nan":
+        old.view(-1)[5] = float("nan")
+    m = we.DimMap(dim, list(idx), [scale] * len(idx), pad, split=split)
+    out = list(shape)
+    out[dim] = len(idx)
+    job = we.Rewrite("w", [m], 0.0, torch.Generator().get_state(), tuple(out), old.dtype, tuple(shape))
+    whole, why = apply_rewrite(old, job, chunk=10 ** 9)
+    sliced, why_sliced = apply_rewrite(old, job, chunk=64)
+    ref, _, why_ref = we._rewrite_dim_float64(old, m, 0.0, torch.Generator())
+    assert torch.equal(bits(sliced), bits(whole)) and torch.equal(bits(whole), bits(ref))
+    assert why == why_sliced == why_ref
+    other = we.DimMap(dim, list(reversed(idx)), [scale] * len(idx), pad, split=split)
+    flipped, _, _ = we.rewrite(old, [other], 0.0, torch.Generator())
+    assert torch.equal(bits(flipped), bits(we._rewrite_dim_float64(old, other, 0.0, torch.Generator())[0]))
+
+
+def test_ahead_queues_small_tensors_within_its_budget_and_returns_each_its_own(monkeypatch):
+    import threading
+    import types
+
+    from growcli.run import width_ahead
+
+    monkeypatch.setattr(width_ahead, "AHEAD_BYTES", 3 * 100 * 2)  # three 100-element bf16 tensors
+    release = threading.Event()
+    started: list[int] = []
+
+    class Item:
+        def __init__(self, k: int, n: int):
+            self.k, self.job, self.ahead = k, types.SimpleNamespace(shape=(n,), dtype=torch.bfloat16), None
+
+        def compute(self):
+            started.append(self.k)
+            release.wait(5)
+            return [(torch.full((1,), float(self.k)), "")]
+
+    items = [Item(0, 100), Item(1, 100), Item(2, 100), Item(3, 100), Item(4, 5000), Item(5, 100)]
+    ahead = width_ahead.Ahead(items)
+    try:
+        assert sorted(ahead.pending) == sorted(id(i) for i in items[:3])  # the next one, then within the budget
+        release.set()
+        got = [float(ahead.take(i)[0][0]) for i in items[:2]]
+        assert set(ahead.pending) == {id(items[2]), id(items[3])}  # the large one waits for room
+        got += [float(ahead.take(i)[0][0]) for i in items[2:]]
+        assert got == [0, 1, 2, 3, 4, 5] and started == [0, 1, 2, 3, 4, 5] and not ahead.pending
+    finally:
+        ahead.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -42,6 +42,32 @@ def checkpoint_names(module: torch.nn.Module) -> dict[str, str]:
     return saved_names(module, lambda saved: NotGrowableError(
         f"--streaming: transformers converts {type(module).__name__}'s weights when saving ({saved} is computed "
         "from several tensors); use --no-streaming"))
+
+
+def saved_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every name ``save_pretrained`` writes for ``module`` → its shape, converted tensors included (fused experts
+    saved one tensor per expert): transformers' save conversion run on meta placeholders, so no memory."""
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 stores weights under the model's own names
+        return {k: tuple(v.shape) for k, v in state.items()}
+    return {k: tuple(v.shape) for k, v in revert_weight_conversion(module, dict(state)).items()}
+
+
+def one_to_one_names(module: torch.nn.Module, skip: Iterable[str] = ()) -> dict[str, str]:
+    """:func:`checkpoint_names` of the tensors saved as themselves (renamed at most), ``skip`` (converted
+    parameters, fused experts) left out of the save conversion; any other parameter transformers saves as
+    several tensors, or merges with others, is left out instead of refused."""
+    skip = set(skip)
+    state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
+             if k not in skip}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {k: k for k in state}
+    by_id = {id(v): k for k, v in state.items()}
+    return {by_id[id(t)]: saved for saved, t in revert_weight_conversion(module, dict(state)).items() if id(t) in by_id}
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from growcli.transforms.registry import StepReport
 from growcli.verification.compare import VerifyReport, verify_models
 
 
-def saved_names(gm: GrowModel) -> set[str]:
+def saved_names(gm: GrowModel, names: dict[str, str] | None = None) -> set[str]:
     """The checkpoint names ``save_pretrained`` writes for the grown (meta) model: tied copies once, no
-    non-persistent buffers."""
+    non-persistent buffers (``names``: parameter → checkpoint name, default :func:`checkpoint_names`)."""
     module = gm.module
-    names = checkpoint_names(module)
+    names = checkpoint_names(module) if names is None else names
     seen: dict[int, str] = {}
     tied = set(getattr(module, "_tied_weights_keys", None) or ())
     for n, t in module.state_dict(keep_vars=True).items():

@@ -8,8 +8,8 @@ only plans (:func:`deferred_rewrites`): every tensor it would rewrite becomes a
 the in-memory path would have at that tensor). Then each output tensor is written on its own:
 a tensor the step does not change is a byte copy from the input shards; a rewritten one is read
 from disk, rewritten by :func:`apply_rewrite` (the in-memory path's own code; large tensors in
-slices along a dimension no map touches) and written (the next one computed meanwhile), so peak memory
-is about two tensors, not the model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
+slices along a dimension no map touches) and written (the next ones computed meanwhile on a worker thread: :mod:`growcli.run.width_ahead`),
+so peak memory is about two tensors and a bounded queue, not the model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
 ``widen`` defers the same way (:func:`growcli.transforms.widen.widen_group`); its data-driven
 inits (gradmax, firefly) are refused. A tied weight the step unties (the output projection of a tied
 embedding) is computed from the one tensor the checkpoint stores for both.
@@ -27,7 +27,6 @@ import json
 import math
 import re
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,10 +39,12 @@ from growcli.io.hf_dir import hf_inputs
 from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, read_tensors, shard_names
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.steps import VerifySettings
-from growcli.run.stream_names import checkpoint_names, meta_model
+from growcli.run.stream_names import meta_model
 from growcli.run.stream_source import read_entry, whole_ref
 from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progress, verify_written
 from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
+from growcli.run.width_fused import saved_tensors
+from growcli.run.width_ahead import Ahead as _Ahead
 from growcli.run.width_output import _run_both, _structure, saved_names  # noqa: F401 (saved_names, _structure: re-exported)
 from growcli.transforms.catalog import get_transform
 from growcli.transforms.hfconfig import config_error, mismatches, validate_config
@@ -240,7 +241,7 @@ class _Computed:
     ref: TensorRef
     job: Rewrite
     on_rounded: Callable[[str, str, torch.dtype], None]
-    ahead: "_Ahead | None" = None  # set by the writer: computed on a worker thread, one tensor ahead
+    ahead: "_Ahead | None" = None  # set by the writer: computed on a worker thread, ahead of the writer
 
     def __call__(self) -> torch.Tensor:
         new, why = apply_rewrite(read_tensor(self.ref), self.job)
@@ -276,34 +277,6 @@ class _Computed:
             self.on_rounded(self.job.name, why, self.job.dtype)
 
 
-class _Ahead:
-    """Rewritten tensors computed one ahead of the writer, on a worker thread: while one is written (or the
-    byte copies around it), the next is computed, each thread running torch on one thread (no intra-op pool
-    waiting on a core another process holds). At most two rewritten tensors are in memory."""
-
-    def __init__(self, order: list[_Computed]):
-        self.after = {id(a): b for a, b in zip(order, order[1:])}
-        self.pool = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
-        self.pending: dict[int, Future] = {}
-        for item in order:
-            item.ahead = self
-        if order:
-            self.pending[id(order[0])] = self.pool.submit(order[0].compute)
-
-    def take(self, item: _Computed) -> list[tuple[torch.Tensor, str]]:
-        """``item``'s runs: the worker's (computed while the tensor before it was written), else computed now;
-        the tensor written after it is started on the worker first."""
-        done = self.pending.pop(id(item), None)
-        after = self.after.get(id(item))
-        if after is not None and id(after) not in self.pending:
-            self.pending[id(after)] = self.pool.submit(after.compute)
-        return done.result() if done is not None else item.compute()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending.clear()
-
-
 def _recomputed(entry: Entry, job: Rewrite, on_rounded) -> Callable[[], torch.Tensor]:
     """:func:`_computed` for a tensor an earlier step of a chain computes (read when this one is written)."""
     def make() -> torch.Tensor:
@@ -328,7 +301,7 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
     before = json.loads((src / "config.json").read_text())
     gm, report, jobs, siblings, changed = plan_width(src, name, spec, seed, batch=(settings.inputs or [None])[0])
     report.exact = get_transform(name).exact(spec) and report.exact
-    disk = checkpoint_names(gm.module)
+    names = saved_tensors(src, gm, refs, jobs, siblings)  # also tensors transformers converts (fused experts)
     rounded: dict[str, str] = {}
     dtypes: dict[str, torch.dtype] = {}
 
@@ -336,8 +309,7 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
         rounded[param] = why
         dtypes[param] = dtype
 
-    keep = saved_names(gm)
-    entries = plan_entries(refs, disk, jobs, siblings, keep, on_rounded)
+    entries = names.entries(plan_entries(refs, names.disk, jobs, siblings, names.keep, on_rounded), on_rounded, apply_rewrite)
     total = sum(e.nbytes for e in entries)
     shards = pack(entries, shard_size)
     files = shard_names(len(shards))
@@ -370,7 +342,7 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
         before.update(changed)
         (tmp / "config.json").write_text(json.dumps(before, indent=2, sort_keys=True) + "\n")
         copy_side_files(src, tmp)  # tokenizer, generation config…; never the input's weights
-        checked.append(_structure(tmp, {e.name: e.shape for e in entries}))
+        checked.append(names.structure(tmp, {e.name: e.shape for e in entries}))
         verification = verify_written(src, tmp, out, name, report, output, checked, settings, seed, total=total,
                                       verify_limit=verify_limit, read_back=lambda: _run_both(src, tmp, report, settings, seed))
         timing["check"] = time.perf_counter() - started - timing["plan"] - timing["write"]

@@ -190,6 +190,9 @@ def take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
 def put(t: torch.Tensor, dim: int, pos: torch.Tensor, values: torch.Tensor) -> None:
     """``t.index_copy_(dim, pos, values)`` (distinct ``pos``, the same dtype), bit for bit; along an inner
     dimension of CPU float tensors as a numpy assignment of their bits (as :func:`take`)."""
+    if len(pos) and int(pos[-1]) - int(pos[0]) == len(pos) - 1 and bool((pos.diff() == 1).all()):
+        t.narrow(dim, int(pos[0]), len(pos)).copy_(values)  # a run of positions (padding, a tile): one slice copy
+        return
     if dim == 0 or t.device.type != "cpu" or not t.is_floating_point() or t.element_size() not in BITS:
         t.index_copy_(dim, pos, values)
         return
@@ -301,18 +304,22 @@ def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tenso
 
 def gather(old: torch.Tensor, dim: int, idx: torch.Tensor, runs: int = 64) -> torch.Tensor:
     """``old.index_select(dim, idx)`` where ``idx ≥ 0``; positions with ``idx = -1`` are left unset (the caller
-    fills them). Runs of consecutive indices (tiles, copied heads) are copied as slices, which is several
-    times faster than a gather along an inner dimension; more than ``runs`` runs: ``index_select``."""
-    ids = idx.tolist()
-    starts = [p for p in range(len(ids)) if p == 0 or ids[p] != ids[p - 1] + 1 or (ids[p] < 0) != (ids[p - 1] < 0)]
-    if len(starts) > runs or dim == 0:
+    fills them). Runs of consecutive indices (tiles, copied heads; a run of padding counts as one) are copied
+    as slices, which is several times faster than a gather along an inner dimension, and along the first
+    dimension copies whole blocks of rows; more than ``runs`` runs: ``index_select``."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    pad = idx < 0
+    brk = torch.ones(len(idx), dtype=torch.bool)  # a run starts where the index does not go on by one
+    brk[1:] = ((idx[1:] != idx[:-1] + 1) & ~(pad[1:] & pad[:-1])) | (pad[1:] != pad[:-1])
+    starts = torch.nonzero(brk).flatten().tolist()
+    if len(starts) > runs:
         return take(old, dim, idx.clamp(min=0))
     shape = list(old.shape)
-    shape[dim] = len(ids)
+    shape[dim] = len(idx)
     new = torch.empty(shape, dtype=old.dtype)
-    for a, b in zip(starts, starts[1:] + [len(ids)]):
-        if ids[a] >= 0:
-            new.narrow(dim, a, b - a).copy_(old.narrow(dim, ids[a], b - a))
+    for a, b in zip(starts, starts[1:] + [len(idx)]):
+        if int(idx[a]) >= 0:
+            new.narrow(dim, a, b - a).copy_(old.narrow(dim, int(idx[a]), b - a))
     return new
 
 
@@ -326,3 +333,29 @@ def along(t: torch.Tensor, dim: int, values: torch.Tensor) -> torch.Tensor:
     view = [1] * t.dim()
     view[dim] = -1
     return values.to(t.dtype).view(view)
+
+
+_POSITIONS: list[tuple] = []  # the last few answers: the slices of one tensor (streaming) share their map's
+
+
+def map_positions(t: torch.Tensor, m) -> tuple[torch.Tensor, ...]:
+    """``m`` (a :class:`growcli.transforms.width_edit.DimMap` of ``t``) as tensors: old index, scale, source,
+    copies per old position, split positions, total per old position (shared by calls with the same map
+    object and size along its dim: the slices of one tensor; never written in place)."""
+    for known, idx, scale, size, answer in _POSITIONS:
+        if known is m and idx is m.idx and scale is m.scale and size == t.shape[m.dim]:
+            return answer
+    answer = _positions_of(t.shape[m.dim], m)
+    _POSITIONS[:] = [(m, m.idx, m.scale, t.shape[m.dim], answer), *_POSITIONS[:3]]
+    return answer
+
+
+def _positions_of(size: int, m) -> tuple[torch.Tensor, ...]:
+    idx = torch.tensor(m.idx, dtype=torch.long)
+    scale = torch.tensor(m.scale, dtype=torch.float64)
+    src = idx.clamp(min=0)
+    counts = torch.bincount(idx[idx >= 0], minlength=size)
+    multi = (idx >= 0) & (counts[src] > 1) if m.split else torch.zeros_like(idx, dtype=torch.bool)
+    total = torch.zeros(size, dtype=torch.float64).index_add_(0, src[idx >= 0], scale[idx >= 0])
+    total = torch.where((total - 1).abs() <= 1e-12, torch.ones_like(total), total)  # shares summing to 1 (float64 sums)
+    return idx, scale, src, counts, multi, total

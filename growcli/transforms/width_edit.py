@@ -40,6 +40,7 @@ from growcli.transforms.registry import StepReport
 from growcli.transforms.resize import sync_attributes
 from growcli.transforms.splits import (BITS, along, gather, has_nan, identity_splits, negative_zeros, positive_zeros,
                                       put, share_out, split_columns)
+from growcli.transforms.splits import map_positions as _positions
 
 
 # --------------------------------------------------------------------------- how one dimension changes
@@ -119,7 +120,8 @@ def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator)
     new = gather(t.detach(), m.dim, idx)  # padded positions are set below
     if (negative_zero := negative_zeros(t)) and math.copysign(1.0, m.shift) > 0:
         positive_zeros(new)
-    multi = multi if negative_zero else multi & ~identity_splits(t, idx, scale, counts, multi)  # parts = copies
+    if not negative_zero and bool(multi.any()):
+        multi = multi & ~identity_splits(t, idx, scale, counts, multi)  # parts = copies
     single, split = "", ""
     pads = torch.nonzero(idx < 0).flatten()
     if len(pads):  # a zero-padded position holds 0·scale + shift all along: one value, computed once
@@ -143,18 +145,6 @@ def _rewrite_dim(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator)
         odd = sorted({s for s in m.scale if s != 1.0 and math.frexp(s)[0] != 0.5})
         return new, m, f"scaled by {odd[0]:.6g}" if odd else "rounded"
     return new, m, split
-
-
-def _positions(t: torch.Tensor, m: DimMap) -> tuple[torch.Tensor, ...]:
-    """``m`` as tensors: old index, scale, source, copies per old position, split positions, total per old position."""
-    idx = torch.tensor(m.idx, dtype=torch.long)
-    scale = torch.tensor(m.scale, dtype=torch.float64)
-    src = idx.clamp(min=0)
-    counts = torch.bincount(idx[idx >= 0], minlength=t.shape[m.dim])
-    multi = (idx >= 0) & (counts[src] > 1) if m.split else torch.zeros_like(idx, dtype=torch.bool)
-    total = torch.zeros(t.shape[m.dim], dtype=torch.float64).index_add_(0, src[idx >= 0], scale[idx >= 0])
-    total = torch.where((total - 1).abs() <= 1e-12, torch.ones_like(total), total)  # shares summing to 1 (float64 sums)
-    return idx, scale, src, counts, multi, total
 
 
 def _rewrite_dim_float64(t: torch.Tensor, m: DimMap, noise: float, gen: torch.Generator

@@ -90,7 +90,8 @@ class _LoadConversion:
     placeholders: the parameters it yields, and their shapes, are known before any byte is read.
     """
 
-    def __init__(self, module: nn.Module, refs: dict[str, TensorRef], claimed: set[str], who: str):
+    def __init__(self, module: nn.Module, refs: dict[str, TensorRef], claimed: set[str], who: str,
+                 purpose: str = "block-wise verification"):
         self.module, self.refs = module, refs
         self.groups: dict[str, list[tuple[str, str]]] = {}  # group (first target) → (saved key, source pattern)
         self.targets: dict[str, str] = {}  # parameter → its group
@@ -114,7 +115,7 @@ class _LoadConversion:
             try:
                 made = self._convert(group, meta=True)
             except Exception as exc:  # a conversion that needs real values (dequantisation…): not read, refused
-                raise NotGrowableError(f"block-wise verification: transformers' load conversion of {group} (from "
+                raise NotGrowableError(f"{purpose}: transformers' load conversion of {group} (from "
                                        f"{self.groups[group][0][0]}…) cannot be read tensor by tensor "
                                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
             for name, tensor in made.items():
