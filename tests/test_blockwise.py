@@ -154,25 +154,37 @@ def test_perturbed_block_is_named(arch, hf_dir, tmp_path, cli):
     assert f"error: the grown model first differs at {container}.1" in r.err
 
 
-def test_only_one_block_is_in_memory(hf_dir):
+def test_only_one_module_is_in_memory(hf_dir):
+    """Each tensor is loaded by its owner for the time of its call: inside block i only the module running holds
+    tensors (its own), nothing outside the blocks; when a block ends none of its tensors is left."""
     model = OnDisk(hf_dir("llama"))
     run = _Run(model, "model.layers", torch.float64, "the model")
-    seen = []
+    seen, ends = [], []
 
-    def look(i):
-        def hook(block, args, output):  # runs before the run's own hook frees the block
-            loaded = {int(k.split(".")[2]) for k in model.loaded if k.startswith("model.layers.")}
-            seen.append((i, loaded, sum(1 for k in model.loaded if not k.startswith("model.layers."))))
+    def look(name):
+        def hook(module, args, output):  # runs before the run's own hook frees the module's tensors
+            seen.append((name, sorted(model.loaded)))
         return hook
 
-    handles = [b.register_forward_hook(look(i)) for i, b in enumerate(run.blocks)]
+    def end(i):
+        def hook(block, args, output):
+            ends.append((i, sorted(model.loaded)))
+        return hook
+
+    handles = [b.register_forward_hook(end(i)) for i, b in enumerate(run.blocks)]
+    owners = {n: m for n, m in model.module.named_modules() if n.startswith("model.layers.") and
+              any(True for _ in m.parameters(recurse=False))}
+    handles += [m.register_forward_hook(look(n)) for n, m in owners.items()]
     try:
         run(make_batches(hf_input_spec(model.module), 1, seed=0)[0])
     finally:
         for h in handles:
             h.remove()
-    assert seen == [(0, {0}, 0), (1, {1}, 0), (2, {2}, 0)]  # the embeddings freed, the head not yet loaded
-    assert not model.loaded and run.lazy
+    assert len(seen) == len(owners) and len(owners) >= 3 * 7  # q, k, v, o, gate, up, down (+ norms) per block
+    for name, loaded in seen:
+        assert loaded and all(k.rpartition(".")[0] == name for k in loaded), (name, loaded)
+    assert ends == [(0, []), (1, []), (2, [])]  # the embeddings freed, the head not yet loaded
+    assert not model.loaded and run.lazy and run.leafwise
 
 
 def test_stack_maps():

@@ -4,13 +4,14 @@ For models too large to hold twice (and for streamed outputs, :mod:`growcli.run.
 each model runs the verification batch with its weights on disk (:class:`OnDisk`), every
 module's tensors loaded only while it runs: a forward pre-hook reads them from disk in the
 verification dtype, a forward hook frees them (for a block, after recording the stream it
-leaves). The embeddings are loaded before the blocks, the final norm and head after them;
-a model that reads such a tensor without calling its module gets them for the whole pass
-(:class:`_Run`). The model's own ``forward`` runs unchanged, so every block gets exactly the
+leaves). Each tensor is loaded by the module that owns it (a block's projections one at a time,
+the embeddings before the blocks, the final norm and head after them); a model that reads a
+tensor without calling its module gets its block's tensors for the block's call, or the tensors
+outside the blocks for the whole pass (:class:`_Run`). The model's own ``forward`` runs unchanged, so every block gets exactly the
 arguments the model passes it (masks, position embeddings, per-layer attention types), and
 the outputs are the model's real outputs. One model runs at a time; what is kept is one
-block's (or the embeddings', or the head's) weights and the stream at every boundary of the
-batch (``blocks + 1`` activations).
+module's (at most one block's) weights and the stream at every boundary of the batch
+(``blocks + 1`` activations).
 
 Then both runs are compared through the :class:`StreamMap` between the streams: at every
 boundary of the grown model (``max|a − b| ≤ atol + rtol · max|a|``, per boundary, the worst
@@ -118,10 +119,12 @@ class _NoMeta(TorchDispatchMode):
 class _Run:
     """One model's forward pass on one batch, its blocks loaded one at a time; the stream at each boundary.
 
-    The tensors outside the blocks are loaded by the modules that own them, for the time of
-    their call (the embeddings before the blocks, the head after them). When the model reads
-    such a tensor without calling its owner (an op gets a meta tensor, :class:`_NoMeta`), they
-    are held for the whole pass instead, for this and every later batch.
+    Every tensor is loaded by the module that owns it, for the time of its call (a block's
+    projections one after the other, the embeddings before the blocks, the head after them), so
+    memory holds about the largest single tensor, not a block. When the model reads a tensor
+    without calling its owner (an op gets a meta tensor, :class:`_NoMeta`), the pass is run again
+    with each block's tensors loaded for the block's call, and if that is not enough with the
+    tensors outside the blocks held for the whole pass, for this and every later batch.
     """
 
     def __init__(self, model: OnDisk, container: str, dtype: torch.dtype, who: str):
@@ -130,19 +133,22 @@ class _Run:
         self.keys = [model.keys_under(f"{container}.{i}") for i in range(len(self.blocks))]
         inside = {k for keys in self.keys for k in keys}
         self.outside = [k for k in model.keys_under("") if k not in inside]
-        self.owners: dict[int, tuple[nn.Module, list[str]]] = {}
-        for key in self.outside:
-            for owner, _, _ in model.slots[key]:
-                self.owners.setdefault(id(owner), (owner, []))[1].append(key)
-        self.lazy = True
+        self.owners = _owners(model, self.outside)
+        self.inner = [_owners(model, keys) for keys in self.keys]
+        self.leafwise = True  # each block's tensors loaded by their owners (else by the block)
+        self.lazy = True  # the tensors outside the blocks loaded by their owners (else for the whole pass)
 
     def __call__(self, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        if self.lazy:
+        while True:
             try:
                 return self._forward(batch)
             except _MetaUse:
-                self.lazy = False
-        return self._forward(batch)
+                if not (self.leafwise or self.lazy):
+                    raise
+                if self.leafwise:
+                    self.leafwise = False  # next: each block's tensors for the block's call
+                else:
+                    self.lazy = False  # next: the tensors outside the blocks for the whole pass
 
     def _forward(self, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         model = self.model
@@ -153,10 +159,11 @@ class _Run:
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(self._enter(i, stream), with_kwargs=True))
             handles.append(block.register_forward_hook(self._leave(i, stream, calls)))
-        if self.lazy:
-            for owner, keys in self.owners.values():
-                handles.append(owner.register_forward_pre_hook(lambda m, a, keys=keys: model.load(keys, self.dtype)))
-                handles.append(owner.register_forward_hook(lambda m, a, o, keys=keys: model.release(keys)))
+        owners = (list(self.owners.values()) if self.lazy else []) + \
+            ([o for inner in self.inner for o in inner.values()] if self.leafwise else [])
+        for owner, keys in owners:
+            handles.append(owner.register_forward_pre_hook(lambda m, a, keys=keys: model.load(keys, self.dtype)))
+            handles.append(owner.register_forward_hook(lambda m, a, o, keys=keys: model.release(keys)))
         try:
             if not self.lazy:
                 model.load(self.outside, self.dtype)
@@ -192,7 +199,8 @@ class _Run:
                 raise NotGrowableError(f"block-wise verification: {self.container}.{i} of {self.model.name} does not "
                                        f"get the stream {self.container}.{i - 1} leaves; its blocks are not one "
                                        "residual stream")
-            self.model.load(self.keys[i], self.dtype)
+            if not self.leafwise:
+                self.model.load(self.keys[i], self.dtype)
         return hook
 
     def _leave(self, i: int, stream: list, calls: list):
@@ -207,6 +215,15 @@ class _Run:
             stream[i + 1] = hidden.detach().clone()
             self.model.release(self.keys[i])
         return hook
+
+
+def _owners(model: OnDisk, keys: list[str]) -> dict[int, tuple[nn.Module, list[str]]]:
+    """The modules owning ``keys`` (every alias of a tied tensor), each with the keys it owns."""
+    owners: dict[int, tuple[nn.Module, list[str]]] = {}
+    for key in keys:
+        for owner, _, _ in model.slots[key]:
+            owners.setdefault(id(owner), (owner, []))[1].append(key)
+    return owners
 
 
 def _first_float(values: list) -> torch.Tensor | None:
