@@ -39,7 +39,7 @@ from growcli.analysis.layouts import CORE, Cat
 from growcli.analysis.matmuls import WEIGHT_MOVES, param_matmul, weight_param
 from growcli.analysis.pooling import PER_CHANNEL, WITH_INDICES, pooled_source
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, INDEX_PUT, METADATA_CHECKS, PAD, REINDEX,
-                                    Refuse, Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
+                                    Refuse, SHAPE_AS, Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
                                     op_name, shape, source_dim, weight_of, where)
 from growcli.core.errors import NotGrowableError
 
@@ -282,12 +282,14 @@ class Analysis(ForwardRules):
             self._batch_norm_params(node, CORE)
             self._mark(node.args[0], dim, backward=True)
             return
-        if t in REINDEX or t in VIEW:
+        if t in SHAPE_AS and isinstance(node.args[1], fx.Node):
+            self._mark(node.args[1], dim, backward=True)  # the shape comes from it: it must grow with the output
+        if t in REINDEX or t in VIEW or t in SHAPE_AS:
             src_dim = source_dim(node, dim)
             if src_dim is None:
                 raise Refuse(f"{op_name(node)}{where(node)} produces a tensor that must share the channels "
                              "from a reshaped or selected one, which growcli cannot follow back")
-            if shape(node.args[0])[src_dim] == 1 and t == aten.expand.default:
+            if shape(node.args[0])[src_dim] == 1 and SHAPE_AS.get(t, t) == aten.expand.default:
                 return  # broadcast: the same value for every channel, whatever their number
             src = node.args[0]
             if src.op == "get_attr":

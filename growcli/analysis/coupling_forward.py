@@ -4,8 +4,9 @@ For every user of a tensor carrying the channels, the rule of its op says where 
 go: element-wise ops pass them on, other full-size operands of a binary op join them (a
 residual add, a gate), Linear/Conv/``addmm`` layers that read them become consumers (grouped
 and depthwise convolutions follow them; a Linear over another dim passes them on, as in MLP-Mixer
-token mixing), views, selections and every permutation form (``x.mT``, ``x.T``, ``transpose``,
-``permute``, ``movedim``, …) move them to another dimension, indexed writes and reads along other
+token mixing), views (``reshape_as``/``view_as``/``expand_as`` too: the other tensor lends only its
+shape), selections and every permutation form (``x.mT``, ``x.T``, ``transpose``, ``permute``,
+``movedim``, …) move them to another dimension, indexed writes and reads along other
 dims keep them (:mod:`growcli.analysis.indexing`: ``index_put``, ``x[idx]``, ``index_add``),
 concatenation and flattening make derived layouts, and normalisations, pooling and
 reductions over them are refused; products by a parameter (:mod:`growcli.analysis.matmuls`: ``x @ W.T``,
@@ -28,7 +29,7 @@ from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
 from growcli.analysis.matmuls import ParamMatmul, is_grouped_mm, param_matmul
 from growcli.analysis.pooling import PER_CHANNEL, pooled_values
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, PERMUTES,
-                                    INDEX_PUT, REDUCE, REINDEX, Refuse, UNARY, VIEW, aten, attr_of, conv_groups,
+                                    INDEX_PUT, REDUCE, REINDEX, Refuse, SHAPE_AS, UNARY, VIEW, aten, attr_of, conv_groups,
                                     conv_transposed, conv_weight_dims, index_result_dim, merge_groups, op_name,
                                     permutation, reduce_dims, shape, where)
 
@@ -128,6 +129,8 @@ class ForwardRules(IndexRules):
         elif t in PER_CHANNEL:  # pooling, x.max(dim): each channel on its own (indices refused when used)
             for values, new in pooled_values(node, src, dim):
                 self._propagate(src, values, new)
+        elif t in SHAPE_AS:
+            self._shape_as(src, node, dim, layout)
         elif t in VIEW:
             self._view(src, node, dim, layout)
         elif t in REINDEX:
@@ -276,7 +279,27 @@ class ForwardRules(IndexRules):
             self.group_groups(groups)
             self._use(w, 1, "grouped_consumer", CORE, groups)
 
-    def _view(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+    def _shape_as(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout) -> None:
+        """``a.reshape_as(b)``, ``a.view_as(b)``, ``a.expand_as(b)``: from ``a`` the rule of the view or expand it
+        equals; ``b`` gives only its shape, so the output and ``b`` carry the channels in the same dim, and ``a``
+        must carry them too (backward rule). No literal size to patch: the shape follows ``b`` at run time."""
+        a, b = node.args[0], node.args[1]
+        if layout is not CORE:
+            raise Refuse(f"{op_name(node)}{where(node)} reshapes concatenated or flattened channels to another "
+                         "tensor's shape")
+        if src is a:
+            if SHAPE_AS[node.target] == aten.expand.default:
+                self._propagate(src, node, dim + len(shape(node)) - len(shape(src)))
+            else:
+                self._view(src, node, dim, layout, patch=False)
+            if node not in self.core:
+                raise Refuse(f"{op_name(node)}{where(node)} merges the grown dimension with others")
+        if isinstance(b, fx.Node):  # b has the output's shape: it carries the channels where the output does
+            self._mark(b, self.core[node] if src is a else dim, backward=True)
+        if src is b:
+            self._mark(node, dim, backward=True)
+
+    def _view(self, src: fx.Node, node: fx.Node, dim: int, layout: Layout, patch: bool = True) -> None:
         ins, outs = shape(src), shape(node)
         groups = merge_groups(ins, outs)
         if groups is None:
@@ -290,7 +313,7 @@ class ForwardRules(IndexRules):
                              "(e.g. attention heads); grow whole heads instead")
             target = big[0] if big else c
             before, after = math.prod(ins[a:dim]), math.prod(ins[dim + 1:b])
-            if self.trace.is_model and node.target != aten.flatten.using_ints:
+            if patch and self.trace.is_model and node.target != aten.flatten.using_ints:
                 self.group.patches.append(ViewPatch(node.name, target, layout if before * after == 1 else Merge(layout, before, after)))
             if before * after == 1:
                 self._propagate(src, node, target)

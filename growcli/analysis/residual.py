@@ -34,12 +34,12 @@ from growcli.core.errors import NotGrowableError
 
 # Ops whose output equals their input's values (casts are checked separately: only widening ones).
 VALUE_PRESERVING = {"clone", "contiguous", "dropout", "native_dropout", "feature_dropout", "alpha_dropout", "alias",
-                    "detach", "view", "_unsafe_view", "reshape", "lift_fresh_copy"}
+                    "detach", "view", "_unsafe_view", "reshape", "lift_fresh_copy", "reshape_as", "view_as"}
 CASTS = {"to", "_to_copy", "type_as"}
 # Ops that map an all-zero input to an all-zero output (layout changes, slicing, negation, sums).
 ZERO_PRESERVING = VALUE_PRESERVING | CASTS | {
-    "transpose", "permute", "t", "numpy_T", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "select", "slice",
-    "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat", "repeat_interleave",
+    "transpose", "permute", "t", "numpy_T", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as",
+    "select", "slice", "split", "split_with_sizes", "sum", "chunk", "unbind", "narrow", "neg", "repeat", "repeat_interleave",
     "index", "index_select", "gather", "roll"}
 # Pads move their input's values and fill the new positions: zero-preserving when the fill is 0 or copied
 # (reflect, replicate, circular), never for a nonzero constant (:func:`moves_zeros`).

@@ -23,8 +23,8 @@ from growcli.analysis.stream_plan import (Constant, FINITE, HiddenState, LINEAR_
                                           PlanBook, SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
 from growcli.analysis.matmuls import param_matmul
 from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS
-from growcli.analysis.trace import (ADDMM, BINARY, INDEX_PUT, METADATA_CHECKS, REDUCE, REINDEX, UNARY, VIEW, attr_of,
-                                    data_of, flat_args, module_of, op_name, shape, weight_of, where)
+from growcli.analysis.trace import (ADDMM, BINARY, INDEX_PUT, METADATA_CHECKS, REDUCE, REINDEX, SHAPE_AS, UNARY, VIEW,
+                                    attr_of, data_of, flat_args, module_of, op_name, shape, weight_of, where)
 
 aten = torch.ops.aten
 
@@ -90,7 +90,7 @@ class Planner(PlanBook):
             return self.cat_op(node, dim)
         if node.args[0] not in self.st:
             self.refuse(f"{op_name(node)}{where(node)} makes hidden states from '{node.args[0]}', which growcli cannot follow")
-        if t in REINDEX or t in VIEW or t in ROW_OPS:  # ROW_OPS: whole hidden vectors move between rows
+        if t in REINDEX or t in VIEW or t in SHAPE_AS or t in ROW_OPS:  # ROW_OPS: whole hidden vectors move between rows
             self.st[node] = self.st[node.args[0]]
             return
         if t in UNARY:

@@ -51,11 +51,18 @@ POOL = {aten.max_pool2d.default: 2, aten.avg_pool2d.default: 2, aten.adaptive_av
         aten.max_pool3d_with_indices.default: 3, aten.adaptive_max_pool1d.default: 1,
         aten.adaptive_max_pool2d.default: 2, aten.adaptive_max_pool3d.default: 3,
         aten.upsample_nearest2d.vec: 2, aten.upsample_bilinear2d.vec: 2}
-CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+# ``conv*d.padding`` is the overload for string padding (``padding="same"`` / ``"valid"``): same arguments in the
+# same places, the padding a string (channels are unaffected; code that reads the padding must handle the string).
+CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+        aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
 # Transposed convolutions (``nn.ConvTranspose1d/2d/3d``); ``aten.convolution`` with ``transposed=True`` is one too
 # (:func:`conv_transposed`). Kept out of ``CONV``: their weight holds the channels the other way round (:func:`conv_weight_dims`).
 CONV_TRANSPOSE = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 VIEW = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+# ``a.reshape_as(b)`` / ``a.view_as(b)`` / ``a.expand_as(b)``: ``a`` viewed or expanded to ``b``'s shape, read from ``b``
+# at run time (``b``'s values are not read); the rule of the op each equals.
+SHAPE_AS = {aten.reshape_as.default: aten.reshape.default, aten.view_as.default: aten.view.default,
+            aten.expand_as.default: aten.expand.default}
 PAD = {aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.default, aten.replication_pad2d.default}
 BATCH_NORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 # ``addmm(bias, x, W) = bias + x @ W``: Hugging Face's Conv1D (GPT-2) is a view → addmm → view.
@@ -219,7 +226,7 @@ def source_dim(node: fx.Node, dim: int) -> int | None:
     """The dimension of ``node``'s input that becomes its output dimension ``dim`` (a view that
     neither splits nor merges it, or an op that only moves dimensions); None if there is none."""
     src = node.args[0]
-    ins, outs, t = shape(src), shape(node), node.target
+    ins, outs, t = shape(src), shape(node), SHAPE_AS.get(node.target, node.target)
     if ins is None or outs is None:
         return None
     rank = len(ins)

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import fx, nn
 
-from growcli.analysis.trace import (CONV_TRANSPOSE, METADATA_CHECKS, Trace, conv_groups, conv_transposed,
+from growcli.analysis.trace import (CONV, CONV_TRANSPOSE, METADATA_CHECKS, Trace, conv_groups, conv_transposed,
                                     conv_weight_dims, module_of, op_name, shape, where)
 from growcli.core.errors import NotGrowableError
 
@@ -24,7 +24,7 @@ aten = torch.ops.aten
 
 LINEAR_OPS = {aten.linear.default}
 # Transposed convolutions too: the identity after one is a Dirac conv on its output channels (weight dim 1).
-CONV_OPS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default} | CONV_TRANSPOSE
+CONV_OPS = CONV | CONV_TRANSPOSE  # string padding (``conv2d.padding``) included: the new layer sets its own padding
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
