@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from cnn_zoo import HF_MODELS  # noqa: E402
-from gen_coverage import EXACT, cell, one_line, parse_table  # noqa: E402
+from gen_coverage import EXACT, cell, one_line, parse_table, run_family  # noqa: E402
 
 OUT = HERE / "coverage_cnn.md"
 COMMAND = "python docs/gen_cnn_coverage.py"
@@ -289,28 +288,8 @@ def worker(label: str, results: Path, columns: tuple[str, ...]) -> None:
 
 
 def run_model(label: str, timeout: float, columns: tuple[str, ...]) -> dict[str, dict]:
-    """Run :func:`worker` in a subprocess (so a timeout cannot hang the table); results by column."""
-    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
-        results = Path(f.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", label, "--results", str(results),
-           "--columns", ",".join(columns)]
-    start = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        crash = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit code"])[-1]
-    except subprocess.TimeoutExpired:
-        crash = f"timeout after {timeout:.0f} s"
-    got = {}
-    for line in results.read_text().splitlines():
-        record = json.loads(line)
-        got[record["column"]] = record
-    results.unlink()
-    for column in ("build",) + columns:
-        if column not in got and "skipped" not in {r["status"] for r in got.values()}:
-            got[column] = {"status": "error", "detail": one_line(crash or "no result")}
-    print(f"{label}: {time.time() - start:.0f} s " + " ".join(f"{c}={got[c]['status']}" for c in got if c in columns),
-          file=sys.stderr, flush=True)
-    return got
+    """:func:`worker` for ``label`` in a subprocess with a timeout (gen_coverage's runner); results by column."""
+    return run_family(label, timeout, columns, script=__file__)
 
 
 def cnn_cell(record: dict | None) -> str:

@@ -217,11 +217,12 @@ def worker(family: str, results: Path, columns: tuple[str, ...]) -> None:
             emit({"column": column, **run_column(column, path, Path(tmp))})
 
 
-def run_family(family: str, timeout: float, columns: tuple[str, ...]) -> dict[str, dict]:
-    """Run :func:`worker` in a subprocess (so a timeout cannot hang the table); results by column."""
+def run_family(family: str, timeout: float, columns: tuple[str, ...], script: str = __file__) -> dict[str, dict]:
+    """Run ``script --worker family`` (this script's :func:`worker`, or another table's) in a subprocess, so a
+    timeout cannot hang the table; results by column."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         results = Path(f.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", family, "--results", str(results),
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", family, "--results", str(results),
            "--columns", ",".join(columns)]
     start = time.time()
     try:
