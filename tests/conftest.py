@@ -101,7 +101,7 @@ def _deterministic():
     yield
 
 
-# The slowest cases (≥ 5 s each on the 2-core development machine), listed by node id in tests/slow_tests.txt, are
+# The slowest cases (≥ 3 s each on the 2-core development machine, a few real-parts tests excepted), listed by node id in tests/slow_tests.txt, are
 # marked ``slow`` and left out of the default run (pyproject's addopts); ``python -m pytest -m slow`` runs them,
 # ``python -m pytest -m ""`` runs everything. Cases can also carry ``@pytest.mark.slow`` themselves.
 _SLOW = {line.strip() for line in (Path(__file__).parent / "slow_tests.txt").read_text().splitlines()
