@@ -148,22 +148,21 @@ class Planner(PlanBook):
     def accumulate_op(self, node: fx.Node) -> None:
         """``self`` plus rows of ``source`` added at their indices: a sum of hidden vectors, which keeps their
         common scale and their padding (zero stays zero, a sum of per-token means is the mean of the sum)."""
-        base, source = (self.st.get(a) if isinstance(a, fx.Node) else None for a in (node.args[0], node.args[3]))
-        if base is None or source is None:
-            self.refuse(f"{op_name(node)}{where(node)} adds hidden states to a tensor growcli cannot follow")
-        if not base.zero and not math.isclose(base.alpha, source.alpha, rel_tol=1e-12):
-            self.refuse(f"{op_name(node)}{where(node)} adds hidden states of different scales ({base.alpha:.6g} and "
-                        f"{source.alpha:.6g})")
-        self.set(node, source.alpha, base.pads & source.pads, [base, source])
+        self._sum_into(node, node.args[3], "adds hidden states to a tensor growcli cannot follow", "adds")
 
     def index_put_op(self, node: fx.Node) -> None:
         """``out = x; out[indices] (+)= values`` along other dims than the hidden one: each hidden vector of ``out`` is
         one of ``x``'s, one of ``values``' or their sum, so the common scale and the padding are kept (as a sum)."""
-        base, values = (self.st.get(a) if isinstance(a, fx.Node) else None for a in (node.args[0], node.args[2]))
+        self._sum_into(node, node.args[2], "writes a tensor growcli cannot follow into the hidden states", "writes")
+
+    def _sum_into(self, node: fx.Node, values_arg: object, unknown: str, verb: str) -> None:
+        """``node``'s hidden vectors are ``args[0]``'s, ``values_arg``'s or sums of both: one common scale, the
+        padding both keep."""
+        base, values = (self.st.get(a) if isinstance(a, fx.Node) else None for a in (node.args[0], values_arg))
         if base is None or values is None:
-            self.refuse(f"{op_name(node)}{where(node)} writes a tensor growcli cannot follow into the hidden states")
+            self.refuse(f"{op_name(node)}{where(node)} {unknown}")
         if not base.zero and not math.isclose(base.alpha, values.alpha, rel_tol=1e-12):
-            self.refuse(f"{op_name(node)}{where(node)} writes hidden states of different scales ({base.alpha:.6g} and "
+            self.refuse(f"{op_name(node)}{where(node)} {verb} hidden states of different scales ({base.alpha:.6g} and "
                         f"{values.alpha:.6g})")
         self.set(node, values.alpha, base.pads & values.pads, [base, values])
 
