@@ -36,18 +36,7 @@ def _diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 # -- 1. a user batch in the model's dtype --------------------------------------------------------------------------
 
-class Conv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv1d(5, 8, 3)
-        self.c2 = nn.Conv1d(8, 4, 3)
-
-    def forward(self, x):
-        return self.c2(torch.tanh(self.c1(x)))
-
-
-def conv_model() -> nn.Module:
-    return Conv().double()
+from test_user_inputs import conv_model  # noqa: E402  (two 1-d convolutions in float64; also the --arch below)
 
 
 def test_with_example_casts_floats_to_the_model_dtype_and_keeps_integers():
