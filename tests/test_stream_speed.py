@@ -168,6 +168,42 @@ def test_gather_falls_back_to_take_past_the_run_limit():
     assert torch.equal(bits(new.index_select(1, kept)), bits(old.index_select(1, idx[kept])))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shares", ["halves", "asymmetric"])
+@pytest.mark.parametrize("values", ["normal", "subnormal"])
+def test_share_out_of_pairs_says_exact_exactly_when_the_float64_sums_agree(dtype, shares, values):
+    """Every old position in two parts: share_out skips its float64 sum check, and must still say what it says."""
+    gen = torch.Generator().manual_seed(5)
+    old = torch.randn(3, 8, generator=gen).to(dtype)
+    if values == "subnormal":  # w/2 of the smallest subnormal rounds to 0: halves no longer sum to w
+        tiny = torch.finfo(dtype).tiny
+        old[0, :3] = torch.tensor([tiny * 2 ** -3, -tiny * 2 ** -5, tiny * 1.5]).to(dtype)
+    src = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7])
+    scale = torch.full((16,), 0.5, dtype=torch.float64)
+    if shares == "asymmetric":
+        scale = torch.rand(16, generator=gen, dtype=torch.float64) + 0.5
+        scale = scale / torch.zeros(8, dtype=torch.float64).index_add_(0, src, scale)[src]
+    total = torch.ones(8, dtype=torch.float64)
+    parts, got, exact = splits.share_out(old, 1, src, scale, total)
+    ref, ref_got = splits.split_columns(old, 1, src, scale, torch.ones(16, dtype=torch.bool))
+    sums = torch.zeros(3, 8, dtype=torch.float64).index_add_(1, src, ref.to(torch.float64))
+    assert torch.equal(bits(parts), bits(ref)) and torch.equal(got, ref_got)
+    assert exact == torch.equal(sums, old.to(torch.float64))
+    assert exact or (shares, values) == ("halves", "subnormal")
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_put_of_runs_of_positions_equals_index_copy(dim):
+    gen = torch.Generator().manual_seed(8)
+    t = torch.randn(12, 14, generator=gen).to(torch.bfloat16)
+    for pos in (torch.tensor([0, 1, 2, 6, 7, 11]), torch.tensor([3, 9])):
+        v = torch.randn(*[len(pos) if d == dim else s for d, s in enumerate(t.shape)], generator=gen).to(t.dtype)
+        a, b = t.clone(), t.clone()
+        splits.put(a, dim, pos, v)
+        b.index_copy_(dim, pos, v)
+        assert torch.equal(bits(a), bits(b))
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_put_of_a_run_of_positions_equals_index_copy(dim):
     gen = torch.Generator().manual_seed(7)

@@ -190,14 +190,28 @@ def take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
 def put(t: torch.Tensor, dim: int, pos: torch.Tensor, values: torch.Tensor) -> None:
     """``t.index_copy_(dim, pos, values)`` (distinct ``pos``, the same dtype), bit for bit; along an inner
     dimension of CPU float tensors as a numpy assignment of their bits (as :func:`take`)."""
-    if len(pos) and int(pos[-1]) - int(pos[0]) == len(pos) - 1 and bool((pos.diff() == 1).all()):
-        t.narrow(dim, int(pos[0]), len(pos)).copy_(values)  # a run of positions (padding, a tile): one slice copy
+    starts = _runs(pos)
+    if len(starts) <= RUNS:  # runs of positions (padding, tiles, copied heads): one slice copy each
+        for a, b in zip(starts, starts[1:] + [len(pos)]):
+            t.narrow(dim, int(pos[a]), b - a).copy_(values.narrow(dim, a, b - a))
         return
     if dim == 0 or t.device.type != "cpu" or not t.is_floating_point() or t.element_size() not in BITS:
         t.index_copy_(dim, pos, values)
         return
     kind = BITS[t.element_size()]
     t.detach().view(kind).numpy()[(slice(None),) * dim + (pos.numpy(),)] = values.detach().view(kind).numpy()
+
+
+RUNS = 64  # runs of consecutive positions copied as slices; more: one gather or scatter
+
+
+def _runs(pos: torch.Tensor) -> list[int]:
+    """Where each run of consecutive positions (``p, p + 1, …``) of ``pos`` starts."""
+    if not len(pos):
+        return []
+    brk = torch.ones(len(pos), dtype=torch.bool)
+    brk[1:] = pos[1:] != pos[:-1] + 1
+    return torch.nonzero(brk).flatten().tolist()
 
 
 def _split_reference(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.Tensor,
@@ -290,16 +304,32 @@ def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tenso
     ``fl(w·total)``): the parts, the scale each got (float64), and whether the parts of every old position
     sum, in float64, to ``w·total``."""
     hit, slot = torch.unique(src, return_inverse=True)
-    cols = take(old, dim, hit)
+    cols = gather(old, dim, hit)
     if bool((total[hit] == 1.0).all()) and finite(cols):  # w·1 is w: no float64 round trip
-        base, want = cols, cols.to(torch.float64)
+        parts, got = split_columns(cols, dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
+        if _pairs_exact(cols, slot, got):
+            return parts, got, True
+        want = cols.to(torch.float64)
     else:
         want = cols.to(torch.float64)
         want = want * along(want, dim, total[hit])
-        base = want.to(old.dtype)
-    parts, got = split_columns(base, dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
+        parts, got = split_columns(want.to(old.dtype), dim, slot, scale / total[src],
+                                   torch.ones(len(src), dtype=torch.bool))
     sums = torch.zeros_like(want).index_add_(dim, slot, parts.to(torch.float64))
     return parts, got * total[src], torch.equal(sums, want)
+
+
+def _pairs_exact(cols: torch.Tensor, slot: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether the parts :func:`split_columns` made of finite ``cols`` sum to them in float64 without a check: each
+    old position in exactly two parts, ``a`` and ``w − a`` (Sterbenz: exact, subnormals too) or ``w/2`` twice (exact
+    unless ``w/2`` underflows: no nonzero ``|w|`` below twice the smallest normal). The sum of two floats whose exact
+    sum ``w`` is a float is exact. Then the float64 sums the check would compute equal ``w``."""
+    if cols.dtype == torch.float64 or not bool((torch.bincount(slot) == 2).all()):
+        return False
+    if not bool((got == 0.5).any()):
+        return True
+    a = cols.abs()
+    return not bool(((a < 2 * torch.finfo(cols.dtype).tiny) & (a > 0)).any())
 
 
 def gather(old: torch.Tensor, dim: int, idx: torch.Tensor, runs: int = 64) -> torch.Tensor:
