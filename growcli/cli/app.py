@@ -52,8 +52,28 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
     pass
 
 
+HEAP_MMAP_BYTES = 32 << 20  # glibc: allocations from this size up are memory maps, returned when freed (its dynamic maximum)
+
+
+def _bound_heap() -> None:
+    """Large blocks (tensors read, converted, written) come from their own memory maps and go back to the
+    system when freed. glibc's default raises its map threshold after each large free (up to 32 MB), so the
+    tensors of a streamed or block-wise run pile up in a fragmented heap that never shrinks: block-wise
+    verification of a 1.1B checkpoint peaked at 1.1–1.2 GB that way, 0.55–0.6 GB with a fixed threshold.
+    The CLI process only (the Python API leaves its host's allocator alone); nothing elsewhere than glibc."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_BYTES)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
     """Console entry point; click usage errors become one line and exit 2."""
+    _bound_heap()
     if os.environ.get("GROWCLI_DEBUG") != "1":
         import warnings
 

@@ -41,6 +41,7 @@ from growcli.core.errors import GrowError, InputsError, NotGrowableError
 from growcli.core.inputs import Batch, cast_batch
 from growcli.verification.compare import (DATA_MOVES, DEFAULT_TOL, OutputCheck, VerifyReport, compare_outputs,
                                          default_tolerance, finite_json, flatten_outputs, observing)
+from growcli.verification.chunked import chunkable, sliced_forward
 from growcli.verification.ondisk import OnDisk
 from growcli.verification.stream_map import StreamMap
 
@@ -161,7 +162,13 @@ class _Run:
             handles.append(block.register_forward_hook(self._leave(i, stream, calls)))
         owners = (list(self.owners.values()) if self.lazy else []) + \
             ([o for inner in self.inner for o in inner.values()] if self.leafwise else [])
+        sliced = []  # owners run with their weight read from disk in slices (verification.chunked)
         for owner, keys in owners:
+            weight = chunkable(model, owner, keys, self.dtype)
+            if weight is not None:
+                owner.forward = sliced_forward(model, owner, weight, self.dtype)
+                sliced.append(owner)
+                keys = [k for k in keys if k != weight]
             handles.append(owner.register_forward_pre_hook(lambda m, a, keys=keys: model.load(keys, self.dtype)))
             handles.append(owner.register_forward_hook(lambda m, a, o, keys=keys: model.release(keys)))
         try:
@@ -181,6 +188,8 @@ class _Run:
         finally:
             for h in handles:
                 h.remove()
+            for owner in sliced:
+                del owner.forward
             model.release()
         ran = [i for i, n in enumerate(calls) if n != 1]
         if ran or stream[0] is None:

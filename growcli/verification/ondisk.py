@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from growcli.core.errors import FormatError, NotGrowableError
+from growcli.core.memory import trim
 from growcli.io.hf_dir import load_hf_config, saved_names
 from growcli.io.shards import TensorRef, read_tensors
 
@@ -236,13 +237,19 @@ class OnDisk:
                 (owner._parameters if is_param else owner._buffers)[attr] = value
 
     def release(self, keys: Iterable[str] | None = None) -> None:
-        """Put ``keys`` (default: every loaded tensor) back on the meta device, freeing their memory."""
+        """Put ``keys`` (default: every loaded tensor) back on the meta device, freeing their memory (given back
+        to the system: the tensors of different sizes loaded one after the other would otherwise leave a
+        fragmented heap as large as several of them)."""
+        freed = False
         for key in list(self._replaced if keys is None else keys):
             before = self._replaced.pop(key, None)
             if before is None:
                 continue
+            freed = True
             for owner, attr, is_param in self.slots[key]:
                 (owner._parameters if is_param else owner._buffers)[attr] = before
+        if freed:
+            trim()
 
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
