@@ -156,6 +156,7 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
             continue
         out = work / f"out-{name}"
         _warm(src)
+        time.sleep(args.settle)
         load = os.getloadavg()[0]
         try:
             child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
@@ -170,9 +171,12 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
         output = report["outputs"][0]
         written = output["bytes"]
         shutil.rmtree(out)
+        os.sync()
+        time.sleep(args.settle)
         copy = _with_rss([sys.executable, "-c", COPY, str(src), str(work / "copy"), str(written)])
         shutil.rmtree(work / "copy")
         os.sync()
+        time.sleep(args.settle)
         cold = _with_rss([sys.executable, "-c", COLD_COPY, str(src), str(work / "copy"), str(written)])
         shutil.rmtree(work / "copy")
         timing = report["timing"]
@@ -237,6 +241,12 @@ def main() -> None:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="generate the checkpoints in DIR/src-<size> and keep them there; one found there with the "
                          "right shape is reused instead of generated again (delete DIR yourself afterwards)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before each timed process (growcli, warm copy, cold copy), after the "
+                         "previous one's output is deleted and synced: a virtual machine that hands freed memory back "
+                         "to its host within seconds (this one does) makes writes into memory not used lately several "
+                         "times slower than into memory just freed, which favours whichever process runs right after "
+                         "a deletion (the copies, by default); 30 puts every process in the same state")
     ap.add_argument("--note", default="", help="a line added to the results (e.g. what else ran on the machine)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "llm_scale",
                     help="write <this>.json and <this>.txt (default benchmarks/results/llm_scale)")
@@ -262,13 +272,14 @@ def main() -> None:
              "(posix_fadvise DONTNEED) just before it is read; w/warm, w/cold: (write + sync) / (copy + sync); "
              "verify: growcli's check timing; peak RSS: the growcli process's own (wait4)",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-             f"shard size {args.shard_size}; {args.batches} verification batch(es); total {time.perf_counter() - started:.0f} s; "
+             f"shard size {args.shard_size}; {args.batches} verification batch(es); settle {args.settle:g} s; total {time.perf_counter() - started:.0f} s; "
              f"1-min load average {', '.join(str(r.get('load_1min_before')) for r in rows)} (before each run)",
              *([f"note: {args.note}"] if args.note else [])]
     print("\n".join(lines))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps({"shapes": {s: SIZES[s] for s in sizes}, "runs": rows,
                                                              "shard_size": args.shard_size, "batches": args.batches,
+                                                             "settle_s": args.settle,
                                                              "note": args.note},
                                                             indent=2) + "\n")
     args.results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
