@@ -528,11 +528,10 @@ def test_a_column_copies_transposed_convs_and_its_laterals_upsample_alike(adapte
         assert torch.equal(again(x, task=1), gm.module.eval()(x, task=1)) and torch.equal(again(x, task=0), want)
 
 
-# ---------------------------------------------------------------- NeST: refused by name, not "no match"
-def test_nest_mask_of_a_transposed_conv_is_refused_naming_it():
+# ---------------------------------------------------------------- NeST: masks of transposed convolutions
+def test_nest_mask_of_transposed_convs_is_exact():
     module, tensors = build("ae")
     gm = as_gm(module, tensors)
-    with pytest.raises(NotGrowableError, match=r"mask: 'dec1': it is a ConvTranspose2d .*masked transposed convolution"):
-        run_step(gm, "mask", {"layer": "dec1"}, Context(), VerifySettings())
-    report = run_step(gm, "mask", {"layer": "enc"}, Context(), VerifySettings())  # the Conv2d beside it still masks
-    assert report.changes[0]["after"] == "MaskedConv2d"
+    report = run_step(gm, "mask", {"layer": ["enc", "dec1", "dec2"]}, Context(), VerifySettings())
+    assert [c["after"] for c in report.changes] == ["MaskedConv2d", "MaskedConvTranspose2d", "MaskedConvTranspose2d"]
+    assert report.verification["passed"] and report.verification["max_abs_diff"] == 0.0

@@ -38,7 +38,7 @@ from growcli.core.errors import NotGrowableError
 from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.transforms.gradmax import EPS_REL, new_unit_value, outgoing_norm, plan_activation, value_and_slope
-from growcli.transforms.gradmax_measure import Probe, consumer_taps, measure
+from growcli.transforms.gradmax_measure import Probe, consumer_taps, measure, padded_as_op
 from growcli.transforms.gradmax_site import Site, find_site
 
 
@@ -85,7 +85,7 @@ class _FireflyProbe(Probe):
     def extra(self, h: torch.Tensor, delta: torch.Tensor) -> None:
         if self.site.is_conv:
             p, q = self.site.producer_conv, self.site.consumer_conv
-            pre = F.conv2d(h, self.cand, stride=p.stride, padding=p.padding, dilation=p.dilation)
+            pre = F.conv2d(padded_as_op(h, p), self.cand, stride=p.stride, dilation=p.dilation)  # the op's own padding
             a = new_unit_value(self.site, pre)
             taps = consumer_taps(a, q)  # [N, C·k2, L2]
             g = torch.einsum("nol,ncl->oc", delta.reshape(delta.shape[0], delta.shape[1], -1), taps)

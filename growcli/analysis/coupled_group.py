@@ -2,9 +2,10 @@
 
 A :class:`Group` lists every parameter dimension indexed by a producer layer's output
 channels (:class:`TensorUse`: ``producer``, ``copy``, ``consumer`` or ``grouped_consumer``),
-the other layers that produce the same channels, and the literal view sizes of a ``.pt2``
-program that must follow them (:class:`ViewPatch`). :class:`GroupWalk` is the state of the
-graph walk that finds them: which nodes carry the channels (``core``: in which dimension;
+the other layers that produce the same channels, the literal view sizes of a ``.pt2``
+program that must follow them (:class:`ViewPatch`), and the norms over the channels, which
+make the growth exact only by whole copies (:class:`NormSite`, :mod:`growcli.analysis.norms`).
+:class:`GroupWalk` is the state of the graph walk that finds them: which nodes carry the channels (``core``: in which dimension;
 ``derived``: concatenated or flattened, with a :class:`~growcli.analysis.layouts.Layout`),
 the work list, and the parameters recorded so far. The rules that decide what each op does
 with the channels are in :mod:`growcli.analysis.coupling_forward` and
@@ -48,6 +49,20 @@ class ViewPatch:
 
 
 @dataclass
+class NormSite:
+    """A normalisation over the grown channels (LayerNorm, RMSNorm, GroupNorm): its statistics stay those of the
+    original only when every channel is copied the same number of times, a GroupNorm's copies inside their group."""
+
+    op: str  # LayerNorm | RMSNorm | GroupNorm
+    module: str  # the module it runs in ("" when unknown)
+    groups: int = 1  # a GroupNorm's groups
+    dim: int = 0  # the channels' index in a LayerNorm's normalized_shape
+
+    def describe(self) -> str:
+        return f"{self.op} in '{self.module}'" if self.module else self.op
+
+
+@dataclass
 class Group:
     """Everything that grows together with a layer's output channels."""
 
@@ -59,6 +74,7 @@ class Group:
     depthwise: list[str] = field(default_factory=list)  # conv modules whose ``groups`` follows the size
     patches: list[ViewPatch] = field(default_factory=list)
     applications: int = 1  # the most ops reading one of its parameters in a forward pass (>1: shared across depths)
+    norms: list[NormSite] = field(default_factory=list)  # normalisations over the channels: whole copies only
 
     def describe(self) -> list[str]:
         return [f"{u.fqn} (dim {u.dim}, {u.role})" for u in self.uses]

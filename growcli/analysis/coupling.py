@@ -38,6 +38,7 @@ from growcli.analysis.coupling_forward import ELEMENTWISE, ELEMENTWISE_N, LIKE, 
 from growcli.analysis.layouts import CORE, Cat
 from growcli.analysis.matmuls import WEIGHT_MOVES, param_matmul, weight_param
 from growcli.analysis.pooling import PER_CHANNEL, WITH_INDICES, pooled_source
+from growcli.analysis.scatter import GATHER, INDEX_SELECT, SCATTER, STACK, UNBIND
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, CONV, CONV_TRANSPOSE, INDEX_PUT, METADATA_CHECKS, PAD, REINDEX,
                                     Refuse, SHAPE_AS, Trace, VIEW, aten, attr_of, conv_groups, conv_transposed, conv_weight_dims,
                                     op_name, shape, source_dim, weight_of, where)
@@ -253,6 +254,18 @@ class Analysis(ForwardRules):
             return
         if t == aten.index.Tensor:
             self._index_back(node, dim)
+            return
+        if t == operator.getitem and isinstance(node.args[0], fx.Node) and node.args[0].target in UNBIND:
+            self._unbind_back(node, dim)  # an item of x.unbind(d): x carries the channels
+            return
+        if t in INDEX_SELECT:
+            self._index_select_back(node, dim)
+            return
+        if t in GATHER or t in SCATTER:
+            self._gather_scatter_back(node, dim)
+            return
+        if t in STACK:
+            self._stack_back(node, dim)
             return
         if t in (aten.zeros.default, aten.new_zeros.default) and not self.trace.is_model:
             return  # what x[idx] += v starts from: zero everywhere, its size computed again by the module's code

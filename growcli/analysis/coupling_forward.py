@@ -7,9 +7,11 @@ and depthwise convolutions follow them; a Linear over another dim passes them on
 token mixing), views (``reshape_as``/``view_as``/``expand_as`` too: the other tensor lends only its
 shape), selections and every permutation form (``x.mT``, ``x.T``, ``transpose``, ``permute``,
 ``movedim``, …) move them to another dimension, indexed writes and reads along other
-dims keep them (:mod:`growcli.analysis.indexing`: ``index_put``, ``x[idx]``, ``index_add``),
-concatenation and flattening make derived layouts, and normalisations, pooling and
-reductions over them are refused; products by a parameter (:mod:`growcli.analysis.matmuls`: ``x @ W.T``,
+dims keep them (:mod:`growcli.analysis.indexing`: ``index_put``, ``x[idx]``, ``index_add``; :mod:`growcli.analysis.scatter`:
+``gather``, ``scatter_add``, ``index_select``, ``stack``, ``unbind``),
+concatenation and flattening make derived layouts, LayerNorm, RMSNorm and GroupNorm over them
+pass them on and are recorded, exact only by whole copies (:mod:`growcli.analysis.norms`), and pooling
+and reductions over them are refused; products by a parameter (:mod:`growcli.analysis.matmuls`: ``x @ W.T``,
 fused experts' grouped and batched matmuls, ``w[e]`` per group of rows) read them like a Linear, in every
 expert. An op without a rule makes the layer not growable, with the op and
 module named — never assumed element-wise. The backward rules, the entry point and fused projections
@@ -28,6 +30,8 @@ from growcli.analysis.indexing import IndexRules
 from growcli.analysis.layouts import CORE, Cat, Fixed, Layout, Merge
 from growcli.analysis.matmuls import ParamMatmul, is_grouped_mm, param_matmul
 from growcli.analysis.pooling import PER_CHANNEL, pooled_values
+from growcli.analysis.norms import GROUP_NORM, LAYER_NORMS, NormRules
+from growcli.analysis.scatter import ROW_MOVES, ScatterRules
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, PERMUTES,
                                     INDEX_PUT, REDUCE, REINDEX, Refuse, SHAPE_AS, UNARY, VIEW, aten, attr_of, conv_groups,
                                     conv_transposed, conv_weight_dims, index_result_dim, merge_groups, op_name,
@@ -61,7 +65,7 @@ def roll_dims(node: fx.Node) -> list[int]:
     return [d % len(shape(node)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
 
 
-class ForwardRules(IndexRules):
+class ForwardRules(IndexRules, ScatterRules, NormRules):
     """The forward half of the walk (see module docstring); :class:`growcli.analysis.coupling.Analysis`
     adds producers and the backward rules."""
 
@@ -148,6 +152,8 @@ class ForwardRules(IndexRules):
             self._propagate(src, node, at[0])
         elif t in (aten.index_add.default, aten.index_add_.default):
             self._index_add(src, node, dim)
+        elif t in ROW_MOVES:  # gather, scatter, index_select, stack, unbind along other dims
+            self._row_move(src, node, dim)
         elif t in PAD:
             pads = list(node.args[1])
             rank = len(shape(src))
@@ -155,14 +161,10 @@ class ForwardRules(IndexRules):
             if node.args[0] is not src or (2 * k + 1 < len(pads) and (pads[2 * k] or pads[2 * k + 1])):
                 raise Refuse(f"{op_name(node)}{where(node)} pads the grown dimension")
             self._propagate(src, node, dim)
-        elif t == aten.layer_norm.default:
-            rank = len(shape(src))
-            if dim >= rank - len(node.args[1]):
-                raise Refuse(f"LayerNorm{where(node)} normalises over the grown dimension "
-                             "(its statistics would change; grow the hidden size with the transformer recipes)")
-            self._propagate(src, node, dim)
-        elif t == aten.group_norm.default:
-            raise Refuse(f"GroupNorm{where(node)} normalises over the grown channels")
+        elif t in LAYER_NORMS:  # over the channels: exact by whole copies (growcli.analysis.norms)
+            self._layer_norm(src, node, dim, layout)
+        elif t == GROUP_NORM:
+            self._group_norm(src, node, dim, layout)
         elif t == aten.embedding.default:
             raise Refuse(f"embedding{where(node)} uses the channels as indices")
         else:

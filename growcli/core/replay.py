@@ -19,6 +19,7 @@ from growcli.core.edits import (check_child_name, insert_graph_call, parent_of, 
                                 set_tensor)
 from growcli.core.errors import ArchitectureError, FormatError, GrowError
 from growcli.core.module_specs import build_module, check_module_spec, dtype_named, from_json_value
+from growcli.core.size_attrs import sync_sizes
 
 # What each recorded edit kind must carry: key -> accepted JSON types.
 _STR, _INT = (str,), (int,)
@@ -94,9 +95,14 @@ def replay(root: nn.Module, records: list[dict], source: str | None = None) -> n
     outside the allowlist, raises :class:`FormatError` before anything is changed or built.
     Raises :class:`ArchitectureError` when the model does not have what an edit names,
     which means the base model is not the one the edits were recorded on.
+
+    A module whose tensors a ``param`` edit replaced gets the size attributes its tensors say
+    (:func:`growcli.core.size_attrs.sync_sizes`, the rule the width transforms record), also where none
+    were recorded: edits recorded on a loaded ``.pt2`` program, whose modules have no such attributes.
     """
     check_records(records, source)
     src = f"{source}: " if source else ""
+    resized: dict[int, nn.Module] = {}  # modules whose tensors changed shape, by id
     for i, rec in enumerate(records):
         op = rec["op"]
         where = f"{src}recorded edit {i}"
@@ -104,6 +110,9 @@ def replay(root: nn.Module, records: list[dict], source: str | None = None) -> n
             if op == "param":
                 set_tensor(root, rec["name"], torch.full(rec["shape"], rec.get("value", 0), dtype=dtype_named(rec["dtype"]),
                                                          device=_device_of(root, rec["name"])))
+                owner = parent_of(root, rec["name"])[0]
+                resized[id(owner)] = owner
+                sync_sizes(owner)  # now, for a later edit copying the module; again at the end (groups set later)
             elif op == "attr":
                 setattr(root.get_submodule(rec["module"]) if rec["module"] else root, rec["attr"], from_json_value(rec["value"]))
             elif op == "module":
@@ -130,6 +139,8 @@ def replay(root: nn.Module, records: list[dict], source: str | None = None) -> n
         except (AttributeError, TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
             detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise ArchitectureError(f"{where} ({op}) does not fit this model: {detail}") from None
+    for owner in resized.values():
+        sync_sizes(owner)
     return root
 
 

@@ -1,8 +1,8 @@
 """Masked layers for NeST (Dai, Yin, Jha 2018): sparse connections as real module state.
 
-:class:`MaskedLinear` and :class:`MaskedConv1d`/``2d``/``3d`` are the ``torch.nn`` layers with one
-more persistent buffer, ``mask`` (the weight's shape and dtype, entries 0 or 1), and a forward
-that uses ``weight * mask``. So:
+:class:`MaskedLinear`, :class:`MaskedConv1d`/``2d``/``3d`` and :class:`MaskedConvTranspose1d`/``2d``/``3d``
+are the ``torch.nn`` layers with one more persistent buffer, ``mask`` (the weight's shape and dtype, entries 0
+or 1), and a forward that uses ``weight * mask``. So:
 
 - the *function* is the masked one whatever the stored weights hold, in eager mode, in a
   ``torch.export`` program (the mask is a buffer of the program) and in ONNX (a ``Mul``);
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d"]
+__all__ = ["MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedConvTranspose1d",
+           "MaskedConvTranspose2d", "MaskedConvTranspose3d"]
 
 
 class _Masked:
@@ -104,8 +105,68 @@ class MaskedConv3d(_MaskedConv, nn.Conv3d):
         self._init_mask()
 
 
+class _MaskedConvTranspose(_Masked):
+    """Shared by the masked transposed convolutions: same constructor arguments as ``nn.ConvTransposeNd``.
+
+    The weight is ``[in, out/groups, k…]`` and the mask has its shape, so a mask entry is one connection
+    (input channel, output channel, tap) as for a plain convolution; only the layout differs. The forward is
+    ``nn.ConvTransposeNd``'s with ``weight * mask``, ``output_size`` included."""
+
+    _functional = None  # F.conv_transpose1d / 2d / 3d, set by each class
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, dims,
+                                              self.dilation)
+        return type(self)._functional(x, self.masked_weight(), self.bias, self.stride, self.padding, output_padding,
+                                      self.groups, self.dilation)
+
+    def growcli_spec(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": tuple(self.kernel_size), "stride": tuple(self.stride), "padding": tuple(self.padding),
+                "output_padding": tuple(self.output_padding), "groups": self.groups, "bias": self.bias is not None,
+                "dilation": tuple(self.dilation), "padding_mode": self.padding_mode}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, density={self.density():.3f}"
+
+
+class MaskedConvTranspose1d(_MaskedConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` computing with ``weight * mask``."""
+
+    _functional = staticmethod(F.conv_transpose1d)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+
+class MaskedConvTranspose2d(_MaskedConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` computing with ``weight * mask``."""
+
+    _functional = staticmethod(F.conv_transpose2d)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+
+class MaskedConvTranspose3d(_MaskedConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` computing with ``weight * mask``."""
+
+    _functional = staticmethod(F.conv_transpose3d)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+
 # plain layer class → its masked version (exact types: a subclass of nn.Linear may compute something else)
-MASKED = {nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d}
+MASKED = {nn.Linear: MaskedLinear, nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Conv3d: MaskedConv3d,
+          nn.ConvTranspose1d: MaskedConvTranspose1d, nn.ConvTranspose2d: MaskedConvTranspose2d,
+          nn.ConvTranspose3d: MaskedConvTranspose3d}
 MASKED_TYPES = tuple(MASKED.values())
 
 

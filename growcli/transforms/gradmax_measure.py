@@ -169,9 +169,16 @@ class Probe:
         return math.sqrt(self.rms_sq / self.rms_n) if self.rms_n else 0.0
 
 
+def padded_as_op(x: torch.Tensor, geom: ConvGeom) -> torch.Tensor:
+    """``x`` zero-padded as the convolution pads it, before and after each spatial dim (``padding="same"`` with an
+    even kernel pads one more after), for an unpadded op with ``geom``'s other arguments."""
+    pads = [p for before, after in reversed(geom.pads) for p in (before, after)]
+    return F.pad(x, pads) if any(pads) else x
+
+
 def consumer_taps(a: torch.Tensor, q: ConvGeom) -> torch.Tensor:
-    """What each consumer tap reads at each consumer output position: ``[N, C·k2h·k2w, L2]``."""
-    return F.unfold(a, q.kernel, dilation=q.dilation, padding=q.padding, stride=q.stride)
+    """What each consumer tap reads at each consumer output position, ``[N, C·k2h·k2w, L2]``, padded as the op pads."""
+    return F.unfold(padded_as_op(a, q), q.kernel, dilation=q.dilation, stride=q.stride)
 
 
 def measure(module: torch.nn.Module, probes: list[Probe], cal: Calibration) -> float:

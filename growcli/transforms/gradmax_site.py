@@ -30,7 +30,12 @@ from growcli.core.errors import NotGrowableError
 
 @dataclass(frozen=True)
 class ConvGeom:
-    """A convolution's geometry, one entry per spatial dim (``padding="same"`` as the padding it amounts to)."""
+    """A convolution's geometry, one entry per spatial dim.
+
+    ``padding`` is what the op pads before each dim's positions, ``padding_after`` what it pads after them when
+    that differs (empty: the same). Numeric paddings are symmetric; ``padding="same"`` pads ``d·(k − 1)`` in all,
+    split as torch splits it: ``total // 2`` before and the rest after, so an even kernel (``k = 4``: 1 and 2)
+    pads one more after (``"valid"``: nothing)."""
 
     kernel: tuple[int, ...]
     stride: tuple[int, ...]
@@ -38,13 +43,19 @@ class ConvGeom:
     dilation: tuple[int, ...]
     transposed: bool = False
     output_padding: tuple[int, ...] = ()
+    padding_after: tuple[int, ...] = ()
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], ...]:
+        """``(before, after)`` per spatial dim."""
+        return tuple(zip(self.padding, self.padding_after or self.padding))
 
     def uniform_on_constants(self) -> bool:
         """Whether every output position reads every tap of a constant input (so a constant input gives
         ``constant · Σ weights`` everywhere): an unpadded convolution; a transposed one only with stride 1
         and padding ``dilation·(kernel − 1)`` (borders cropped to where all taps overlap)."""
         if not self.transposed:
-            return not any(self.padding)
+            return not any(p for side in self.pads for p in side)
         return all(s == 1 and p == d * (k - 1) for s, p, d, k in zip(self.stride, self.padding, self.dilation, self.kernel))
 
 
@@ -118,13 +129,14 @@ def _conv_geom(node: fx.Node, layer: str, any_conv: bool) -> ConvGeom:
     if int(groups or 1) != 1:
         raise refusal(layer, f"grouped convolution{where(node)} ({groups} groups)")
     kernel, dilation = tuple(w[2:]), _ints(dilation if dilation is not None else 1, n)
+    after: tuple[int, ...] = ()
     if isinstance(padding, str):
-        if not any_conv:
-            raise refusal(layer, f"convolution{where(node)} uses padding={padding!r}; this needs explicit padding sizes")
-        # "valid" pads nothing; "same" pads d·(k−1) in all, split between the two sides
-        padding = tuple((d * (k - 1) + 1) // 2 if padding == "same" else 0 for d, k in zip(dilation, kernel))
+        # the op's own padding: "valid" pads nothing; "same" pads d·(k − 1), total // 2 before and the rest after
+        total = tuple(d * (k - 1) if padding == "same" else 0 for d, k in zip(dilation, kernel))
+        padding, after = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+        after = after if after != padding else ()
     return ConvGeom(kernel, _ints(stride if stride is not None else 1, n), _ints(padding if padding is not None else 0, n),
-                    dilation, transposed, _ints(output_padding or 0, n) if transposed else ())
+                    dilation, transposed, _ints(output_padding or 0, n) if transposed else (), after)
 
 
 def find_site(trace: Trace, group: Group, any_conv: bool = False) -> Site:
@@ -136,6 +148,10 @@ def find_site(trace: Trace, group: Group, any_conv: bool = False) -> Site:
     side) and 1-, 2- or 3-d only with ``any_conv`` (see the module docstring); groups must be 1.
     """
     layer = group.layer
+    if group.norms:  # growcli.analysis.norms: exact only when every channel is copied equally often
+        raise refusal(layer, f"{group.norms[0].describe()} normalises over the channels; the new units of gradmax "
+                             "and firefly are not whole copies of every channel and would change its statistics "
+                             "(init net2net grows them by whole copies)")
     if group.applications > 1:
         raise refusal(layer, f"its weights run {group.applications} times in the forward pass (shared weights); "
                              "gradmax measures one use")

@@ -1,9 +1,9 @@
 """NeST (Dai, Yin, Jha 2018): masked connections that grow by gradient and are pruned by magnitude.
 
-The layers are :mod:`growcli.nn.masks`' masked Linear/Conv layers: ``weight * mask`` with the mask
+The layers are :mod:`growcli.nn.masks`' masked Linear/Conv/ConvTranspose layers: ``weight * mask`` with the mask
 saved as a buffer. The transforms, each a pure model edit:
 
-- ``mask``: replace a ``torch.nn`` Linear/Conv by its masked version holding the *same* weight
+- ``mask``: replace a ``torch.nn`` Linear/Conv/ConvTranspose by its masked version holding the *same* weight
   and bias; the mask is ones, or (default) zero exactly where the weight is zero, so
   ``weight · mask = weight`` bit for bit: exact.
 - ``grow_connections``: activate the missing connections (mask 0) whose ``|∂L/∂(w·m)|`` on the
@@ -95,7 +95,7 @@ def _refuse_program(gm: GrowModel, op: str) -> None:
 
 
 def _maskable(root: nn.Module) -> dict[str, str | None]:
-    """Every Linear/Conv layer → ``None`` if ``mask`` applies, else why not."""
+    """Every Linear/Conv/ConvTranspose layer → ``None`` if ``mask`` applies, else why not."""
     uses: dict[int, int] = {}
     for _, p in root.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -107,9 +107,6 @@ def _maskable(root: nn.Module) -> dict[str, str | None]:
             tied = uses.get(id(m.weight), 0) > 1
             out[name] = ("its weight is shared with another module (tied), so masking it here would not mask the other "
                          "use" if tied else None)
-        elif isinstance(m, nn.modules.conv._ConvTransposeNd):  # named, so asking for one says why instead of "no match"
-            out[name] = (f"it is a {type(m).__name__} (weight [in, out/groups, k…]); NeST's masked layers are Linear and "
-                         "Conv1d/2d/3d, a masked transposed convolution is not available")
     return out
 
 

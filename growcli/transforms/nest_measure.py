@@ -20,7 +20,7 @@ from growcli.analysis.calibration import Calibration, batch_loss, run_on_batch
 from growcli.core.errors import NoMatchingModuleError, NotGrowableError
 from growcli.core.inputs import cast_batch
 from growcli.core.select import select
-from growcli.nn.masks import MASKED_TYPES
+from growcli.nn.masks import MASKED, MASKED_TYPES
 
 LAYER_HELP = "Module name, dotted suffix, glob or regex; a list selects several layers."
 DATA_HELP = "Calibration data, .safetensors/.pt with 'input' and 'target' (the gradient comes from it)."
@@ -44,7 +44,7 @@ def select_masked(root: nn.Module, selector: str | list[str], op: str) -> list[s
     try:
         return select(selector, masked, "masked layer")
     except NoMatchingModuleError:
-        plain = [n for n, m in root.named_modules() if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)]
+        plain = [n for n, m in root.named_modules() if type(m) in MASKED]
         hit = select(selector, plain + masked, "layer")  # an unknown name: the usual error with near misses
         raise NotGrowableError(f"{op}: {', '.join(map(repr, hit))} {'is' if len(hit) == 1 else 'are'} not masked; "
                                "add a mask step for it first") from None

@@ -114,6 +114,9 @@ def describe_units(gm: GrowModel, trace: Trace, group: Group) -> Units:
     if group.groups != 1 or group.depthwise or any(u.role == "grouped_consumer" for u in group.uses):
         raise NotGrowableError(f"'{group.layer}': prune: grouped or depthwise convolutions follow its channels; "
                                "pruning them is not supported")
+    if group.norms:  # a dead or duplicate channel still counts in the norm's mean and variance
+        raise NotGrowableError(f"'{group.layer}': prune: {group.norms[0].describe()} normalises over its channels; "
+                               "removing channels would change its statistics")
     inside = [u for u in group.uses if u.role != "consumer"]
     consumers = [u for u in group.uses if u.role == "consumer"]
     incoming, raw = _entries(root, inside, group.size)

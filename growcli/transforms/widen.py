@@ -26,7 +26,7 @@ from growcli.core.inputs import make_batches
 from growcli.core.model import GrowModel
 from growcli.core.origins import AxisMap, Origin
 from growcli.core.select import select
-from growcli.transforms.channels import channel_map, new_units, remap, split_factors  # noqa: F401 (re-exported)
+from growcli.transforms.channels import channel_map, copy_groups, new_units, remap, split_factors  # noqa: F401 (re-exported)
 from growcli.transforms.firefly import widen_firefly
 from growcli.transforms.gradmax import widen_gradmax
 from growcli.transforms.hfconfig import fit_sizes
@@ -120,7 +120,12 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
                 report: StepReport) -> None:
     """Rewrite every tensor of ``group`` for ``new_size`` channels (in place, through ``gm.edits``)."""
     root = gm.module
-    g = channel_map(group.size, new_size, group.groups, gen)
+    blocks = copy_groups(group, new_size, spec.init)  # norms over the channels: whole copies, or refused
+    g = channel_map(group.size, new_size, blocks, gen, whole=bool(group.norms))
+    if group.norms:
+        names = ", ".join(n.describe() for n in group.norms[:3]) + (", …" if len(group.norms) > 3 else "")
+        report.notes.append(f"'{group.layer}': {len(group.norms)} norm(s) over the channels ({names}): every channel "
+                            f"copied {new_size // group.size} times, so their statistics stay the same")
     fresh = new_units(g)
     factors = split_factors(g, group.size, spec.split, spec.init, gen)
     jobs = deferring()
@@ -147,7 +152,29 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
         gm.edits.groups(root, name, new_size)
     for name in sorted({n.rpartition(".")[0] for u in group.uses for n in (u.fqn, *tied.get(u.fqn, ()))}):
         sync_attributes(gm, name)
+    _resize_plain_norms(gm, group, new_size)
     _patch_views(gm, group, g)
+
+
+SHAPED_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _resize_plain_norms(gm: GrowModel, group: Group, new_size: int) -> None:
+    """A norm module without affine tensors (no use of the group resizes it) still holds the channel count that
+    its forward passes to the op: ``normalized_shape`` (at the channels' index) or ``num_channels``."""
+    for norm in group.norms:
+        try:
+            m = gm.module.get_submodule(norm.module) if norm.module else None
+        except AttributeError:  # a loaded .pt2 program: the graph's literal is patched instead
+            continue
+        if m is None or getattr(m, "weight", None) is not None:
+            continue  # affine: sync_attributes follows its weight
+        if isinstance(m, nn.GroupNorm) and m.num_channels == group.size:
+            gm.edits.attr(gm.module, norm.module, "num_channels", new_size)
+        elif isinstance(m, SHAPED_NORMS) and tuple(m.normalized_shape)[norm.dim] == group.size:
+            shape = list(m.normalized_shape)
+            shape[norm.dim] = new_size
+            gm.edits.attr(gm.module, norm.module, "normalized_shape", tuple(shape))
 
 
 def _tied_names(root: nn.Module) -> dict[str, tuple[str, ...]]:
