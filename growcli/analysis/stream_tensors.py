@@ -23,7 +23,6 @@ from torch import fx
 from growcli.analysis.coupled_group import Group, TensorUse
 from growcli.analysis.coupling import Analysis
 from growcli.analysis.layouts import CORE, Layout
-from growcli.analysis.liveness import dead_nodes
 from growcli.analysis.trace import (ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, Refuse, Trace, UNARY, VIEW,
                                     attr_of, flat_args, module_of, op_name, reduce_dims, shape, weight_of, where)
 from growcli.core.errors import NotGrowableError
@@ -64,7 +63,6 @@ class StreamAnalysis(Analysis):
         # Hidden states that are model outputs (an embedding model's last_hidden_state) → their hidden dim;
         # they grow with the stream, and the verification compares them through the output map.
         self.outputs: dict[fx.Node, int] = {}
-        self.dead = dead_nodes(trace.graph)  # read for their shape only (BART's inputs_embeds[:, :, -1]): no use
 
     def run(self) -> Group:
         self.group = Group(self.layer, 0)
@@ -96,7 +94,7 @@ class StreamAnalysis(Analysis):
             self.work.append(("fwd", node))
 
     def _forward(self, src: fx.Node, node: fx.Node) -> None:
-        if node.op == "call_function" and node.target in METADATA_CHECKS or node in self.dead:
+        if node.op == "call_function" and node.target in METADATA_CHECKS:
             return
         if node.op == "output":
             if src in self.stats:
