@@ -213,11 +213,3 @@ def test_a_head_index_computed_in_the_model_is_refused_naming_the_op():
     with pytest.raises(NotGrowableError, match="index selects from the attention input with indices computed in the "
                                                "model, which growcli cannot read"):
         growcli.apply(gm, "heads", seed=0, factor=2)
-
-
-def test_a_streamed_falcon_run_is_refused_naming_the_meta_device_constant(falcons, tmp_path):
-    out = tmp_path / "never"
-    with pytest.raises(NotGrowableError, match="a trace on the meta device does not hold"):
-        grow(Source(falcons["multi_query"]), [Step("hidden", {"factor": 2})], [Output(str(out) + "/")], seed=0,
-             streaming=True)
-    assert not out.exists()

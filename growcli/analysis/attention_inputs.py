@@ -48,9 +48,12 @@ from growcli.analysis.trace import (ADDMM, REDUCE, Refuse, Trace, UNARY, VIEW, f
 aten = torch.ops.aten
 BROADCAST = {aten.expand.default, aten.broadcast_to.default}
 # Ops that copy a constant tensor into the graph (a list index such as ``x[..., [-2], :]``).
-CONSTANT_COPIES = {aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default}
+CONSTANT_COPIES = {aten.lift_fresh_copy.default, aten.clone.default, aten._to_copy.default, aten.detach.default,
+                   aten.detach_.default}
 # Values of index constants a trace on the meta device cannot hold, by name, read from a trace of the same code.
 _KNOWN: ContextVar[dict[str, list[int]]] = ContextVar("known_index_constants", default={})
+# Reshapes, read by their input and output shapes (unflatten: a view that splits one dim; module traces keep it).
+RESHAPES = VIEW | {aten.unflatten.int}
 
 
 def index_constants(trace: Trace) -> dict[str, list[int]]:
@@ -126,14 +129,16 @@ def _heads(w: Walk, node: fx.Node, h: int, ds: tuple[int, ...], fixed: dict[int,
                       None if member is None else (up(member[0]), member[1]))
     if t == operator.getitem and getattr(src, "target", None) in SPLITS:
         x, _, dim = args_of(src)
-        if dim == h or member is not None and dim == member[0]:
-            raise Refuse(f"{op_name(src)}{where(src)} divides the attention heads")
+        if dim == h:  # one part of the heads (multi-query's [H, 1, 1]): a head pick, as a slice
+            return _heads(w, x, h, ds, fixed, first + part_start(src, node.args[1]), member)
+        if member is not None and dim == member[0]:
+            return _heads(w, x, h, ds, fixed, first, member)  # members inside each group, as a slice
         if dim not in ds:
             raise Refuse(f"{op_name(src)}{where(src)} divides another dimension than the head dimension")
         if member is None and _one_head(x, h, ds, fixed):  # the single head of unsqueezed features: this part
             return walk_features(w, x.args[0], source_dim(x, dim), part_start(src, node.args[1]), shape(node)[dim])
         return _heads(w, x, h, ds, fixed, first, member)  # one part of each head's block (a per-head fused qkv)
-    if t in VIEW:
+    if t in RESHAPES:
         return _view(w, node, h, ds, fixed, first, member)
     if t in UNARY or t in HEAD_NORM:
         return _heads(w, src, h, ds, fixed, first, member)
@@ -276,10 +281,11 @@ def _one_head(node: fx.Node, h: int, ds: tuple[int, ...], fixed: dict[int, int])
 
 
 def _view(w: Walk, node: fx.Node, h: int, ds: tuple[int, ...], fixed: dict[int, int], first: int,
-          member: tuple[int, int] | None) -> None:
+          member: tuple[int, int] | None, src: fx.Node | None = None) -> None:
     """A reshape on the way back: the split of features into heads, a repeat of key/value heads, the flatten of a
-    (group, member) layout, or a reshape that only regroups positions inside head_dim (interleaved rotary halves)."""
-    src = node.args[0]
+    (group, member) layout, or a reshape that only regroups positions inside head_dim (interleaved rotary halves).
+    ``src`` (default: the view's input) is the tensor ``node`` reshapes, an earlier view's input when two compose."""
+    src = node.args[0] if src is None else src
     ins, outs = shape(src), shape(node)
     if ins == outs:
         return _heads(w, src, h, ds, fixed, first, member)
@@ -297,7 +303,7 @@ def _view(w: Walk, node: fx.Node, h: int, ds: tuple[int, ...], fixed: dict[int, 
             base = sum(fixed[k] * stride[k] for k in before) + first * stride[h]
             w.members = member[1] if member is not None else 1
             return walk_features(w, src, a, base, stride[h])
-        if e - c == 1 and b - a == 2 and not fixed and member is None and first == 0 \
+        if e - c == 1 and b - a == 2 and not fixed and member is None and first == 0 and src is node.args[0] \
                 and all(source_dim(node, k) is not None for k in ds):
             nds = tuple(source_dim(node, k) for k in ds)
             if _unsqueezed_repeat(src, a + 1):  # [.., Hkv, G] → [.., Hkv·G]: heads repeated by unsqueeze → expand
@@ -305,6 +311,10 @@ def _view(w: Walk, node: fx.Node, h: int, ds: tuple[int, ...], fixed: dict[int, 
                 return _heads(w, src.args[0].args[0], a, tuple(k - 1 if k > a + 1 else k for k in nds), {})
             # [.., G, M] → [.., G·M]: head g·M + i is member i of group g
             return _heads(w, src, a, nds, {}, 0, (a + 1, ins[a + 1]))
+        if b - a == 1 and e - c > 1 and src.op == "call_function" and src.target in RESHAPES:
+            # the heads axis of a view split again ([.., kv·(M + 2), hd] → [.., kv, M + 2, hd]): reshapes compose,
+            # so this is one reshape of the first view's input
+            return _view(w, node, h, ds, fixed, first, member, src.args[0])
         if not (e - c == 1 and b - a == 1):
             raise cannot
         nh = a

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
+from growcli.analysis.literals import literal_values, on_meta
 from growcli.core.errors import NotGrowableError
 from growcli.core.inputs import Batch
 
@@ -124,7 +125,8 @@ def trace_model(module: nn.Module, batch: Batch) -> Trace:
             _refresh_shapes(module, batch)
         return Trace(module, True)
     args, kwargs = batch
-    with warnings.catch_warnings():
+    # On the meta device, constants the forward builds from literals (an index [-2]) keep their values.
+    with warnings.catch_warnings(), literal_values(on_meta(module, [*args, *kwargs.values()])) as literals:
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(module, tuple(args), dict(kwargs), strict=False)
@@ -137,7 +139,10 @@ def trace_model(module: nn.Module, batch: Batch) -> Trace:
             except Exception:
                 first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise NotGrowableError(f"torch.export cannot trace the model, so its channels cannot be analysed ({first})") from None
-    return Trace(ep.module(), False)
+    gm = ep.module()
+    if literals is not None:
+        literals.fill(gm)
+    return Trace(gm, False)
 
 
 def _stale_shapes(module: fx.GraphModule) -> bool:
