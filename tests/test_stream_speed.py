@@ -287,3 +287,12 @@ def test_ahead_queues_small_tensors_within_its_budget_and_returns_each_its_own(m
         assert got == [0, 1, 2, 3, 4, 5] and started == [0, 1, 2, 3, 4, 5] and not ahead.pending
     finally:
         ahead.close()
+
+
+def test_remap_of_the_channels_themselves_equals_the_generic_walk():
+    from growcli.analysis.layouts import CORE, Cat
+    gen = torch.Generator().manual_seed(4)
+    g = channel_map(11, 19, 1, gen)
+    idx, chan = remap(CORE, g, 11)
+    want_idx, want_chan = remap(Cat([CORE]), g, 11)  # one part at offset 0: the generic key walk
+    assert torch.equal(idx, want_idx) and torch.equal(chan, want_chan) and idx.tolist() == g

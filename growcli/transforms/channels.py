@@ -11,7 +11,7 @@ import math
 import torch
 
 from growcli.analysis.coupled_group import Group
-from growcli.analysis.layouts import Layout
+from growcli.analysis.layouts import Core, Layout
 from growcli.core.errors import NotGrowableError
 
 
@@ -88,10 +88,14 @@ def remap(layout: Layout, g: list[int], size: int) -> tuple[torch.Tensor, torch.
     for lay, known, n, idx, chan in _REMAPS:
         if lay is layout and n == size and known == g:
             return idx, chan
-    old = {k: i for i, k in enumerate(layout.keys(list(range(size))))}
-    idx, chan = [], []
-    for c, sub in layout.keys(g):
-        idx.append(old[(g[c], sub)] if c >= 0 else old[(c, sub)])
-        chan.append(c)
-    _REMAPS[:] = [(layout, list(g), size, torch.tensor(idx), torch.tensor(chan)), *_REMAPS[:3]]
+    if type(layout) is Core:  # the channels themselves: new position c copies old position g[c]
+        idx_t, chan_t = torch.tensor(g, dtype=torch.long), torch.arange(len(g))
+    else:
+        old = {k: i for i, k in enumerate(layout.keys(list(range(size))))}
+        idx, chan = [], []
+        for c, sub in layout.keys(g):
+            idx.append(old[(g[c], sub)] if c >= 0 else old[(c, sub)])
+            chan.append(c)
+        idx_t, chan_t = torch.tensor(idx), torch.tensor(chan)
+    _REMAPS[:] = [(layout, list(g), size, idx_t, chan_t), *_REMAPS[:3]]
     return _REMAPS[0][3], _REMAPS[0][4]
