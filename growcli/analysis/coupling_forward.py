@@ -34,19 +34,8 @@ from growcli.analysis.norms import GROUP_NORM, LAYER_NORMS, NormRules
 from growcli.analysis.scatter import ROW_MOVES, ScatterRules
 from growcli.analysis.trace import (ADDMM, BATCH_NORM, BINARY, CONV, CONV_TRANSPOSE, METADATA_CHECKS, PAD, PERMUTES,
                                     INDEX_PUT, REDUCE, REINDEX, Refuse, SHAPE_AS, UNARY, VIEW, aten, attr_of, conv_groups,
-                                    conv_transposed, conv_weight_dims, index_result_dim, merge_groups, op_name,
+                                    conv_transposed, conv_weight_dims, in_place, index_result_dim, merge_groups, op_name,
                                     permutation, reduce_dims, shape, where)
-
-
-def in_place(ops: set) -> set:
-    """The in-place forms (``relu_``, ``add_.Tensor``) of ``ops`` that aten has: the same rule as the functional op."""
-    out = set()
-    for op in ops:
-        packet = getattr(aten, op.overloadpacket.__name__ + "_", None)
-        overload = getattr(packet, op._overloadname, None) if packet is not None else None
-        if overload is not None:
-            out.add(overload)
-    return out
 
 
 ELEMENTWISE = UNARY | in_place(UNARY)

@@ -29,20 +29,14 @@ import torch
 from torch import fx
 
 from growcli.analysis.coupled_group import GroupWalk
-from growcli.analysis.trace import Refuse, attr_of, op_name, shape, where
+from growcli.analysis.trace import Refuse, attr_of, in_place, op_name, shape, where
 
 aten = torch.ops.aten
 
 
 def _with_in_place(ops: set) -> set:
     """``ops`` and the in-place forms (``scatter_add_``) aten has of them."""
-    out = set(ops)
-    for op in ops:
-        packet = getattr(aten, op.overloadpacket.__name__ + "_", None)
-        overload = getattr(packet, op._overloadname, None) if packet is not None else None
-        if overload is not None:
-            out.add(overload)
-    return out
+    return set(ops) | in_place(ops)
 
 
 def _ops(*names: tuple[str, str]) -> set:

@@ -181,6 +181,17 @@ def _refresh_shapes(module: fx.GraphModule, batch: Batch) -> None:
         pass
 
 
+def in_place(ops: set) -> set:
+    """The in-place forms (``relu_``, ``add_.Tensor``) of ``ops`` that aten has: the same rule as the functional op."""
+    out = set()
+    for op in ops:
+        packet = getattr(aten, op.overloadpacket.__name__ + "_", None)
+        overload = getattr(packet, op._overloadname, None) if packet is not None else None
+        if overload is not None:
+            out.add(overload)
+    return out
+
+
 def module_of(node: fx.Node) -> str:
     """The innermost module a node was computed in (``""`` for the root or when unknown)."""
     stack = node.meta.get("nn_module_stack") or {}
