@@ -18,9 +18,10 @@ that was grown only in memory (no ``from_pretrained`` read-back) or only in floa
   ``vision_config``), the trace seeing exactly those tensors; ``--layer NAME`` selecting the module whose
   full name is NAME through the real CLI, on two architectures.
 
-Four cases are strict xfails: gaps the audit found where the maths allows growth but growcli refuses
-(Whisper's, MVP's and BART's hidden size, Dinov2's classifier over ``cat([cls, mean])``); each reason names the
-refusal.
+Four cases were refusals the maths does not require, now grown: Whisper's hidden size (positions read as
+``weight[position_ids]``), MVP's and BART's (the decoder's ``decoder_attention_heads`` key; BART's shape-only
+``inputs_embeds[:, :, -1]``) and Dinov2's classifier over ``cat([cls, mean])``; test_hidden_gaps.py has the
+same rules on torch models, with their refusals.
 
 Every model is float64 unless stated (seeded random weights, perturbed so no norm, bias or scale stays at its
 init), written by growcli's runner or CLI (which verifies the step and reads the output back), then loaded
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import growcli
-from growcli.core.errors import NotGrowableError
+from growcli.core.errors import UsageError
 from growcli.run.runner import Output, Source, Step, grow
 from conftest import perturb
 
@@ -135,9 +136,6 @@ def _whisper() -> nn.Module:
         max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
 
 
-@pytest.mark.xfail(strict=True, raises=NotGrowableError, reason=(
-    "gap: hidden size 32 → 64: index.Tensor in 'model.decoder.embed_positions' makes hidden states from tensors "
-    "growcli cannot follow (WhisperPositionalEmbedding returns weight[position_ids], a row gather of a parameter)"))
 def test_whisper_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     """Whisper computes ``q_proj(x) · head_dim^-½`` before the head split (encoder, decoder and cross-attention)."""
     from growcli.core.inputs import make_batches
@@ -147,19 +145,16 @@ def test_whisper_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_pa
     src = _save(_whisper(), tmp_path / "whisper")
     out = tmp_path / "grown"
     _grow_dir(src, out, "hidden", {"factor": 2})
-    assert json.loads((out / "config.json").read_text())["d_model"] == 64
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["d_model"], saved["encoder_attention_heads"], saved["decoder_attention_heads"]) == (64, 8, 8)
     a, b = _loaded(T.WhisperForConditionalGeneration, src), _loaded(T.WhisperForConditionalGeneration, out)
+    assert tuple(b.model.decoder.embed_positions.weight.shape) == (16, 64)  # read as weight[position_ids]
     worst = 0.0
     for args, kwargs in make_batches(hf_input_spec(a), 2, seed=5):
         worst = max(worst, _diff(a, b, **kwargs))
     assert worst <= EXACT
 
 
-@pytest.mark.xfail(strict=True, raises=NotGrowableError, reason=(
-    "gap: the hidden step updates num_attention_heads, which MvpConfig's attribute_map sends to "
-    "encoder_attention_heads only; decoder_attention_heads stays 4, so check_layout refuses "
-    "'model.decoder.layers.0.self_attn' (a model with 8 attention heads reads its query, key and value features "
-    "from other places)"))
 def test_mvp_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     """MVP (BART-like, bmm attention on ``[B·H, L, hd]``) computes ``q_proj(x) · scaling`` before the split."""
     from growcli.core.inputs import make_batches
@@ -180,10 +175,6 @@ def test_mvp_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     assert worst <= EXACT
 
 
-@pytest.mark.xfail(strict=True, raises=NotGrowableError, reason=(
-    "gap: hidden size: select in 'model.encoder' picks a single channel: BartEncoder calls "
-    "embed_positions(inputs_embeds[:, :, -1]) for the shape only; the traced aten.select.int(x, 2, -1) has no "
-    "users, a shape-only read (the decoder_attention_heads key of the MVP case would come next)"))
 def test_bart_a_channel_selected_for_its_shape_only_does_not_stop_hidden_growth(tmp_path):
     from growcli.core.inputs import make_batches
     from growcli.io.hf_dir import hf_input_spec
@@ -195,6 +186,7 @@ def test_bart_a_channel_selected_for_its_shape_only_does_not_stop_hidden_growth(
     out = tmp_path / "grown"
     _grow_dir(src, out, "hidden", {"factor": 2})
     a, b = _loaded(T.BartForConditionalGeneration, src), _loaded(T.BartForConditionalGeneration, out)
+    assert (b.config.d_model, b.config.encoder_attention_heads, b.config.decoder_attention_heads) == (64, 8, 8)
     worst = 0.0
     for args, kwargs in make_batches(hf_input_spec(a), 2, seed=5):
         worst = max(worst, _diff(a, b, **kwargs))
@@ -326,9 +318,6 @@ def test_deit_class_and_distillation_tokens_grow_with_the_hidden_size(tmp_path):
     assert _diff(_loaded(T.DeiTForImageClassificationWithTeacher, src), b, pixel_values=_pixels(16)) <= EXACT
 
 
-@pytest.mark.xfail(strict=True, raises=NotGrowableError, reason=(
-    "gap: hidden size: cat.default concatenates or flattens the hidden dimension with another one (the classifier's "
-    "input cat([cls_token, patch_tokens.mean(1)], dim=1) is refused; its two column blocks could each be tiled)"))
 def test_dinov2_classifier_reads_the_class_token_and_pooled_patches_concatenated(tmp_path):
     """Dinov2's classifier reads ``cat([cls, mean(patches)])`` (2 × hidden columns): both parts follow the tiling.
     Written as safetensors: a Hugging Face directory is refused anyway, as ``embeddings.mask_token`` (used only with
@@ -337,6 +326,10 @@ def test_dinov2_classifier_reads_the_class_token_and_pooled_patches_concatenated
                             patch_size=8, num_labels=3)
     torch.manual_seed(0)
     src = _save(T.Dinov2ForImageClassification(config), tmp_path / "dinov2")
+    with pytest.raises(UsageError, match=r"embeddings\.mask_token \[1, 32\] vs config \[1, 64\]"):
+        grow(Source(src), [Step("hidden", {"factor": 2})], [Output(str(tmp_path / "dir") + "/")], seed=0,
+             streaming=False)
+    assert not (tmp_path / "dir").exists()
     out = tmp_path / "grown.safetensors"
     report = grow(Source(src), [Step("hidden", {"factor": 2})], [Output(out)], seed=0, streaming=False)
     assert report["function_preserving"] and _worst(report) <= EXACT

@@ -65,6 +65,9 @@ class ParamPlan:
     kind: str
     factor: float = 1.0
     shift: float = 0.0  # added after scaling: ``a·p + b`` (Gemma's ``1 + γ``) scales as a whole
+    # A consumer reading hidden states concatenated along the hidden dim: (old size, scale α of the part, or None
+    # for a part without hidden states, kept) per block of ``dim``, in order; each hidden block tiled on its own.
+    blocks: tuple[tuple[int, float | None], ...] | None = None
 
 
 @dataclass
@@ -175,8 +178,8 @@ class PlanBook:
         a, b = affine
         new = ParamPlan(name, fqn, dim, kind, factor, (factor - 1.0) * b / a)
         prev = self.plans.get(key)
-        if prev is not None and (prev.dim, prev.kind) == (dim, kind) and math.isclose(prev.factor, factor, rel_tol=1e-12) \
-                and math.isclose(prev.shift, new.shift, abs_tol=1e-15):
+        if prev is not None and (prev.dim, prev.kind, prev.blocks) == (dim, kind, None) \
+                and math.isclose(prev.factor, factor, rel_tol=1e-12) and math.isclose(prev.shift, new.shift, abs_tol=1e-15):
             return key
         if prev is not None:
             self.refuse(f"parameter {name} is used as {prev.kind} and as {kind} of the hidden states")

@@ -8,8 +8,11 @@ operands, concatenations, element-wise ops, per-token statistics, and mixture-of
 (the experts' per-expert matmuls, :meth:`Planner.expert_op`; whole hidden vectors moved between rows and summed
 back onto their tokens, :meth:`Planner.accumulate_op`, or written there, :meth:`Planner.index_put_op`), and Linears
 over another dim (token mixing, :meth:`Planner.batch_linear_op`). Whatever breaks the invariants
-is refused, naming the op and the module. The plan's types and the bookkeeping are
-in :mod:`growcli.analysis.stream_plan`; :mod:`growcli.analysis.stream` has the overview.
+is refused, naming the op and the module. Ops whose results nothing uses are skipped
+(:mod:`growcli.analysis.liveness`); rows of a parameter gathered as hidden states, concatenations (a class
+token; whole hidden vectors side by side, read block by block) are in :mod:`growcli.analysis.stream_more`.
+The plan's types and the bookkeeping are in :mod:`growcli.analysis.stream_plan`; :mod:`growcli.analysis.stream`
+has the overview.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import fx
 from growcli.analysis.stream_plan import (Constant, FINITE, HiddenState, LINEAR_UNARY, MEAN, MEANS, POSITIVE_HOMOGENEOUS,
                                           PlanBook, SUMS, StatState, StreamPlan, ZERO, ZERO_TO_ZERO)
 from growcli.analysis.matmuls import param_matmul
+from growcli.analysis.stream_more import MoreRules
 from growcli.analysis.stream_tensors import ACCUMULATE, NORMS, PRODUCERS, ROW_OPS, STAT_POWER, ZEROS
 from growcli.analysis.trace import (ADDMM, BINARY, INDEX_PUT, METADATA_CHECKS, REDUCE, REINDEX, SHAPE_AS, UNARY, VIEW,
                                     attr_of, data_of, flat_args, module_of, op_name, shape, weight_of, where)
@@ -29,17 +33,17 @@ from growcli.analysis.trace import (ADDMM, BINARY, INDEX_PUT, METADATA_CHECKS, R
 aten = torch.ops.aten
 
 
-class Planner(PlanBook):
+class Planner(MoreRules, PlanBook):
     """Walks the stream in graph order (see module docstring) and builds the :class:`StreamPlan`."""
 
     # -- the walk
     def run(self) -> StreamPlan:
         core, stats = self.a.core, self.a.stats
         for node in self.a.trace.graph.nodes:
-            if node.op != "call_function" or node.target in METADATA_CHECKS:
+            if node.op != "call_function" or node.target in METADATA_CHECKS or node in self.a.dead:
                 continue
             ins = [x for x in flat_args(node.args) if isinstance(x, fx.Node)]
-            if node in core or node in stats or any(x in self.st or x in self.stats for x in ins):
+            if node in core or node in stats or any(x in self.st or x in self.stats or x in self.cats for x in ins):
                 self.visit(node)
         self.plan.params = list(self.plans.values())
         self.plan.handled = self.handled
@@ -52,6 +56,8 @@ class Planner(PlanBook):
     def visit(self, node: fx.Node) -> None:
         t = node.target
         core = self.a.core
+        if node in self.a.derived or any(x in self.cats for x in node.all_input_nodes):
+            return self.concat_op(node)  # hidden vectors side by side along the hidden dim, and their readers
         if t == aten.linear.default and node in core and core[node] < len(shape(node)) - 1:
             return self.batch_linear_op(node)  # the hidden dim is a batch dim of this Linear (token mixing)
         if t in PRODUCERS and weight_of(node) is not None:
@@ -73,6 +79,8 @@ class Planner(PlanBook):
         ins = [x for x in flat_args(node.args) if isinstance(x, fx.Node)]
         if not any(x in self.st or x in self.stats for x in ins):
             expr = self.param_expr(node, dim)
+            if expr is None and self.gathered_rows(node, dim):
+                return
             if expr is None:
                 self.refuse(f"{op_name(node)}{where(node)} makes hidden states from tensors growcli cannot follow")
             self.params[node] = expr  # a parameter reshaped (a CLS token) or shifted (Gemma's 1 + γ)
@@ -272,24 +280,6 @@ class Planner(PlanBook):
                 source = next((a for a in node.args[:2] if a in self.st), None)
                 value = float(self.root.get_buffer(buffer))
                 self.plan.constants.append(Constant(module_of(node), buffer, value, self.producer_of.get(source, [])))
-        self.set(node, alpha, pads, cores)
-
-    def cat_op(self, node: fx.Node, dim: int) -> None:
-        if node.args[1] % len(shape(node)) == dim:
-            self.refuse(f"cat{where(node)} concatenates along the hidden dimension")
-        parts = [self.operand(a, node, dim) for a in node.args[0]]
-        cores = [s for kind, s in parts if kind == "core"]
-        alpha = cores[0].alpha if cores else 1.0
-        pads = self.mode
-        for c in cores:
-            if not math.isclose(c.alpha, alpha, rel_tol=1e-12):
-                self.refuse(f"cat{where(node)} joins hidden states of different scales")
-            pads = pads & c.pads
-        for kind, p in parts:
-            if kind == "param":
-                self.param(p[0], p[1], "added", alpha, node, (p[2], p[3]))
-            elif kind != "core":
-                self.refuse(f"cat{where(node)} joins the hidden states with a tensor growcli cannot grow")
         self.set(node, alpha, pads, cores)
 
     def unary_op(self, node: fx.Node) -> None:

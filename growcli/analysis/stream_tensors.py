@@ -22,7 +22,8 @@ from torch import fx
 
 from growcli.analysis.coupled_group import Group, TensorUse
 from growcli.analysis.coupling import Analysis
-from growcli.analysis.layouts import CORE, Layout
+from growcli.analysis.layouts import CORE, Cat, Fixed, Layout
+from growcli.analysis.liveness import dead_nodes
 from growcli.analysis.trace import (ADDMM, BINARY, CONV, METADATA_CHECKS, REDUCE, REINDEX, Refuse, Trace, UNARY, VIEW,
                                     attr_of, flat_args, module_of, op_name, reduce_dims, shape, weight_of, where)
 from growcli.core.errors import NotGrowableError
@@ -63,6 +64,7 @@ class StreamAnalysis(Analysis):
         # Hidden states that are model outputs (an embedding model's last_hidden_state) → their hidden dim;
         # they grow with the stream, and the verification compares them through the output map.
         self.outputs: dict[fx.Node, int] = {}
+        self.dead = dead_nodes(trace.graph)  # read for their shape only (BART's inputs_embeds[:, :, -1]): no use
 
     def run(self) -> Group:
         self.group = Group(self.layer, 0)
@@ -79,12 +81,15 @@ class StreamAnalysis(Analysis):
 
     def _use(self, fqn: str, dim: int, role: str, layout: Layout = CORE, groups: int = 1) -> None:
         # Shared (tied) weights and roles are resolved per use in plan_stream; only layouts matter here.
-        if layout is not CORE:
+        if layout is not CORE and not (role == "consumer" and hidden_cat(layout)):
             raise Refuse(f"parameter {fqn} reads the hidden dimension concatenated or flattened with another")
         self._uses.setdefault(fqn, TensorUse(fqn, dim, role))
 
     def _mark_derived(self, node: fx.Node, dim: int, layout: Layout) -> None:
-        raise Refuse(f"{op_name(node)}{where(node)} concatenates or flattens the hidden dimension with another one")
+        # Whole hidden vectors side by side (a classifier over cat([cls, mean(patches)])): read block by block.
+        if not hidden_cat(layout):
+            raise Refuse(f"{op_name(node)}{where(node)} concatenates or flattens the hidden dimension with another one")
+        super()._mark_derived(node, dim, layout)
 
     def _stat(self, node: fx.Node) -> None:
         if node in self.core:
@@ -94,12 +99,15 @@ class StreamAnalysis(Analysis):
             self.work.append(("fwd", node))
 
     def _forward(self, src: fx.Node, node: fx.Node) -> None:
-        if node.op == "call_function" and node.target in METADATA_CHECKS:
+        if node.op == "call_function" and node.target in METADATA_CHECKS or node in self.dead:
             return
         if node.op == "output":
             if src in self.stats:
                 raise Refuse("a statistic over the hidden dimension reaches the model's output, whose shape would "
                              "change; grow a model with a head (…ForCausalLM, …ForMaskedLM, …ForImageClassification…)")
+            if src in self.derived:
+                raise Refuse(f"hidden states concatenated along the hidden dimension ({op_name(src)}{where(src)}) reach "
+                             "the model's output, which growcli cannot map back to the original's")
             self.outputs[src] = self._state(src)[0]
             return
         if src in self.stats:
@@ -191,6 +199,11 @@ class StreamAnalysis(Analysis):
             return
         raise Refuse(f"{op_name(node)}{where(node)} uses a statistic over the hidden dimension "
                      "and growcli has no rule for it")
+
+
+def hidden_cat(layout: Layout) -> bool:
+    """Whether ``layout`` is a concatenation of whole hidden vectors and of parts without hidden states."""
+    return isinstance(layout, Cat) and all(p is CORE or isinstance(p, Fixed) for p in layout.parts)
 
 
 def row_dim(node: fx.Node, src: fx.Node, dim: int) -> int:

@@ -30,6 +30,7 @@ from growcli.core.origins import AxisMap
 from growcli.transforms.heads import (check_layout, kv_keys, output_width, plan_heads, probe_heads, size_map,
                                       uniform_shape)
 from growcli.transforms.hfconfig import set_new_keys, sync_config, with_config
+from growcli.transforms.hfconfig_heads import head_count_keys
 from growcli.transforms.registry import Context, StepReport, option, register
 from growcli.transforms.sizes import check_one_size, target_size
 from growcli.transforms.width_edit import DimMap, Edit, apply_edit, check_shared, trace_width
@@ -103,6 +104,10 @@ def _plan_stream(edit: Edit, plan: StreamPlan, noise: float) -> None:
     idx = list(range(d)) * k + [-1] * r
     stream_pad = "mean" if plan.pad == MEAN else "zero"
     for p in plan.params:
+        if p.blocks:  # a reader of hidden vectors concatenated along the hidden dim: each block a reader's columns
+            idx, scale = _block_positions(p.blocks, d, k, r)
+            edit.add(p.name, DimMap(p.dim, idx, scale, "zero", 0, 0.0, split=True))
+            continue
         scale = p.factor / k if p.kind == "consumer" else p.factor
         pad = PAD_OF_KIND.get(p.kind, stream_pad)
         tiles = k if p.kind == "consumer" and noise > 0 else 0
@@ -110,6 +115,23 @@ def _plan_stream(edit: Edit, plan: StreamPlan, noise: float) -> None:
     for fqn, ops in plan.handled.items():
         edit.planned_ops.setdefault(fqn, set()).update(module_of(n) for n in ops)
     edit.eps += plan.eps
+
+
+def _block_positions(blocks, d: int, k: int, r: int) -> tuple[list[int], list[float]]:
+    """New positions (old index, -1 for zero padding) and scales of a dim made of ``blocks``: a hidden block
+    ``(d, α)`` is tiled ``k`` times and divided by ``k·α``, then padded with ``r`` zeros; ``(size, None)`` is kept."""
+    idx: list[int] = []
+    scale: list[float] = []
+    offset = 0
+    for size, alpha in blocks:
+        if alpha is None:
+            idx += range(offset, offset + size)
+            scale += [1.0] * size
+        else:
+            idx += list(range(offset, offset + d)) * k + [-1] * r
+            scale += [1.0 / (k * alpha)] * (k * d + r)
+        offset += size
+    return idx, scale
 
 
 def hidden_candidates(gm: GrowModel) -> dict[str, str | None]:
@@ -151,15 +173,18 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
             shapes = {k: tuple(v.shape) for k, v in gm.module.state_dict().items()}
             new_kv = plan_heads(edit, sites, new_h, spec.split, ctx.generator(salt=71), shapes)
             updates.update({"num_attention_heads": new_h, **dict.fromkeys(kv_keys(gm), new_kv)})
-            check_layout(gm, sites, updates, trace)  # a reshape by a constant (CodeGen) would move the grown heads
             for old, new in size_map(h, kv, hd, new_h, new_kv).items():
                 sizes.setdefault(old, set()).update(new)
+            # keys the attribute_map does not send num_attention_heads to (BART's decoder_attention_heads)
+            updates.update(head_count_keys(gm, {s.module for s in sites}, updates, {h: new_h, kv: new_kv}, sizes))
+            check_layout(gm, sites, updates, trace)  # a reshape by a constant (CodeGen) would move the grown heads
             report.notes.append(f"heads {h} → {new_h} (head_dim {hd} kept)")
         protected[hd] = "head_dim"
     constants = _hidden_constants(gm, plan, updates)
     _plan_stream(edit, plan, spec.noise)
     extra = _extra_groups(gm, trace, edit, plan, updates, spec.noise)
     output_maps = _output_maps(gm, [plan, *extra])  # names from a run of the model before it changes
+    _follow_unused_names(gm, trace, edit)
     check_shared(gm, trace, edit)
     apply_edit(gm, edit, spec.noise, ctx.generator(salt=72), report)
     for module, attr, old, new, buffer in constants:
@@ -192,6 +217,21 @@ def grow_hidden(gm: GrowModel, spec: HiddenSpec, ctx: Context) -> StepReport:
         report.notes.append(f"paired ±noise {spec.noise} on the tiles of every reader: exact, breaks the symmetry")
     report.params_after = gm.num_parameters()
     return report
+
+
+def _follow_unused_names(gm: GrowModel, trace, edit: Edit) -> None:
+    """Another name of a planned tensor, owned by a module the forward never runs (BART's ``model.shared``, read
+    only through ``encoder.embed_tokens``), grows like a name that runs, writers first: its value cannot change
+    what the model computes, and a model built from the new config gives it the new size."""
+    ran = {module_of(n) for n in trace.graph.nodes if n.op == "call_function"}
+    named = dict(gm.module.named_parameters(remove_duplicate=False))
+    names: dict[int, list[str]] = {}
+    for name, p in named.items():
+        names.setdefault(id(p), []).append(name)
+    for name in sorted(edit.maps, key=lambda n: any(m.split for m in edit.maps[n])):
+        for other in names.get(id(named.get(name)), []):
+            if other not in edit.maps and other.rpartition(".")[0] not in ran:
+                edit.maps[other] = list(edit.maps[name])
 
 
 def _note_casts(report: StepReport, plan: StreamPlan) -> None:
