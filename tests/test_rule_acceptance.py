@@ -86,6 +86,13 @@ def _diff(a: nn.Module, b: nn.Module, **inputs) -> float:
         return float((a(**inputs).logits - b(**inputs).logits).abs().max())
 
 
+def _worst_on_generated_batches(a: nn.Module, b: nn.Module) -> float:
+    """The largest logits difference over two batches growcli generates for ``a`` (encoder-decoder inputs included)."""
+    from growcli.core.inputs import make_batches
+    from growcli.io.hf_dir import hf_input_spec
+    return max(_diff(a, b, **kwargs) for _, kwargs in make_batches(hf_input_spec(a), 2, seed=5))
+
+
 def _ids(shape=(2, 10), seed: int = 7) -> torch.Tensor:
     return torch.randint(3, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
 
@@ -138,9 +145,6 @@ def _whisper() -> nn.Module:
 
 def test_whisper_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     """Whisper computes ``q_proj(x) · head_dim^-½`` before the head split (encoder, decoder and cross-attention)."""
-    from growcli.core.inputs import make_batches
-    from growcli.io.hf_dir import hf_input_spec
-
     torch.manual_seed(0)
     src = _save(_whisper(), tmp_path / "whisper")
     out = tmp_path / "grown"
@@ -149,17 +153,11 @@ def test_whisper_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_pa
     assert (saved["d_model"], saved["encoder_attention_heads"], saved["decoder_attention_heads"]) == (64, 8, 8)
     a, b = _loaded(T.WhisperForConditionalGeneration, src), _loaded(T.WhisperForConditionalGeneration, out)
     assert tuple(b.model.decoder.embed_positions.weight.shape) == (16, 64)  # read as weight[position_ids]
-    worst = 0.0
-    for args, kwargs in make_batches(hf_input_spec(a), 2, seed=5):
-        worst = max(worst, _diff(a, b, **kwargs))
-    assert worst <= EXACT
+    assert _worst_on_generated_batches(a, b) <= EXACT
 
 
 def test_mvp_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     """MVP (BART-like, bmm attention on ``[B·H, L, hd]``) computes ``q_proj(x) · scaling`` before the split."""
-    from growcli.core.inputs import make_batches
-    from growcli.io.hf_dir import hf_input_spec
-
     config = T.MvpConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
@@ -169,16 +167,10 @@ def test_mvp_query_scaled_before_the_split_grows_with_the_hidden_size(tmp_path):
     _grow_dir(src, out, "hidden", {"factor": 2})
     a, b = _loaded(T.MvpForConditionalGeneration, src), _loaded(T.MvpForConditionalGeneration, out)
     assert (b.config.encoder_attention_heads, b.config.decoder_attention_heads) == (8, 8)
-    worst = 0.0
-    for args, kwargs in make_batches(hf_input_spec(a), 2, seed=5):
-        worst = max(worst, _diff(a, b, **kwargs))
-    assert worst <= EXACT
+    assert _worst_on_generated_batches(a, b) <= EXACT
 
 
 def test_bart_a_channel_selected_for_its_shape_only_does_not_stop_hidden_growth(tmp_path):
-    from growcli.core.inputs import make_batches
-    from growcli.io.hf_dir import hf_input_spec
-
     config = T.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
     torch.manual_seed(0)
@@ -187,10 +179,7 @@ def test_bart_a_channel_selected_for_its_shape_only_does_not_stop_hidden_growth(
     _grow_dir(src, out, "hidden", {"factor": 2})
     a, b = _loaded(T.BartForConditionalGeneration, src), _loaded(T.BartForConditionalGeneration, out)
     assert (b.config.d_model, b.config.encoder_attention_heads, b.config.decoder_attention_heads) == (64, 8, 8)
-    worst = 0.0
-    for args, kwargs in make_batches(hf_input_spec(a), 2, seed=5):
-        worst = max(worst, _diff(a, b, **kwargs))
-    assert worst <= EXACT
+    assert _worst_on_generated_batches(a, b) <= EXACT
 
 
 def _olmo3_norm_in_float64(self, x):
