@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from growcli.core.errors import FormatError
-from growcli.verification.ondisk import DTYPES, OnDisk
+from growcli.verification import ondisk
+from growcli.verification.ondisk import OnDisk
 
 CHUNK_BYTES = 64 << 20  # weight bytes, in the verification dtype, above which a layer runs in slices
 
@@ -41,18 +41,7 @@ def chunkable(model: OnDisk, owner: nn.Module, keys: list[str], dtype: torch.dty
 
 def read_rows(model: OnDisk, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``start:stop`` of the 2-D tensor ``key``, read from its file alone, floats converted to ``dtype``."""
-    ref = model.refs[model.disk[key]]
-    kind = DTYPES.get(ref.dtype)
-    if kind is None:
-        raise FormatError(f"{ref.file}: tensor dtype {ref.dtype} is not supported")
-    row = ref.nbytes // ref.shape[0]
-    buf = bytearray(row * (stop - start))
-    with open(ref.file, "rb") as fh:
-        fh.seek(ref.start + start * row)
-        if fh.readinto(buf) != len(buf):
-            raise FormatError(f"{ref.file}: truncated tensor data")
-    t = torch.frombuffer(buf, dtype=kind).reshape(stop - start, ref.shape[1]) if buf else \
-        torch.empty(0, ref.shape[1], dtype=kind)
+    t = ondisk.read_rows(model.refs[model.disk[key]], start, stop)
     return t.to(dtype) if t.is_floating_point() else t
 
 

@@ -254,14 +254,24 @@ class OnDisk:
 
 def read_tensor(ref: TensorRef) -> torch.Tensor:
     """One tensor's bytes read from its safetensors file into a new tensor (no memory map)."""
+    return read_rows(ref, 0, ref.shape[0]) if ref.shape else _read(ref, 0, ref.nbytes, tuple(ref.shape))
+
+
+def read_rows(ref: TensorRef, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (along the first dim) of ``ref``'s tensor, read from its file alone."""
+    row = ref.nbytes // ref.shape[0] if ref.shape[0] else 0
+    return _read(ref, start * row, (stop - start) * row, (stop - start, *ref.shape[1:]))
+
+
+def _read(ref: TensorRef, offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
     dtype = DTYPES.get(ref.dtype)
     if dtype is None:
         raise FormatError(f"{ref.file}: tensor dtype {ref.dtype} is not supported")
-    buf = bytearray(ref.nbytes)
+    buf = bytearray(nbytes)
     with open(ref.file, "rb") as fh:
-        fh.seek(ref.start)
-        if fh.readinto(buf) != ref.nbytes:
+        fh.seek(ref.start + offset)
+        if fh.readinto(buf) != nbytes:
             raise FormatError(f"{ref.file}: truncated tensor data")
-    if not ref.nbytes:
-        return torch.empty(ref.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(ref.shape)
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
