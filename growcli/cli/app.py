@@ -61,14 +61,10 @@ def _bound_heap() -> None:
     tensors of a streamed or block-wise run pile up in a fragmented heap that never shrinks: block-wise
     verification of a 1.1B checkpoint peaked at 1.1–1.2 GB that way, 0.55–0.6 GB with a fixed threshold.
     The CLI process only (the Python API leaves its host's allocator alone); nothing elsewhere than glibc."""
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the user's own setting wins
+        from growcli.core.memory import fix_map_threshold
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_BYTES)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        fix_map_threshold(HEAP_MMAP_BYTES)
 
 
 def main() -> None:
