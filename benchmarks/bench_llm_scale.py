@@ -39,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,53 +155,78 @@ def run_size(name: str, work: Path, args: argparse.Namespace) -> list[dict]:
     for arm, argv in arms(shape, streaming_steps()):
         if any(arm.startswith(p) for p in skip):
             continue
-        out = work / f"out-{name}"
-        _warm(src)
-        time.sleep(args.settle)
-        load = os.getloadavg()[0]
-        try:
-            child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
-                               "--shard-size", args.shard_size, "--batches", str(args.batches), "--json", "-q",
-                               "-o", str(out)])
-        except RuntimeError as exc:  # a run that fails is reported, and the others still run
-            print(f"[{name}] {arm}: FAILED: {exc}", flush=True)
-            rows.append({"size": name, "arm": arm, "error": str(exc)})
-            shutil.rmtree(out, ignore_errors=True)
-            continue
-        report = json.loads(child["stdout"])
-        output = report["outputs"][0]
-        written = output["bytes"]
-        shutil.rmtree(out)
-        os.sync()
-        time.sleep(args.settle)
-        copy = _with_rss([sys.executable, "-c", COPY, str(src), str(work / "copy"), str(written)])
-        shutil.rmtree(work / "copy")
-        os.sync()
-        time.sleep(args.settle)
-        cold = _with_rss([sys.executable, "-c", COLD_COPY, str(src), str(work / "copy"), str(written)])
-        shutil.rmtree(work / "copy")
-        timing = report["timing"]
-        v = report["verification"] or {}
-        row = {"size": name, "params_before": report["params_before"], "params_after": report["params_after"],
-               "arm": arm, "bytes_written": written, "shards": output["shards"],
-               "wall_s": round(child["wall_s"], 2), "plan_s": timing.get("plan"), "write_s": timing.get("write"),
-               "sync_after_write_s": round(child["sync_s"], 2), "verify_s": timing.get("check"),
-               "peak_rss_mb": round(child["peak_rss_mb"]),
-               "copy_s": round(copy["wall_s"], 2), "copy_sync_s": round(copy["sync_s"], 2),
-               "copy_peak_rss_mb": round(copy["peak_rss_mb"]),
-               "cold_copy_s": round(cold["wall_s"], 2), "cold_copy_sync_s": round(cold["sync_s"], 2),
-               "verified_with": output.get("loaded_with"), "passed": v.get("passed"),
-               "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches"),
-               "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
-        done = row["write_s"] + row["sync_after_write_s"]
-        row["write_mb_s"] = round(written / 1e6 / row["write_s"], 1)
-        row["write_vs_copy"] = round(done / (row["copy_s"] + row["copy_sync_s"]), 3)  # the warm copy
-        row["write_vs_cold_copy"] = round(done / (row["cold_copy_s"] + row["cold_copy_sync_s"]), 3)
-        rows.append(row)
-        print(f"[{name}] {_line(row)}", flush=True)
+        runs = []
+        for k in range(args.repeat):
+            row = run_arm(name, arm, argv, src, work, args)
+            row["repeat"] = k + 1
+            print(f"[{name}] {_line(row)}" + (f"  (run {k + 1} of {args.repeat})" if args.repeat > 1 else ""), flush=True)
+            runs.append(row)
+        rows.append(median_row(runs) if args.repeat > 1 else runs[0])
     if not args.reuse:
         shutil.rmtree(src)
     return rows
+
+
+def run_arm(name: str, arm: str, argv: list[str], src: Path, work: Path, args: argparse.Namespace) -> dict:
+    """One run of ``arm`` (growcli, then the warm and the cold plain copy of as many bytes): its figures."""
+    out = work / f"out-{name}"
+    _warm(src)
+    time.sleep(args.settle)
+    load = os.getloadavg()[0]
+    try:
+        child = _with_rss([sys.executable, "-m", "growcli", argv[0], str(src), *argv[1:], "--streaming",
+                           "--shard-size", args.shard_size, "--batches", str(args.batches), "--json", "-q",
+                           "-o", str(out)])
+    except RuntimeError as exc:  # a run that fails is reported, and the others still run
+        print(f"[{name}] {arm}: FAILED: {exc}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"size": name, "arm": arm, "error": str(exc)}
+    report = json.loads(child["stdout"])
+    output = report["outputs"][0]
+    written = output["bytes"]
+    shutil.rmtree(out)
+    os.sync()
+    time.sleep(args.settle)
+    copy = _with_rss([sys.executable, "-c", COPY, str(src), str(work / "copy"), str(written)])
+    shutil.rmtree(work / "copy")
+    os.sync()
+    time.sleep(args.settle)
+    cold = _with_rss([sys.executable, "-c", COLD_COPY, str(src), str(work / "copy"), str(written)])
+    shutil.rmtree(work / "copy")
+    timing = report["timing"]
+    v = report["verification"] or {}
+    row = {"size": name, "params_before": report["params_before"], "params_after": report["params_after"],
+           "arm": arm, "bytes_written": written, "shards": output["shards"],
+           "wall_s": round(child["wall_s"], 2), "plan_s": timing.get("plan"), "write_s": timing.get("write"),
+           "sync_after_write_s": round(child["sync_s"], 2), "verify_s": timing.get("check"),
+           "peak_rss_mb": round(child["peak_rss_mb"]),
+           "copy_s": round(copy["wall_s"], 2), "copy_sync_s": round(copy["sync_s"], 2),
+           "copy_peak_rss_mb": round(copy["peak_rss_mb"]),
+           "cold_copy_s": round(cold["wall_s"], 2), "cold_copy_sync_s": round(cold["sync_s"], 2),
+           "verified_with": output.get("loaded_with"), "passed": v.get("passed"),
+           "max_abs_diff": v.get("max_abs_diff"), "verify_dtype": v.get("dtype"), "batches": v.get("batches"),
+           "load_1min_before": round(load, 2), "load_1min_after": round(os.getloadavg()[0], 2)}
+    done = row["write_s"] + row["sync_after_write_s"]
+    row["write_mb_s"] = round(written / 1e6 / row["write_s"], 1)
+    row["write_vs_copy"] = round(done / (row["copy_s"] + row["copy_sync_s"]), 3)  # the warm copy
+    row["write_vs_cold_copy"] = round(done / (row["cold_copy_s"] + row["cold_copy_sync_s"]), 3)
+    return row
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One row for the repeated runs of an arm: the median of every figure (the runs are kept under ``runs``)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    row = dict(ok[0])
+    for key, value in ok[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "repeat":
+            row[key] = statistics.median(r[key] for r in ok)
+    row["passed"] = all(r["passed"] for r in ok)
+    row["max_abs_diff"] = max((r["max_abs_diff"] for r in ok if r["max_abs_diff"] is not None), default=None)
+    row["repeat"] = f"median of {len(ok)}" + (f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else "")
+    row["runs"] = runs
+    return row
 
 
 def _same_shape(src: Path, shape: tuple) -> bool:
@@ -247,6 +273,9 @@ def main() -> None:
                          "to its host within seconds (this one does) makes writes into memory not used lately several "
                          "times slower than into memory just freed, which favours whichever process runs right after "
                          "a deletion (the copies, by default); 30 puts every process in the same state")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every arm (growcli, warm copy, cold copy) this many times, in turn, and report the "
+                         "median of each figure (each run is printed and kept in the JSON)")
     ap.add_argument("--note", default="", help="a line added to the results (e.g. what else ran on the machine)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "llm_scale",
                     help="write <this>.json and <this>.txt (default benchmarks/results/llm_scale)")
@@ -272,14 +301,15 @@ def main() -> None:
              "(posix_fadvise DONTNEED) just before it is read; w/warm, w/cold: (write + sync) / (copy + sync); "
              "verify: growcli's check timing; peak RSS: the growcli process's own (wait4)",
              f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
-             f"shard size {args.shard_size}; {args.batches} verification batch(es); settle {args.settle:g} s; total {time.perf_counter() - started:.0f} s; "
+             f"shard size {args.shard_size}; {args.batches} verification batch(es); settle {args.settle:g} s; "
+             f"{'median of ' + str(args.repeat) + ' runs per row; ' if args.repeat > 1 else ''}total {time.perf_counter() - started:.0f} s; "
              f"1-min load average {', '.join(str(r.get('load_1min_before')) for r in rows)} (before each run)",
              *([f"note: {args.note}"] if args.note else [])]
     print("\n".join(lines))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".json").write_text(json.dumps({"shapes": {s: SIZES[s] for s in sizes}, "runs": rows,
                                                              "shard_size": args.shard_size, "batches": args.batches,
-                                                             "settle_s": args.settle,
+                                                             "settle_s": args.settle, "repeat": args.repeat,
                                                              "note": args.note},
                                                             indent=2) + "\n")
     args.results.with_suffix(".txt").write_text("\n".join(lines) + "\n")

@@ -296,3 +296,76 @@ def test_remap_of_the_channels_themselves_equals_the_generic_walk():
     idx, chan = remap(CORE, g, 11)
     want_idx, want_chan = remap(Cat([CORE]), g, 11)  # one part at offset 0: the generic key walk
     assert torch.equal(idx, want_idx) and torch.equal(chan, want_chan) and idx.tolist() == g
+
+
+def test_aligned_padding_puts_most_copied_bytes_at_their_input_offset_within_a_page():
+    from growcli.io.shards import PAGE, aligned_padding
+
+    # 3 MB copied from input offset 8192+96 to data offset 0, 1 MB from 5000 to data offset 3 MB
+    copies = [(0, 8288, 3 << 20), (3 << 20, 5000, 1 << 20)]
+    for length in (57, 64, 4000, 4100):
+        pad = aligned_padding(length, copies)
+        assert (8 + length + pad) % 8 == 0 and 0 <= pad < PAGE
+        assert (8 + length + pad + 0 - 8288) % PAGE == 0  # the larger range keeps its place in a page
+        assert (8 + length + pad + (3 << 20) - 5000) % PAGE != 0
+    assert aligned_padding(61, []) == 3  # nothing copied: only the 8-byte data start
+    assert aligned_padding(61, [(0, 4096 + 3, 10)]) == 3  # no multiple-of-8 padding aligns an odd offset
+
+
+def test_streamed_width_output_keeps_its_byte_copies_page_aligned_with_the_input(tmp_path):
+    import json
+    import struct
+
+    import transformers as T
+
+    from conftest import dir_tensors
+    from growcli.io.shards import PAGE, read_tensors
+    from growcli.run.runner import Output, Source, Step, grow
+    from growcli.run.steps import VerifySettings
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=32, num_key_value_heads=2)
+    src = tmp_path / "model"
+    T.LlamaForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(str(src))
+    refs = read_tensors(src)
+    out = tmp_path / "out"
+    grow(Source(src), [Step("heads", {"to": 8})], [Output(out, shard_size=10 << 20)],
+         settings=VerifySettings(batches=1), streaming=True)
+    (shard,) = out.glob("*.safetensors")
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__")
+    copied = [k for k in header if k in refs and list(refs[k].shape) == header[k]["shape"] and "mlp" in k]
+    assert len(copied) == 6  # gate, up and down of both blocks are byte copies under heads growth
+    for k in copied:
+        at = 8 + n + header[k]["data_offsets"][0]
+        assert raw[at:at + refs[k].nbytes] == refs[k].file.read_bytes()[refs[k].start:refs[k].start + refs[k].nbytes]
+        assert (at - refs[k].start) % PAGE == 0, k
+    assert (8 + n) % 8 == 0
+    grown = dir_tensors(out)
+    assert grown["model.layers.0.self_attn.q_proj.weight"].shape == (128, 64)
+
+
+def test_computed_tensors_are_written_in_small_pieces_with_every_byte(tmp_path, monkeypatch):
+    import os
+
+    from growcli.io import shards
+    from growcli.run import upcycle_stream
+
+    sizes = []
+    real = os.write
+
+    def spy(fd, data):
+        sizes.append(len(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(shards.os, "write", spy)
+    t = torch.randn(3 * shards.WRITE_CHUNK // 4 + 7).to(torch.bfloat16)  # 1.5 chunks of bytes and an odd tail
+    path = tmp_path / "t.bin"
+    with open(path, "wb", buffering=0) as out:
+        assert upcycle_stream._write_tensor(out, t) == t.nbytes
+    assert max(sizes) == shards.WRITE_CHUNK and sum(sizes) == t.nbytes and len(sizes) == 2
+    back = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.bfloat16)
+    assert torch.equal(back.view(torch.int16), t.view(torch.int16))

@@ -14,13 +14,17 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from growcli.core.errors import FormatError
 from growcli.io.formats import require_exists, safetensors_header
 
 CHUNK = 64 << 20
 PAGE = 4096
+# Largest write() of bytes from memory. On Linux 6.x (ext4 with large folios) one write of 2 MB or
+# more fills the page cache with 2 MB folios, measured here at 0.43 GB/s against 0.7-5 GB/s for the
+# same bytes written 256 KB at a time (and never slower than a kernel-side copy).
+WRITE_CHUNK = 256 << 10
 INDEX = "model.safetensors.index.json"
 ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
             "U16": 2}
@@ -128,7 +132,8 @@ def write_shard(path: Path, tensors: list[OutTensor], advance: Callable[[int], N
         header[t.name] = {"dtype": t.ref.dtype, "shape": list(t.ref.shape), "data_offsets": [offset, offset + t.ref.nbytes]}
         offset += t.ref.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * _header_padding(len(raw), tensors, header)
+    raw += b" " * aligned_padding(len(raw), [(header[t.name]["data_offsets"][0], t.ref.start, t.ref.nbytes)
+                                            for t in tensors if not t.zero])
     fds: dict[Path, int] = {}
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)) + raw)
@@ -148,20 +153,29 @@ def write_shard(path: Path, tensors: list[OutTensor], advance: Callable[[int], N
                 os.close(fd)
 
 
-def _header_padding(length: int, tensors: list[OutTensor], header: dict[str, Any]) -> int:
-    """Spaces after the JSON header so that most copied bytes keep their offset within a page.
+def aligned_padding(length: int, copies: Iterable[tuple[int, int, int]]) -> int:
+    """Spaces after a JSON header of ``length`` bytes so that most copied bytes keep their offset within a page.
 
-    The kernel copies a range much faster (about 1.6× here) when source and destination
-    offsets agree modulo the page size; safetensors allows no gaps between tensors, but the
-    header may end in any amount of whitespace. Returns the padding (a multiple-of-8 data start).
+    ``copies`` holds ``(data offset in the new file, absolute offset in the input file, bytes)``
+    of every range copied from an input. The kernel copies a range much faster (about 1.6×
+    here) when source and destination offsets agree modulo the page size; safetensors allows
+    no gaps between tensors, but the header may end in any amount of whitespace. Returns the
+    padding (keeping the data start a multiple of 8) that aligns the most bytes.
     """
     aligned: dict[int, int] = {}
-    for t in tensors:
-        if not t.zero:
-            pad = (t.ref.start - (8 + length) - header[t.name]["data_offsets"][0]) % PAGE
-            if (length + pad) % 8 == 0:
-                aligned[pad] = aligned.get(pad, 0) + t.ref.nbytes
+    for offset, start, nbytes in copies:
+        pad = (start - (8 + length) - offset) % PAGE
+        if (length + pad) % 8 == 0:
+            aligned[pad] = aligned.get(pad, 0) + nbytes
     return max(aligned, key=aligned.get) if aligned else -length % 8
+
+
+def write_all(fd: int, data: memoryview) -> int:
+    """Write every byte of ``data`` at ``fd``'s position, :data:`WRITE_CHUNK` at a time; returns the count."""
+    done = 0
+    while done < len(data):  # a write may take fewer bytes than asked
+        done += os.write(fd, data[done:done + WRITE_CHUNK])
+    return done
 
 
 def _copy_range(src: int, dst: int, offset: int, n: int, advance: Callable[[int], None]) -> None:
@@ -172,9 +186,7 @@ def _copy_range(src: int, dst: int, offset: int, n: int, advance: Callable[[int]
         except (OSError, AttributeError):  # filesystems or platforms without it: a plain buffered copy
             data = os.pread(src, k, offset)
             got = len(data)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(dst, view):]
+            write_all(dst, memoryview(data))
         if got == 0:
             raise FormatError(f"input file ended early at byte {offset} (truncated while stacking?)")
         offset += got

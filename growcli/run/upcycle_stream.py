@@ -25,14 +25,14 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from growcli.core.errors import FormatError, NotGrowableError
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
-from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, read_tensors, shard_names
+from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, aligned_padding, read_tensors, shard_names, write_all
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.stream_names import checkpoint_names, meta_model
 from growcli.run.steps import VerifySettings, verification_batches
@@ -166,7 +166,7 @@ def write_file(path: Path, entries: list[Entry], advance: Callable[[int], None])
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * aligned_padding(len(raw), _copies(entries, header))
     with open(path, "wb", buffering=0) as out:  # unbuffered: kernel-side copies write at the file's position
         out.write(struct.pack("<Q", len(raw)) + raw)
         for e in entries:
@@ -176,6 +176,21 @@ def write_file(path: Path, entries: list[Entry], advance: Callable[[int], None])
             if written != e.nbytes:
                 raise NotGrowableError(f"upcycle --streaming: {e.name} came out {written} bytes, not {e.nbytes}")
         out.truncate(8 + len(raw) + offset)  # a hole at the very end still counts
+
+
+def _copies(entries: list[Entry], header: dict[str, Any]) -> Iterator[tuple[int, int, int]]:
+    """``(data offset, input offset, bytes)`` of every byte copy of ``entries`` whose position is known
+    before writing (a computed piece's size is known only when it is its tensor's only piece)."""
+    for e in entries:
+        at = header[e.name]["data_offsets"][0]
+        for piece in e.pieces:
+            if isinstance(piece, TensorRef):
+                yield at, piece.start, piece.nbytes
+                at += piece.nbytes
+            elif isinstance(piece, int):
+                at += piece
+            else:
+                break
 
 
 def _write_piece(out, piece, advance: Callable[[int], None]) -> int:
@@ -195,11 +210,7 @@ def _write_piece(out, piece, advance: Callable[[int], None]) -> int:
 
 def _write_tensor(out, tensor: torch.Tensor) -> int:
     """``tensor``'s bytes written straight from its storage (one copy only when it is not contiguous)."""
-    data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(data):  # an unbuffered write may take fewer bytes than asked
-        done += out.write(data[done:])
-    return done
+    return write_all(out.fileno(), memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _copy(ref: TensorRef, out, advance: Callable[[int], None]) -> None:
@@ -213,8 +224,7 @@ def _copy(ref: TensorRef, out, advance: Callable[[int], None]) -> None:
                 got = os.copy_file_range(fd, out.fileno(), k, offset)
             except (OSError, AttributeError):  # filesystems or platforms without it
                 data = os.pread(fd, k, offset)
-                out.write(data)
-                got = len(data)
+                got = write_all(out.fileno(), memoryview(data))
             if got == 0:
                 raise FormatError(f"{ref.file}: ended early (truncated while upcycling?)")
             offset += got
