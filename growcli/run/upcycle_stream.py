@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from growcli.core.errors import FormatError, NotGrowableError
+from growcli.core.memory import reuse_freed
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
 from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, aligned_padding, read_tensors, shard_names, write_all
@@ -167,7 +168,8 @@ def write_file(path: Path, entries: list[Entry], advance: Callable[[int], None])
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * aligned_padding(len(raw), _copies(entries, header))
-    with open(path, "wb", buffering=0) as out:  # unbuffered: kernel-side copies write at the file's position
+    # unbuffered: kernel-side copies write at the file's position; computed tensors reuse freed memory
+    with open(path, "wb", buffering=0) as out, reuse_freed():
         out.write(struct.pack("<Q", len(raw)) + raw)
         for e in entries:
             written = 0
