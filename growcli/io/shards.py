@@ -146,7 +146,7 @@ def write_shard(path: Path, tensors: list[OutTensor], advance: Callable[[int], N
                 else:
                     if t.ref.file not in fds:
                         fds[t.ref.file] = os.open(t.ref.file, os.O_RDONLY)
-                    _copy_range(fds[t.ref.file], out.fileno(), t.ref.start, t.ref.nbytes, advance)
+                    copy_range(fds[t.ref.file], out.fileno(), t.ref.start, t.ref.nbytes, advance, str(t.ref.file))
             os.ftruncate(out.fileno(), 8 + len(raw) + offset)  # a hole at the very end still counts
         finally:
             for fd in fds.values():
@@ -178,17 +178,19 @@ def write_all(fd: int, data: memoryview) -> int:
     return done
 
 
-def _copy_range(src: int, dst: int, offset: int, n: int, advance: Callable[[int], None]) -> None:
+def copy_range(src: int, dst: int, offset: int, n: int, advance: Callable[[int], None],
+               name: str = "input file") -> None:
+    """Copy ``n`` bytes of ``src`` from ``offset`` to ``dst`` at its position (``os.copy_file_range``, else
+    a plain read and write); ``advance`` gets each count copied. :class:`FormatError` names ``name``
+    when ``src`` ends early."""
     while n > 0:
         k = min(n, CHUNK)
         try:
             got = os.copy_file_range(src, dst, k, offset)
         except (OSError, AttributeError):  # filesystems or platforms without it: a plain buffered copy
-            data = os.pread(src, k, offset)
-            got = len(data)
-            write_all(dst, memoryview(data))
+            got = write_all(dst, memoryview(os.pread(src, k, offset)))
         if got == 0:
-            raise FormatError(f"input file ended early at byte {offset} (truncated while stacking?)")
+            raise FormatError(f"{name} ended early at byte {offset} (truncated while growcli read it?)")
         offset += got
         n -= got
         advance(got)

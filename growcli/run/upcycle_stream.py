@@ -33,7 +33,8 @@ from growcli.core.errors import FormatError, NotGrowableError
 from growcli.core.memory import reuse_freed
 from growcli.io.atomic import atomic_output
 from growcli.io.load import load_model
-from growcli.io.shards import INDEX, ITEMSIZE, TensorRef, aligned_padding, read_tensors, shard_names, write_all
+from growcli.io.shards import (INDEX, ITEMSIZE, TensorRef, aligned_padding, copy_range, read_tensors, shard_names,
+                               write_all)
 from growcli.io.sidefiles import copy_side_files
 from growcli.run.stream_names import checkpoint_names, meta_model
 from growcli.run.steps import VerifySettings, verification_batches
@@ -45,7 +46,6 @@ from growcli.transforms.upcycle_target import Block, UpcyclePlan, meta_build, pl
 from growcli.verification.compare import VerifyReport, verify_models
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_CHUNK = 64 << 20
 
 
 @dataclass
@@ -216,22 +216,10 @@ def _write_tensor(out, tensor: torch.Tensor) -> int:
 
 
 def _copy(ref: TensorRef, out, advance: Callable[[int], None]) -> None:
-    """Copy ``ref``'s bytes to ``out`` at its position (``os.copy_file_range``, else a plain read and write)."""
+    """Copy ``ref``'s bytes to ``out`` at its position (:func:`growcli.io.shards.copy_range`)."""
     fd = os.open(ref.file, os.O_RDONLY)
     try:
-        offset, left = ref.start, ref.nbytes
-        while left:
-            k = min(left, _CHUNK)
-            try:
-                got = os.copy_file_range(fd, out.fileno(), k, offset)
-            except (OSError, AttributeError):  # filesystems or platforms without it
-                data = os.pread(fd, k, offset)
-                got = write_all(out.fileno(), memoryview(data))
-            if got == 0:
-                raise FormatError(f"{ref.file}: ended early (truncated while upcycling?)")
-            offset += got
-            left -= got
-            advance(got)
+        copy_range(fd, out.fileno(), ref.start, ref.nbytes, advance, str(ref.file))
     finally:
         os.close(fd)
 
