@@ -157,8 +157,8 @@ def aligned_padding(length: int, copies: Iterable[tuple[int, int, int]]) -> int:
     """Spaces after a JSON header of ``length`` bytes so that most copied bytes keep their offset within a page.
 
     ``copies`` holds ``(data offset in the new file, absolute offset in the input file, bytes)``
-    of every range copied from an input. The kernel copies a range much faster (about 1.6×
-    here) when source and destination offsets agree modulo the page size; safetensors allows
+    of every range copied from an input. The kernel copies a range faster when source and
+    destination offsets agree modulo the page size (3.0 against 2.8 GB/s here; 4.1-4.3 GB/s modulo 2 MB); safetensors allows
     no gaps between tensors, but the header may end in any amount of whitespace. Returns the
     padding (keeping the data start a multiple of 8) that aligns the most bytes.
     """
