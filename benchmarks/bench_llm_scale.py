@@ -219,9 +219,10 @@ def median_row(runs: list[dict]) -> dict:
     if not ok:
         return runs[0]
     row = dict(ok[0])
-    for key, value in ok[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "repeat":
-            row[key] = statistics.median(r[key] for r in ok)
+    for key, value in ok[0].items():  # figures that differ between the runs; the rest are the same in each
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "repeat" \
+                and any(r[key] != value for r in ok):
+            row[key] = round(statistics.median(r[key] for r in ok), 3)
     row["passed"] = all(r["passed"] for r in ok)
     row["max_abs_diff"] = max((r["max_abs_diff"] for r in ok if r["max_abs_diff"] is not None), default=None)
     row["repeat"] = f"median of {len(ok)}" + (f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else "")
