@@ -19,8 +19,11 @@ from typing import Any, Callable, Iterable
 from growcli.core.errors import FormatError
 from growcli.io.formats import require_exists, safetensors_header
 
-CHUNK = 64 << 20
+CHUNK = 64 << 20  # a multiple of FOLIO
 PAGE = 4096
+# The page cache's largest folio (2 MB on Linux 6.x). A kernel-side copy whose calls start at
+# such a boundary of the input ran 25-30% faster here than one whose calls all start inside one.
+FOLIO = 2 << 20
 # Largest write() of bytes from memory. On Linux 6.x (ext4 with large folios) one write of 2 MB or
 # more fills the page cache with 2 MB folios, measured here at 0.43 GB/s against 0.7-5 GB/s for the
 # same bytes written 256 KB at a time (and never slower than a kernel-side copy).
@@ -184,7 +187,7 @@ def copy_range(src: int, dst: int, offset: int, n: int, advance: Callable[[int],
     a plain read and write); ``advance`` gets each count copied. :class:`FormatError` names ``name``
     when ``src`` ends early."""
     while n > 0:
-        k = min(n, CHUNK)
+        k = min(n, -offset % FOLIO or CHUNK)  # up to the input's next folio first: the calls after it start on one
         try:
             got = os.copy_file_range(src, dst, k, offset)
         except (OSError, AttributeError):  # filesystems or platforms without it: a plain buffered copy
