@@ -10,7 +10,8 @@ Exact instead, in any binary floating-point format:
 
 - shares that are all powers of two (``1/2, 1/4, 1/4``; the ``1/k`` tiles of ``k = 2, 4, 8…``)
   are applied directly: ``w·2^-m`` is exact (barring underflow below the smallest normal);
-- any other shares: the first part is ``a = fl(w·r)`` with ``r ∈ [1/2, 1]``, the rest is
+- any other shares: the first part is ``a = fl(w·r)``, one rounded product in the dtype, with ``r``
+  rounded to the dtype within ``[1/2, 1]`` (the share the part gets), the rest is
   ``w − a``, which is exact by Sterbenz's lemma (``y/2 ≤ x ≤ 2y`` implies ``x − y`` is
   representable); more parts split the rest the same way. So the shares asked for are honoured
   where they can be (the largest share first, relative to what is left, clamped to at least
@@ -78,34 +79,34 @@ def _split_fast(old: torch.Tensor, dim: int, idx: torch.Tensor, share: torch.Ten
     computed (the remainders on the groups still sharing at each rank), and the result is gathered once
     from ``old`` and the computed parts."""
     size = old.shape[dim]
-    plan = next((p for n, i, s, m, p in _PLANS if n == size and _same(i, idx) and _same(s, share) and _same(m, split)), None)
+    plan = next((p for n, i, s, m, d, p in _PLANS
+                 if n == size and d == old.dtype and _same(i, idx) and _same(s, share) and _same(m, split)), None)
     if plan is None:
-        plan = _plan(size, idx, share, split)
-        _PLANS[:] = [(size, idx.clone(), share.clone(), split.clone(), plan), *_PLANS[:3]]
+        plan = _plan(size, idx, share, split, old.dtype)
+        _PLANS[:] = [(size, idx.clone(), share.clone(), split.clone(), old.dtype, plan), *_PLANS[:3]]
     got.copy_(plan.got)
     pieces = [old]
     if len(plan.direct):  # w·2^-m is exact: apply the shares as asked
-        part = take(old, dim, idx[plan.direct]).double() * along(old, dim, plan.direct_share).double()
-        pieces.append(part.to(old.dtype))
-    rest = take(old, dim, plan.sources)
+        pieces.append(take(old, dim, idx[plan.direct]) * along(old, dim, plan.direct_share))
+    rest = gather(old, dim, plan.sources)  # runs of positions as slice copies
     for active, going, r in plan.ranks:
         if going:
-            rest64 = rest.narrow(dim, 0, going).double()
-            head = (rest64 * along(rest64, dim, r)).to(old.dtype)
+            head = rest.narrow(dim, 0, going)
+            head = head * along(head, dim, r)  # r in the dtype: one rounding of the exact product
             pieces.append(head)
         if going < active:  # the last part of a group is what is left
             pieces.append(rest.narrow(dim, going, active - going))
         if going:
             rest = rest.narrow(dim, 0, going) - head  # exact: head lies in [rest/2, rest]
-    return take(torch.cat(pieces, dim) if len(pieces) > 1 else old, dim, plan.final)
+    return gather(torch.cat(pieces, dim) if len(pieces) > 1 else old, dim, plan.final)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
-def _plan(size: int, idx: torch.Tensor, share: torch.Tensor, split: torch.Tensor) -> _Plan:
-    """:func:`_split_fast`'s plan (see :class:`_Plan`), the groups formed as :func:`_split_reference` forms them."""
+def _plan(size: int, idx: torch.Tensor, share: torch.Tensor, split: torch.Tensor, dtype: torch.dtype) -> _Plan:
+    """:func:`_split_fast`'s plan (:class:`_Plan`) for ``dtype``, the groups formed as :func:`_split_reference` does."""
     got = torch.where(split, share, torch.ones_like(share))
     where = torch.nonzero(split).flatten()
     src, sh = idx[where], share[where]
@@ -152,7 +153,8 @@ def _plan(size: int, idx: torch.Tensor, share: torch.Tensor, split: torch.Tensor
         s = sh[starts[:active] + j]
         r = torch.ones(active, dtype=torch.float64)
         lv = left[:active]
-        r[:going] = torch.where(lv[:going] > 0, (s[:going] / lv[:going].clamp(min=1e-300)).clamp(0.5, 1.0), 1.0)
+        r[:going] = torch.where(lv[:going] > 0, (s[:going] / lv[:going].clamp(min=1e-300)).clamp(0.5, 1.0), 1.0
+                                ).to(dtype).double()  # in the dtype, still in [1/2, 1]: the share applied
         ranks.append((active, going, r[:going]))
         writes += [at[:going], at[going:]]
         got[at] = kept[:active] * r
@@ -226,8 +228,7 @@ def _split_reference(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.
     direct = [p for i, ps in copies.items() if exact[i] for p in ps]
     if direct:  # w·2^-m is exact: apply the shares as asked
         d = torch.tensor(direct)
-        part = new.index_select(dim, d).double() * along(new, dim, share[d]).double()  # shares in the dtype: exact
-        new.index_copy_(dim, d, part.to(old.dtype))
+        new.index_copy_(dim, d, new.index_select(dim, d) * along(new, dim, share[d]))  # shares in the dtype: exact
     rest_groups = [sorted(ps, key=lambda p: (-shares[p], p)) for i, ps in copies.items() if not exact[i]]
     if rest_groups:
         _remainders(new, old, dim, idx, share, got, rest_groups)
@@ -249,13 +250,13 @@ def _remainders(new: torch.Tensor, old: torch.Tensor, dim: int, idx: torch.Tenso
         pos = table[active, j]
         sh = share[table[:, j].clamp(min=0)]
         last = lens == j + 1
-        r = torch.where(left > 0, (sh / left.clamp(min=1e-300)).clamp(0.5, 1.0), torch.ones_like(left))
+        r = torch.where(left > 0, (sh / left.clamp(min=1e-300)).clamp(0.5, 1.0), torch.ones_like(left)
+                        ).to(old.dtype).double()  # in the dtype, as _plan rounds it
         r = torch.where(last, torch.ones_like(r), r)
         if bool(last[active].all()):  # every group still sharing takes all that is left
             part = rest
         else:
-            rest64 = rest.double()
-            part = (rest64 * along(rest64, dim, r)).to(old.dtype)
+            part = rest * along(rest, dim, r)  # r in the dtype: one rounding of the exact product
             if bool(last.any()):
                 part = torch.where(along(rest, dim, last).bool(), rest, part)
         new.index_copy_(dim, pos, part if len(active) == len(groups) else part.index_select(dim, active))
@@ -307,7 +308,7 @@ def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tenso
     cols = gather(old, dim, hit)
     if bool((total[hit] == 1.0).all()) and finite(cols):  # w·1 is w: no float64 round trip
         parts, got = split_columns(cols, dim, slot, scale / total[src], torch.ones(len(src), dtype=torch.bool))
-        if _pairs_exact(cols, slot, got):
+        if _parts_exact(cols, slot, got):
             return parts, got, True
         want = cols.to(torch.float64)
     else:
@@ -319,17 +320,24 @@ def share_out(old: torch.Tensor, dim: int, src: torch.Tensor, scale: torch.Tenso
     return parts, got * total[src], torch.equal(sums, want)
 
 
-def _pairs_exact(cols: torch.Tensor, slot: torch.Tensor, got: torch.Tensor) -> bool:
-    """Whether the parts :func:`split_columns` made of finite ``cols`` sum to them in float64 without a check: each
-    old position in exactly two parts, ``a`` and ``w − a`` (Sterbenz: exact, subnormals too) or ``w/2`` twice (exact
-    unless ``w/2`` underflows: no nonzero ``|w|`` below twice the smallest normal). The sum of two floats whose exact
-    sum ``w`` is a float is exact. Then the float64 sums the check would compute equal ``w``."""
-    if cols.dtype == torch.float64 or not bool((torch.bincount(slot) == 2).all()):
+def _parts_exact(cols: torch.Tensor, slot: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether the parts :func:`split_columns` made of finite ``cols`` sum to them in float64, in any order,
+    without a check. Every part of a weight ``w`` has its sign, and the remainder construction takes at most
+    ``p`` bits of exponent per part (``p``: the dtype's significand bits; a remainder ``w − fl(w·r)``
+    with ``r ∈ [1/2, 1]`` is a multiple of ``ulp(w)/2``), so with ``k`` parts every partial sum is a multiple of
+    ``2^(e − k·p)`` below ``2^(e+1)`` (``e``: ``w``'s exponent): exact in float64's 53 bits when ``k·p + 1 ≤ 53``
+    (bf16 up to 6 parts, fp16 4, float32 2). Parts ``w·2^-m`` (shares that are all powers of two) are exact
+    unless they underflow: no nonzero ``|w|`` below ``2^m`` times the smallest normal."""
+    if cols.dtype == torch.float64 or not len(slot):
         return False
-    if not bool((got == 0.5).any()):
+    p = 2 - math.frexp(torch.finfo(cols.dtype).eps)[1]  # significand bits: eps = 2^(1 - p) = 0.5 · 2^(2 - p)
+    if int(torch.bincount(slot).max()) * p + 1 > 53:
+        return False
+    pow2 = got[(got < 1) & (torch.frexp(got).mantissa == 0.5)]
+    if not len(pow2):
         return True
     a = cols.abs()
-    return not bool(((a < 2 * torch.finfo(cols.dtype).tiny) & (a > 0)).any())
+    return not bool(((a < torch.finfo(cols.dtype).tiny / float(pow2.min())) & (a > 0)).any())
 
 
 def gather(old: torch.Tensor, dim: int, idx: torch.Tensor, runs: int = 64) -> torch.Tensor:
