@@ -285,7 +285,6 @@ def test_sliced_rewrites_equal_the_whole_and_the_float64_reference(case, values)
 
 def test_ahead_queues_small_tensors_within_its_budget_and_returns_each_its_own(monkeypatch):
     import threading
-    import types
 
     from growcli.run import width_ahead
 
@@ -295,7 +294,7 @@ def test_ahead_queues_small_tensors_within_its_budget_and_returns_each_its_own(m
 
     class Item:
         def __init__(self, k: int, n: int):
-            self.k, self.job, self.ahead = k, types.SimpleNamespace(shape=(n,), dtype=torch.bfloat16), None
+            self.k, self.nbytes, self.ahead = k, 2 * n, None  # n bf16 elements
 
         def compute(self):
             started.append(self.k)
@@ -426,3 +425,50 @@ def test_byte_copies_start_each_call_after_the_first_on_a_folio_of_the_input(tmp
     assert (tmp_path / "out.bin").read_bytes() == data[start:start + n] and sum(seen) == n
     assert calls[0] == (start, shards.FOLIO - start)
     assert all(o % shards.FOLIO == 0 for o, _ in calls[1:]) and len(calls) == 3
+
+
+@pytest.mark.parametrize("min_copy", [64 << 10, 256])
+def test_streamed_ffn_producers_copy_runs_of_their_rows_and_equal_the_in_memory_output(tmp_path, monkeypatch, min_copy):
+    """FFN widen's up and gate projections are their old rows plus copies of some: runs of rows of at least
+    MIN_COPY bytes are byte copies of the input (here, with MIN_COPY 256 bytes, the old rows and longer runs of
+    picks), the rest gathered from disk; tensor for tensor what the in-memory path saves, run by run or not."""
+    import json
+
+    import transformers as T
+
+    from conftest import dir_tensors
+    from growcli.run import width_rows
+    from growcli.run.runner import Output, Source, Step, grow
+    from growcli.run.steps import VerifySettings
+    from growcli.io.shards import TensorRef
+
+    monkeypatch.setattr(width_rows, "MIN_COPY", min_copy)
+    pieces: dict[tuple, list] = {}
+    real = width_rows.row_pieces
+
+    def spy(ref, rows):
+        out = real(ref, rows)
+        pieces[(str(ref.file), ref.start)] = out
+        return out
+
+    monkeypatch.setattr("growcli.run.width_stream.row_pieces", spy)
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=40, max_position_embeddings=32, num_key_value_heads=1)
+    src = tmp_path / "model"
+    T.LlamaForCausalLM(config).eval().to(torch.bfloat16).save_pretrained(str(src), max_shard_size="20KB")
+    runs = {}
+    for streaming in (False, True):
+        runs[streaming] = grow(Source(src), [Step("widen", {"layer": "model.layers.*.mlp.up_proj", "to": 70})],
+                               [Output(tmp_path / f"out-{streaming}", shard_size=30_000)],
+                               settings=VerifySettings(batches=1), streaming=streaming)
+    a, b = dir_tensors(tmp_path / "out-False"), dir_tensors(tmp_path / "out-True")
+    assert sorted(a) == sorted(b) and all(torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    assert len(pieces) == 4  # up and gate of both blocks
+    kinds = [type(p).__name__ for ps in pieces.values() for p in ps]
+    if min_copy == 256:  # 40 old rows of 128 bytes: one copy; picks in runs of 2 or more rows: copies too
+        assert all(isinstance(ps[0], TensorRef) and ps[0].nbytes == 40 * 128 for ps in pieces.values())
+    else:  # no run reaches 64 KB: one gather of all 70 rows each
+        assert kinds == ["RowGather"] * 4
+    assert sum(p.nbytes for ps in pieces.values() for p in ps) == 4 * 70 * 128
+    assert "4 gathered from the input's rows" in json.dumps(runs[True])

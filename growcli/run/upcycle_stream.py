@@ -182,7 +182,7 @@ def write_file(path: Path, entries: list[Entry], advance: Callable[[int], None])
 
 def _copies(entries: list[Entry], header: dict[str, Any]) -> Iterator[tuple[int, int, int]]:
     """``(data offset, input offset, bytes)`` of every byte copy of ``entries`` whose position is known
-    before writing (a computed piece's size is known only when it is its tensor's only piece)."""
+    before writing (after a computed piece of unknown size, none of its tensor's)."""
     for e in entries:
         at = header[e.name]["data_offsets"][0]
         for piece in e.pieces:
@@ -191,6 +191,8 @@ def _copies(entries: list[Entry], header: dict[str, Any]) -> Iterator[tuple[int,
                 at += piece.nbytes
             elif isinstance(piece, int):
                 at += piece
+            elif hasattr(piece, "nbytes"):  # a computed piece that knows its size (width streaming's)
+                at += piece.nbytes
             else:
                 break
 

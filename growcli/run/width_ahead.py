@@ -23,7 +23,7 @@ class Ahead:
     :data:`AHEAD_BYTES` — each thread running torch on one thread (no intra-op pool waiting on a core another
     process holds). Memory: the tensor written, the next one, and at most ``AHEAD_BYTES`` more."""
 
-    def __init__(self, order: list):  # of width_stream._Computed, in the order the writer takes them
+    def __init__(self, order: list):  # of width_stream._Computed and RowGather, in the order the writer takes them
         self.order = order
         self.at = {id(a): i for i, a in enumerate(order)}
         self.next = 0  # the first item of ``order`` not yet started
@@ -39,7 +39,7 @@ class Ahead:
         queued = sum(n for _, n in self.pending.values())
         while self.next < len(self.order):
             item = self.order[self.next]
-            size = math.prod(item.job.shape) * item.job.dtype.itemsize
+            size = item.nbytes
             if self.next > taken + 1 and queued + size > AHEAD_BYTES:
                 break
             self.pending[id(item)] = (self.pool.submit(item.compute), size)

@@ -6,7 +6,8 @@ generator, the same config updates — except that :func:`growcli.transforms.wid
 only plans (:func:`deferred_rewrites`): every tensor it would rewrite becomes a
 :class:`~growcli.transforms.width_edit.Rewrite` (its dimension maps and the generator state
 the in-memory path would have at that tensor). Then each output tensor is written on its own:
-a tensor the step does not change is a byte copy from the input shards; a rewritten one is read
+a tensor the step does not change is a byte copy from the input shards; one that gathers its own rows
+(FFN ``widen``'s up and gate projections) is byte copies of long runs of rows (:mod:`growcli.run.width_rows`); a rewritten one is read
 from disk, rewritten by :func:`apply_rewrite` (the in-memory path's own code; large tensors in
 slices along a dimension no map touches) and written (the next ones computed meanwhile on a worker thread: :mod:`growcli.run.width_ahead`),
 so peak memory is about two tensors and a bounded queue, not the model, and every written tensor equals, bit for bit, the one the in-memory path saves. FFN
@@ -45,6 +46,7 @@ from growcli.run.streaming import VERIFY_LIMIT, Progress, Streamed, byte_progres
 from growcli.run.upcycle_stream import DTYPES, Entry, pack, write_file
 from growcli.run.width_fused import saved_tensors
 from growcli.run.width_ahead import Ahead as _Ahead
+from growcli.run.width_rows import RowGather, row_pieces
 from growcli.run.width_output import _run_both, _structure, saved_names  # noqa: F401 (saved_names, _structure: re-exported)
 from growcli.transforms.catalog import get_transform
 from growcli.transforms.hfconfig import config_error, mismatches, validate_config
@@ -225,6 +227,10 @@ def plan_entries(refs: dict[str, TensorRef], disk: dict[str, str], jobs: list[Re
         ref = refs[source]
         if isinstance(ref, Entry):  # a chain: one input range stays a plain read, else the earlier steps compute it
             ref = whole_ref(ref) or ref
+        if isinstance(ref, TensorRef) and job.rows is not None and tuple(ref.shape) == job.before \
+                and DTYPES[ref.dtype] == job.dtype:  # runs of the input's rows: byte copies
+            entries.append(Entry(disk_name, ref.dtype, job.shape, row_pieces(ref, job.rows)))
+            continue
         make = _computed(ref, job, on_rounded) if isinstance(ref, TensorRef) else _recomputed(ref, job, on_rounded)
         entries.append(Entry(disk_name, ref.dtype, job.shape, [make]))
     return sorted(entries, key=lambda e: _natural(e.name))
@@ -242,6 +248,10 @@ class _Computed:
     job: Rewrite
     on_rounded: Callable[[str, str, torch.dtype], None]
     ahead: "_Ahead | None" = None  # set by the writer: computed on a worker thread, ahead of the writer
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.job.shape) * self.job.dtype.itemsize
 
     def __call__(self) -> torch.Tensor:
         new, why = apply_rewrite(read_tensor(self.ref), self.job)
@@ -315,16 +325,18 @@ def stream_width(name: str, src: Path, out: Path, spec: Any, *, shard_size: int,
     files = shard_names(len(shards))
     advance = byte_progress(total, progress)
 
-    computed = sum(1 for e in entries for p in e.pieces if callable(p))
-    checked = [f"{len(entries)} tensors written: {len(entries) - computed} byte copies from the input, {computed} "
-               "rewritten one at a time from the planned maps"]
+    computed = sum(1 for e in entries if any(callable(p) and not isinstance(p, RowGather) for p in e.pieces))
+    gathered = sum(1 for e in entries if any(isinstance(p, RowGather) for p in e.pieces))
+    checked = [f"{len(entries)} tensors written: {len(entries) - computed - gathered} byte copies from the input, "
+               f"{computed} rewritten one at a time from the planned maps"
+               + (f", {gathered} gathered from the input's rows (runs of them byte copies)" if gathered else "")]
     timing = {"plan": time.perf_counter() - started}
     output: dict[str, Any] = {"path": str(out), "format": "hf", "shards": len(shards), "bytes": total,
                               "loaded_with": None, "max_abs_diff": None, "readback": None}
     verification = None
     with atomic_output(out, directory=True) as tmp:
         ahead = _Ahead([p for g in shards for e in sorted(g, key=lambda e: -ITEMSIZE[e.dtype]) for p in e.pieces
-                        if isinstance(p, _Computed)])  # in the order write_file writes them
+                        if isinstance(p, (_Computed, RowGather))])  # in the order write_file writes them
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -136,10 +136,14 @@ def widen_group(gm: GrowModel, group: Group, new_size: int, spec: WidenSpec, gen
             new, origin = _rewrite_use(old, use, g, fresh, factors, group, spec, gen)
         else:  # planning a stream: the shape now, the values from the tensor on disk later
             shape = _use_shape(tuple(old.shape), use, g, group)
+            rows = None  # a producer along dim 0 whose new units are plain copies: a gather of its rows
+            copies = spec.init == "net2net" and not (spec.noise > 0 and old.dim() > 1)  # as _init_new_units
+            if use.role == "producer" and use.dim == 0 and (copies or not bool(fresh.any())):
+                rows = tuple(remap(use.layout, g, group.size)[0].tolist())
             jobs.append(Rewrite(use.fqn, [], spec.noise, gen.get_state(), shape, old.dtype, tuple(old.shape),
                                 fn=functools.partial(_deferred_use, use=use, g=g, fresh=fresh, factors=factors,
                                                      group=group, spec=spec),
-                                slices=_slice_dims(shape, use, fresh, spec)))
+                                slices=_slice_dims(shape, use, fresh, spec), rows=rows))
             _skip_init(shape, use, fresh, spec, gen)
             new, origin = torch.empty(shape, dtype=old.dtype, device="meta"), None
         for name in (use.fqn, *tied.get(use.fqn, ())):  # one tensor under several names: each, then tied again

@@ -224,6 +224,7 @@ class Rewrite:
     before: tuple[int, ...]
     fn: Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, str]] | None = None  # instead of ``maps``
     slices: tuple[int, ...] = ()  # with ``fn``: dimensions along which ``fn`` of a slice is that slice of ``fn``
+    rows: tuple[int, ...] | None = None  # the result is, bit for bit, the tensor's rows at these indices (dim 0)
 
 
 _DEFERRED: contextvars.ContextVar[list[Rewrite] | None] = contextvars.ContextVar("growcli_deferred", default=None)
