@@ -12,15 +12,13 @@ of the writer like any rewritten tensor (:mod:`growcli.run.width_ahead`).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from growcli.core.errors import FormatError
 from growcli.io.shards import ITEMSIZE, TensorRef
-from growcli.run.upcycle_stream import DTYPES
+from growcli.verification.ondisk import read_rows
 
 MIN_COPY = 64 << 10  # bytes: shorter runs of rows are gathered in memory (a kernel copy of 4 KB ran at 0.9 GB/s)
 RUNS = 64  # more runs than this among the gathered rows: the whole tensor is read once instead of run by run
@@ -80,27 +78,7 @@ class RowGather:
         """The rows, read run by run (past :data:`RUNS` runs, the whole tensor read once), with "" (exact)."""
         runs = list(_runs(self.rows))
         if len(runs) > RUNS:
-            return [(_read_rows(self.ref, [(0, self.ref.shape[0])]).index_select(0, torch.tensor(self.rows)), "")]
-        return [(_read_rows(self.ref, runs), "")]
+            return [(read_rows(self.ref, 0, self.ref.shape[0]).index_select(0, torch.tensor(self.rows)), "")]
+        got = [read_rows(self.ref, a, a + n) for a, n in runs]
+        return [(got[0] if len(got) == 1 else torch.cat(got), "")]
 
-
-def _read_rows(ref: TensorRef, runs: list[tuple[int, int]]) -> torch.Tensor:
-    """The rows of ``runs`` (``(first, count)``) of the stored tensor ``ref``, read straight into one tensor."""
-    rest = tuple(ref.shape[1:])
-    row = math.prod(rest) * ITEMSIZE[ref.dtype]
-    count = sum(n for _, n in runs)
-    raw = torch.empty(count * row, dtype=torch.uint8)
-    view, at = memoryview(raw.numpy()), 0
-    fd = os.open(ref.file, os.O_RDONLY)
-    try:
-        for a, n in runs:
-            got = 0
-            while got < n * row:
-                k = os.preadv(fd, [view[at + got:at + n * row]], ref.start + a * row + got)
-                if not k:
-                    raise FormatError(f"{ref.file}: ended early reading rows at byte {ref.start + a * row + got}")
-                got += k
-            at += n * row
-    finally:
-        os.close(fd)
-    return raw.view(DTYPES[ref.dtype]).reshape(count, *rest)
