@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 
 from growcli.io.shards import ITEMSIZE, TensorRef
+from growcli.verification.chunked import runs_of
 from growcli.verification.ondisk import read_rows
 
 MIN_COPY = 64 << 10  # bytes: shorter runs of rows are gathered in memory (a kernel copy of 4 KB ran at 0.9 GB/s)
@@ -30,7 +31,7 @@ def row_pieces(ref: TensorRef, rows: tuple[int, ...]) -> list:
     row = math.prod(ref.shape[1:]) * ITEMSIZE[ref.dtype]
     pieces: list = []
     short: list[int] = []
-    for a, n in _runs(rows):
+    for a, n in runs_of(rows):
         if n * row < MIN_COPY:
             short += range(a, a + n)
             continue
@@ -41,17 +42,6 @@ def row_pieces(ref: TensorRef, rows: tuple[int, ...]) -> list:
     if short:
         pieces.append(RowGather(ref, tuple(short)))
     return pieces
-
-
-def _runs(rows: tuple[int, ...]) -> Iterator[tuple[int, int]]:
-    """``(first row, count)`` of each run of consecutive indices in ``rows``."""
-    i = 0
-    while i < len(rows):
-        j = i + 1
-        while j < len(rows) and rows[j] == rows[j - 1] + 1:
-            j += 1
-        yield rows[i], j - i
-        i = j
 
 
 @dataclass
@@ -76,7 +66,7 @@ class RowGather:
 
     def compute(self) -> list[tuple[torch.Tensor, str]]:
         """The rows, read run by run (past :data:`RUNS` runs, the whole tensor read once), with "" (exact)."""
-        runs = list(_runs(self.rows))
+        runs = runs_of(self.rows)
         if len(runs) > RUNS:
             return [(read_rows(self.ref, 0, self.ref.shape[0]).index_select(0, torch.tensor(self.rows)), "")]
         got = [read_rows(self.ref, a, a + n) for a, n in runs]

@@ -58,7 +58,7 @@ def sliced_forward(model: OnDisk, owner: nn.Module, weight: str, dtype: torch.dt
                 raise IndexError(f"index out of range in self (ids outside 0…{rows - 1})")
             uniq, inverse = torch.unique(flat, return_inverse=True)
             table = torch.empty(len(uniq), cols, dtype=dtype)
-            runs = _runs(uniq.tolist())
+            runs = runs_of(uniq.tolist())
             at = 0
             for a, n in runs:  # consecutive ids: one read
                 table[at:at + n] = read_rows(model, weight, a, a + n, dtype)
@@ -76,8 +76,8 @@ def sliced_forward(model: OnDisk, owner: nn.Module, weight: str, dtype: torch.dt
     return linear
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """``(first, length)`` of each run of consecutive values of the sorted ``ids``."""
+def runs_of(ids) -> list[tuple[int, int]]:
+    """``(first, length)`` of each run of consecutive values (``i, i + 1, …``) of ``ids``, in order."""
     runs: list[tuple[int, int]] = []
     for i in ids:
         if runs and runs[-1][0] + runs[-1][1] == i:
